@@ -1,0 +1,92 @@
+"""Timestep respacing: sampling with a subset of the training timesteps.
+
+A respaced process keeps the original cumulative alphas at the kept steps and recomputes
+betas between them, so it is a proper diffusion process of its own with fewer steps. The
+network was trained on the original indices, so `SpacedDiffusion` always calls it with those
+(`timestep_map`), never with the respaced index.
+"""
+
+from typing import Iterable, List, Sequence, Set, Union
+
+import numpy as np
+import torch
+
+from .gaussian_diffusion import GaussianDiffusion
+
+
+def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]]) -> Set[int]:
+    """The original timesteps to keep.
+
+    `section_counts` is either "ddimN" — every k-th step for the smallest stride k that
+    gives exactly N steps, as DDIM does — or a comma list / sequence of counts: the T steps are
+    cut into that many equal sections and each section keeps that many evenly spaced steps.
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return set(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot take exactly {desired} steps from {num_timesteps} with an integer stride")
+        section_counts = [int(x) for x in section_counts.split(",")]
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start = 0
+    kept: List[int] = []
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"cannot divide a section of {size} steps into {count}")
+        frac_stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += frac_stride
+        start += size
+    return set(kept)
+
+
+class SpacedDiffusion(GaussianDiffusion):
+    """A diffusion process that keeps only `use_timesteps` of the base process."""
+
+    def __init__(self, use_timesteps: Iterable[int], **kwargs):
+        self.use_timesteps = set(use_timesteps)
+        base = GaussianDiffusion(**kwargs)
+        self.original_num_steps = len(kwargs["betas"])
+        kept_alphas = base.alphas_cumprod[sorted(self.use_timesteps)]
+        prev = np.append(1.0, kept_alphas[:-1])
+        kwargs["betas"] = 1 - kept_alphas / prev
+        self.timestep_map = np.array(sorted(self.use_timesteps), dtype=np.int64)
+        super().__init__(**kwargs)
+
+    def original_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The base-process index of respaced index `t`."""
+        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+
+    def p_mean_variance(self, model, *args, **kwargs):
+        return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
+
+    def training_losses(self, model, *args, **kwargs):
+        return super().training_losses(self._wrap_model(model), *args, **kwargs)
+
+    def _wrap_model(self, model):
+        if isinstance(model, _OriginalTimestepModel):
+            return model
+        return _OriginalTimestepModel(model, self)
+
+    def _scale_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        # The wrapper maps and rescales; here the respaced index passes through untouched.
+        return t
+
+
+class _OriginalTimestepModel:
+    """Calls the network with original (optionally rescaled) timesteps instead of respaced ones."""
+
+    def __init__(self, model, diffusion: SpacedDiffusion):
+        self.model = model
+        self.diffusion = diffusion
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        original = self.diffusion.original_timesteps(t)
+        if self.diffusion.rescale_timesteps:
+            original = original.float() * (1000.0 / self.diffusion.original_num_steps)
+        return self.model(x, original, **kwargs)

@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Refine a folder of SE outputs with Diffiner(+); see Arguments.md or --help."""
+
+import sys
+
+from diffiner.run_refiner import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="diffiner",
+    version="0.1.0",
+    description="Diffiner: diffusion-based refinement of enhanced speech",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    packages=find_packages(include=["diffiner", "diffiner.*"]),
+    python_requires=">=3.8",
+    install_requires=[
+        "torch>=1.11",
+        "numpy",
+        "scipy",
+        "soundfile",
+        "soxr",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "train": ["mpi4py"],
+        "eval": ["pesq", "pystoi", "speechmos", "onnxruntime", "matplotlib"],
+        "demo": ["noisereduce"],
+        "test": ["pytest"],
+    },
+    entry_points={
+        "console_scripts": [
+            "diffiner-refine=diffiner.run_refiner:main",
+        ]
+    },
+)

@@ -1,0 +1,104 @@
+import numpy as np
+import pytest
+import torch
+
+from diffiner.pipeline import Refiner, crossfade_join, segment_bounds, segment_seed
+
+from conftest import speech_like, tiny_model_and_diffusion
+
+
+def make_refiner(**kwargs):
+    model, diffusion = tiny_model_and_diffusion(timestep_respacing="ddim4")
+    settings = dict(max_dur=10.0, segment_overlap=1.0)
+    settings.update(kwargs)
+    return Refiner(model, diffusion, **settings)
+
+
+def pair(seconds, seed=0, rate=16000):
+    clean = speech_like(seconds, rate, seed)
+    noisy = clean + 0.05 * np.random.default_rng(seed + 100).standard_normal(clean.size).astype(np.float32)
+    return noisy, 0.9 * clean
+
+
+def test_segment_bounds_cover_everything_with_equal_lengths():
+    assert segment_bounds(1000, 4000, 500) == [(0, 1000)]
+    bounds = segment_bounds(25 * 16000, 4 * 16000, 16000)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 25 * 16000
+    assert len({end - start for start, end in bounds}) == 1
+    for (s0, e0), (s1, _) in zip(bounds, bounds[1:]):
+        assert e0 - s1 >= 16000
+
+
+def test_crossfade_join_reconstructs_a_signal_cut_into_windows():
+    signal = np.random.default_rng(0).standard_normal(10000).astype(np.float32)
+    bounds = segment_bounds(10000, 3000, 600)
+    joined = crossfade_join([signal[s:e] for s, e in bounds], bounds, 10000, 600)
+    np.testing.assert_allclose(joined, signal, atol=1e-5)
+
+
+def test_segment_seed_depends_only_on_identity():
+    assert segment_seed(0, "a.wav", 0, 0) == segment_seed(0, "a.wav", 0, 0)
+    assert len({segment_seed(0, "a.wav", 0, 0), segment_seed(1, "a.wav", 0, 0), segment_seed(0, "b.wav", 0, 0),
+                segment_seed(0, "a.wav", 1, 0), segment_seed(0, "a.wav", 0, 1)}) == 5
+
+
+def test_batch_invariance_alone_versus_in_a_batch_of_three():
+    refiner = make_refiner(eta_c=0.3, batch_size=3)
+    prepared = [refiner.prepare(*pair(1.0, seed), 16000, key=f"f{seed}.wav") for seed in range(3)]
+    segments = [p.segments[0] for p in prepared]
+    assert len({s.width for s in segments}) == 1
+    together = refiner.run_segments(segments)
+    refiner.batch_size = 1
+    alone = refiner.run_segments(segments[1:2])[0]
+    scale = together[1].abs().max().item()
+    assert (alone - together[1]).abs().max().item() <= 1e-5 * scale
+
+
+def test_padding_only_to_the_network_multiple():
+    refiner = make_refiner()
+    prepared = refiner.prepare(*pair(0.5), 16000)
+    frames = 1 + 8000 // 256
+    assert prepared.segments[0].width == refiner.multiple * -(-frames // refiner.multiple)
+    assert prepared.segments[0].width - frames < refiner.multiple
+
+
+@pytest.mark.parametrize("rate", [8000, 44100])
+def test_api_returns_the_input_length_and_shape_at_any_rate(rate):
+    refiner = make_refiner(max_dur=1.0, segment_overlap=0.25)
+    noisy, processed = pair(2.3, rate=rate)
+    out = refiner.refine(noisy, processed, rate)
+    assert out.shape == processed.shape and out.dtype == np.float32 and np.isfinite(out).all()
+    stereo = refiner.refine(np.stack([noisy, noisy[::-1]]), np.stack([processed, processed[::-1]]), rate)
+    assert stereo.shape == (2, processed.size)
+    assert not np.allclose(stereo[0], stereo[1])
+    at16k = refiner.refine(noisy, processed, rate, output_sample_rate=16000)
+    assert at16k.shape == (round(processed.size * 16000 / rate),)
+
+
+def test_api_is_deterministic_given_seed_and_key():
+    refiner = make_refiner()
+    noisy, processed = pair(0.7)
+    a = refiner.refine(noisy, processed, 16000, seed=3, key="x")
+    assert np.array_equal(a, refiner.refine(noisy, processed, 16000, seed=3, key="x"))
+    assert not np.array_equal(a, refiner.refine(noisy, processed, 16000, seed=4, key="x"))
+
+
+def test_api_rejects_bad_input_clearly():
+    refiner = make_refiner()
+    with pytest.raises(ValueError, match="lengths differ"):
+        refiner.refine(np.zeros(100), np.zeros(120), 16000)
+    with pytest.raises(ValueError, match="NaN"):
+        refiner.refine(np.full(100, np.nan), np.zeros(100), 16000)
+    with pytest.raises(ValueError, match="precision"):
+        make_refiner(precision="fp8")
+
+
+def test_from_checkpoint_loads_and_names_mismatched_settings(tiny_checkpoint):
+    from conftest import TINY
+
+    refiner = Refiner.from_checkpoint(tiny_checkpoint, device="cpu", timestep_respacing="ddim4", model_settings=TINY)
+    assert refiner.device.type == "cpu"
+    with pytest.raises(ValueError, match="do not fit the model settings"):
+        Refiner.from_checkpoint(tiny_checkpoint, device="cpu", model_settings=dict(TINY, num_channels=64))
+    torch.save({"module." + k: v for k, v in torch.load(tiny_checkpoint).items()}, tiny_checkpoint)
+    Refiner.from_checkpoint(tiny_checkpoint, device="cpu", timestep_respacing="ddim4", model_settings=TINY)

@@ -1,0 +1,110 @@
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from diffiner.run_refiner import main, output_folder_name, parse_etas
+
+from conftest import speech_like, tiny_cli_flags, write_wav
+
+
+def make_pair(root, rel, seconds, rate, channels=1, seed=0):
+    clean = speech_like(seconds, rate, seed)
+    noise = 0.05 * np.random.default_rng(seed + 1).standard_normal(clean.size).astype(np.float32)
+    noisy, processed = clean + noise, 0.9 * clean
+    if channels == 2:
+        noisy, processed = np.stack([noisy, noisy * 0.5]), np.stack([processed, processed * 0.5])
+    write_wav(os.path.join(root, "noisy", rel), noisy, rate)
+    write_wav(os.path.join(root, "proc", rel), processed, rate)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = str(tmp_path)
+    make_pair(root, "a8k.wav", 1.0, 8000, seed=1)
+    make_pair(root, "spk1/b16k.wav", 1.2, 16000, seed=2)
+    make_pair(root, "spk1/deep/c44k.wav", 0.9, 44100, seed=3)
+    make_pair(root, "spk2/d48k_stereo.wav", 1.1, 48000, channels=2, seed=4)
+    make_pair(root, "short.wav", 0.2, 16000, seed=5)
+    write_wav(os.path.join(root, "noisy", "only_noisy.wav"), speech_like(0.5), 16000)
+    write_wav(os.path.join(root, "proc", "only_proc.wav"), speech_like(0.5), 16000)
+    write_wav(os.path.join(root, "noisy", "broken.wav"), speech_like(0.5), 16000)
+    with open(os.path.join(root, "proc", "broken.wav"), "wb") as f:
+        f.write(b"RIFF this is not audio")
+    return root
+
+
+def run(corpus, tiny_checkpoint, *extra):
+    return main(["--root-noisy", os.path.join(corpus, "noisy"), "--root_proc", os.path.join(corpus, "proc"),
+                 "--model-path", tiny_checkpoint, "--no-gpu", "--no-progress",
+                 "--batch-size", "4", *tiny_cli_flags(), *extra])
+
+
+def test_end_to_end_on_a_messy_corpus(corpus, tiny_checkpoint, capsys):
+    out_dir = os.path.join(corpus, "proc", "diffiner+_etaA=0.4_etaB=0.6_etaC=0.0_etaD=0.6")
+    assert run(corpus, tiny_checkpoint) == 1
+    captured = capsys.readouterr()
+    assert "broken.wav" in captured.err
+    valid = ["a8k.wav", "spk1/b16k.wav", "spk1/deep/c44k.wav", "spk2/d48k_stereo.wav", "short.wav"]
+    for rel in valid:
+        out, rate = sf.read(os.path.join(out_dir, rel), always_2d=True)
+        info = sf.info(os.path.join(corpus, "proc", rel))
+        assert rate == 16000 and sf.info(os.path.join(out_dir, rel)).subtype == "PCM_16"
+        assert out.shape[0] == round(info.frames * 16000 / info.samplerate), rel
+        assert out.shape[1] == info.channels
+        assert np.abs(out).max() > 0
+    assert not os.path.exists(os.path.join(out_dir, "broken.wav"))
+    assert not os.path.exists(os.path.join(out_dir, "only_noisy.wav"))
+    config = yaml.safe_load(open(os.path.join(out_dir, "config.yml")))
+    assert config["refiner"]["eta_b"] == 0.6 and config["seed"] == 0 and config["device"] == "cpu"
+    assert config["stft"]["n_fft"] == 512 and config["dtype"] == "fp32"
+    first = sf.read(os.path.join(out_dir, "short.wav"))[0]
+
+    # A rerun pairs the same files (the output folder inside root-proc is not input) and skips them all.
+    assert run(corpus, tiny_checkpoint) == 1
+    assert "5 already done" in capsys.readouterr().out
+    os.remove(os.path.join(corpus, "proc", "broken.wav"))
+    assert run(corpus, tiny_checkpoint) == 0
+    # --overwrite redoes them, with the same result: nothing depends on batch composition.
+    mtime = os.path.getmtime(os.path.join(out_dir, "short.wav"))
+    assert run(corpus, tiny_checkpoint, "--overwrite", "--batch-size", "1") == 0
+    assert os.path.getmtime(os.path.join(out_dir, "short.wav")) >= mtime
+    assert "refined 5 file(s)" in capsys.readouterr().out
+    np.testing.assert_allclose(sf.read(os.path.join(out_dir, "short.wav"))[0], first, atol=2 / 32768)
+
+
+def test_keep_sample_rate_gives_the_exact_input_length(corpus, tiny_checkpoint):
+    out_dir = os.path.join(corpus, "out")
+    assert run(corpus, tiny_checkpoint, "--keep-sample-rate", "--output-dir", out_dir, "--simple-diffiner") == 1
+    for rel in ["a8k.wav", "spk1/deep/c44k.wav", "spk2/d48k_stereo.wav"]:
+        ref = sf.info(os.path.join(corpus, "proc", rel))
+        got = sf.info(os.path.join(out_dir, rel))
+        assert (got.frames, got.samplerate, got.channels) == (ref.frames, ref.samplerate, ref.channels)
+
+
+def test_a_long_file_is_refined_in_segments_without_losing_audio(tmp_path, tiny_checkpoint):
+    make_pair(str(tmp_path), "long.flac", 25.0, 16000, seed=6)
+    out_dir = str(tmp_path / "out")
+    assert run(str(tmp_path), tiny_checkpoint, "--max-dur", "4", "--output-dir", out_dir) == 0
+    out, rate = sf.read(os.path.join(out_dir, "long.flac"))
+    assert rate == 16000 and out.shape == (25 * 16000,)
+    # Every second of the output carries signal: nothing was cut or left silent.
+    seconds = out.reshape(25, 16000)
+    assert (np.abs(seconds).max(axis=1) > 1e-3).all()
+
+
+def test_no_pair_at_all_is_an_error(tmp_path, tiny_checkpoint, capsys):
+    write_wav(str(tmp_path / "n" / "a.wav"), speech_like(0.3), 16000)
+    write_wav(str(tmp_path / "p" / "b.wav"), speech_like(0.3), 16000)
+    code = main(["--root-noisy", str(tmp_path / "n"), "--root-proc", str(tmp_path / "p"),
+                 "--model-path", tiny_checkpoint, "--no-gpu", *tiny_cli_flags()])
+    assert code == 2 and "no audio file" in capsys.readouterr().err
+
+
+def test_etas_and_output_folder_name():
+    assert parse_etas("diffiner+", [0.4, 0.6, 0.0, 0.6]) == dict(eta_a=0.4, eta_b=0.6, eta_c=0.0, eta_d=0.6)
+    assert output_folder_name("diffiner", dict(eta_a=0.9, eta_b=0.9)) == "diffiner_etaA=0.9_etaB=0.9"
+    with pytest.raises(ValueError):
+        parse_etas("diffiner", [0.1, 0.2, 0.3])

@@ -20,13 +20,15 @@ setup(
     ],
     extras_require={
         "train": ["mpi4py"],
-        "eval": ["pesq", "pystoi", "speechmos", "onnxruntime", "matplotlib"],
+        # speechmos imports librosa and requests without declaring them.
+        "eval": ["pesq", "pystoi", "speechmos", "onnxruntime", "librosa", "requests", "matplotlib"],
         "demo": ["noisereduce"],
         "test": ["pytest"],
     },
     entry_points={
         "console_scripts": [
             "diffiner-refine=diffiner.run_refiner:main",
+            "diffiner-evaluate=diffiner.evaluate:main",
         ]
     },
 )

@@ -5,9 +5,10 @@ Writes are atomic: a temporary file in the destination folder is renamed into pl
 interrupted run never leaves a truncated file behind.
 """
 
+import contextlib
 import os
-import tempfile
-from typing import Tuple
+import uuid
+from typing import Iterator, Tuple
 
 import numpy as np
 import soundfile as sf
@@ -89,31 +90,40 @@ def save_audio(path: str, audio: np.ndarray, sample_rate: int, subtype: str = "P
     audio = np.asarray(audio, dtype=np.float32)
     data = audio if audio.ndim == 1 else audio.T
     data = np.clip(data, -1.0, 1.0)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     ext = os.path.splitext(path)[1].lower()
     fmt = "FLAC" if ext == ".flac" else "WAV"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ext, dir=folder)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         sf.write(tmp, data, sample_rate, subtype=subtype, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_text_atomic(path: str, text: str) -> None:
     """Write a text file atomically (temporary file, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[str]:
+    """Yield a temporary path beside `path`; on success it is renamed to `path`.
+
+    On any error or interruption the temporary file is removed and `path` is untouched, so a
+    reader never sees a half-written file.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = _temporary_path(path)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def _temporary_path(path: str) -> str:
+    """A unique hidden name beside `path` with the same extension; files listings skip `.tmp-*`.
+
+    Created with the process's normal permissions (unlike mkstemp's 0600), so the renamed
+    result is as readable as any other output.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-{name}")

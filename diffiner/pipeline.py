@@ -23,7 +23,7 @@ import torch
 from .audio import MODEL_SAMPLE_RATE, resample
 from .refiner import refine, resolve_etas
 from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from .spectrogram import HOP_LENGTH, noise_map, num_frames, spec_to_wave, wave_to_spec
+from .spectrogram import noise_map, num_frames, spec_to_wave, wave_to_spec
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,16 @@ def segment_bounds(samples: int, max_samples: int, overlap: int) -> List[Tuple[i
     count = max(count, 2)
     starts = [round(k * (samples - max_samples) / (count - 1)) for k in range(count)]
     return [(s, s + max_samples) for s in starts]
+
+
+def padded_width(samples: int, multiple: int, max_samples: int) -> int:
+    """Spectrogram width the network sees for a recording of `samples` (16 kHz).
+
+    Recordings longer than `max_samples` are cut into windows of exactly `max_samples`, so their
+    width is that of one window; the frame count is padded up to the network's `multiple`.
+    """
+    frames = num_frames(min(samples, max_samples))
+    return multiple * math.ceil(frames / multiple)
 
 
 def crossfade_join(chunks: Sequence[np.ndarray], bounds: Sequence[Tuple[int, int]], samples: int,
@@ -181,6 +191,10 @@ class Refiner:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(model, diffusion, device=device, **refiner_settings)
 
+    def padded_width(self, samples: int) -> int:
+        """Width of the segments of a recording of `samples` samples at 16 kHz."""
+        return padded_width(samples, self.multiple, self.max_samples)
+
     # ----- the three stages -----
     def prepare(self, noisy: np.ndarray, processed: np.ndarray, sample_rate: int, seed: int = 0,
                 key: str = "") -> Prepared:
@@ -208,8 +222,7 @@ class Refiner:
             for index, (start, end) in enumerate(bounds):
                 y_spec = wave_to_spec(y_wave[start:end])
                 sigma = noise_map(y_spec, wave_to_spec(p_wave[start:end]))
-                width = self.multiple * math.ceil(y_spec.shape[-1] / self.multiple)
-                pad = (0, width - y_spec.shape[-1])
+                pad = (0, self.padded_width(end - start) - y_spec.shape[-1])
                 segments.append(Segment(
                     noisy=torch.nn.functional.pad(y_spec, pad), noise_map=torch.nn.functional.pad(sigma, pad),
                     samples=end - start, seed=segment_seed(seed, key, channel, index),

@@ -15,7 +15,7 @@ tested without a network; `refine` runs the whole chain.
 
 import logging
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from tqdm.auto import tqdm

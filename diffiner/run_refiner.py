@@ -8,7 +8,6 @@ picks up where it stopped.
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
@@ -23,9 +22,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .audio import MODEL_SAMPLE_RATE, AudioError, audio_info, fit_length, load_audio, resample, save_audio, write_text_atomic
 from .files import is_inside, pair_files
-from .pipeline import Prepared, Refiner, load_state_dict
+from .pipeline import Prepared, Refiner
 from .refiner import DEFAULT_ETAS
-from .script_util import add_dict_to_argparser, create_model_and_diffusion, model_and_diffusion_defaults
+from .script_util import add_dict_to_argparser, model_and_diffusion_defaults
 from . import spectrogram
 
 logger = logging.getLogger(__name__)
@@ -83,9 +82,7 @@ def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner
             summary.failed[rel] = str(exc)
             continue
         job.seconds = samples / rate
-        samples16 = min(int(round(samples * MODEL_SAMPLE_RATE / rate)), refiner.max_samples)
-        frames = spectrogram.num_frames(samples16)
-        job.width = refiner.multiple * math.ceil(frames / refiner.multiple)
+        job.width = refiner.padded_width(int(round(samples * MODEL_SAMPLE_RATE / rate)))
         jobs.append(job)
     jobs.sort(key=lambda j: (j.width, j.rel))
     return jobs

@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Score enhanced speech folders (PESQ, ESTOI, SI-SDR, DNSMOS); see Arguments.md or --help."""
+
+import sys
+
+from diffiner.evaluate import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Tests of the evaluation CLI (diffiner.evaluate.main) on small generated folders."""
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+
+from diffiner.audio import resample, save_audio
+from diffiner.evaluate import (
+    ALL_METRICS,
+    METRIC_BACKENDS,
+    EvaluationError,
+    EvaluationSetup,
+    choose_plot_files,
+    main,
+    resolve_metrics,
+)
+
+from conftest import speech_like, with_noise
+
+SR = 16000
+# One DNSMOS window after speechmos's tiling (2.4 s doubles to 9.6 s): keeps the tests fast.
+SECONDS = 2.4
+FILES = ("a.wav", os.path.join("sub", "b.wav"))
+SNRS = {"noisy": 0.0, "sysA": 10.0, "sysB": 25.0}
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Dict[str, Path]:
+    """clean/ plus noisy/ (0 dB), sysA/ (10 dB) and sysB/ (25 dB SNR), each with FILES."""
+    folders = {name: tmp_path / name for name in ("clean", *SNRS)}
+    for index, relative in enumerate(FILES):
+        clean = speech_like(SECONDS, seed=index)
+        save_audio(str(folders["clean"] / relative), clean, SR)
+        for name, snr in SNRS.items():
+            save_audio(str(folders[name] / relative), with_noise(clean, snr, seed=10 + index), SR)
+    return folders
+
+
+def base_args(corpus: Dict[str, Path], output: Path, *systems: str) -> List[str]:
+    """--clean plus the named systems, scored in-process."""
+    args = ["--clean", str(corpus["clean"]), "--output-dir", str(output), "--workers", "1"]
+    for name in systems:
+        args += ["--system", f"{name}={corpus[name]}"]
+    return args
+
+
+def read_rows(output: Path) -> List[Dict[str, str]]:
+    with open(output / "per_file.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_end_to_end_writes_all_outputs(corpus, tmp_path, capsys):
+    output = tmp_path / "results"
+    argv = [
+        "--clean", str(corpus["clean"]), "--noisy", str(corpus["noisy"]),
+        "--system", f"sysA={corpus['sysA']}", "--system", f"sysB={corpus['sysB']}",
+        "--output-dir", str(output), "--workers", "2",
+    ]
+    assert main(argv) == 0
+
+    rows = read_rows(output)
+    assert {(r["file"], r["system"]) for r in rows} == {
+        (f, s) for f in FILES for s in ("noisy", "sysA", "sysB")
+    }
+    assert list(rows[0]) == [
+        "file", "system", "pesq", "estoi", "sisdr",
+        "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808",
+    ]
+
+    summary = json.loads((output / "summary.json").read_text())
+    assert list(summary) == ["noisy", "sysA", "sysB"]
+    assert summary["sysA"]["pesq"]["n"] == 2
+    assert set(summary["sysA"]["pesq"]) == {"mean", "ci95", "n"}
+    for metric in ("pesq", "estoi", "sisdr"):
+        assert summary["sysB"][metric]["mean"] > summary["noisy"][metric]["mean"]
+
+    markdown = (output / "summary.md").read_text()
+    for name in ("noisy", "sysA", "sysB"):
+        assert f"| {name} |" in markdown
+    assert " ± " in markdown
+    assert markdown in capsys.readouterr().out
+
+    from matplotlib.image import imread
+
+    image = imread(output / "spectrograms.png")
+    # 2 files (rows of 2.6 in) x 4 sources (clean, noisy, sysA, sysB; 3.2 in each) at 100 dpi
+    assert image.shape[:2] == (520, 1280)
+    assert not list(output.glob(".tmp-*"))
+
+
+def test_length_mismatch_over_10ms_names_the_pair(corpus, tmp_path, capsys):
+    enhanced = with_noise(speech_like(SECONDS, seed=0), 10.0, seed=3)
+    longer = np.concatenate([enhanced, np.zeros(320, np.float32)])  # 20 ms longer than clean
+    save_audio(str(corpus["sysA"] / "a.wav"), longer, SR)
+    output = tmp_path / "results"
+    assert main(base_args(corpus, output, "sysA") + ["--metrics", "sisdr"]) == 2
+    error = capsys.readouterr().err
+    assert str(corpus["clean"] / "a.wav") in error
+    assert str(corpus["sysA"] / "a.wav") in error
+    assert not (output / "per_file.csv").exists()
+
+
+def test_length_difference_within_10ms_is_trimmed(corpus, tmp_path):
+    clean = speech_like(SECONDS, seed=0)
+    save_audio(str(corpus["sysA"] / "a.wav"), clean[:-80], SR)  # 5 ms short
+    output = tmp_path / "results"
+    assert main(base_args(corpus, output, "sysA") + ["--metrics", "sisdr"]) == 0
+    scores = {r["file"]: float(r["sisdr"]) for r in read_rows(output)}
+    assert scores["a.wav"] > 30.0
+
+
+def test_file_on_one_side_only_is_reported_and_skipped(corpus, tmp_path, capsys):
+    os.remove(corpus["sysB"] / FILES[1])
+    output = tmp_path / "results"
+    argv = base_args(corpus, output, "sysA", "sysB") + [
+        "--metrics", "sisdr", "--output_dir", str(output), "--num_plot_files", "1",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sysB" in printed and FILES[1] in printed
+    assert {r["file"] for r in read_rows(output)} == {FILES[0]}
+
+
+def test_48khz_multichannel_files_are_resampled_and_mixed_to_mono(corpus, tmp_path):
+    clean = speech_like(SECONDS, seed=0)
+    at_48k = resample(clean, SR, 48000)
+    offset = 0.2 * np.random.default_rng(5).standard_normal(at_48k.size).astype(np.float32)
+    # The channels differ, but their average is the clean signal: only a mono mix scores high.
+    stereo = np.stack([at_48k + offset, at_48k - offset])
+    save_audio(str(corpus["sysA"] / "a.wav"), stereo, 48000, "FLOAT")
+    output = tmp_path / "results"
+    argv = base_args(corpus, output, "sysA") + ["--metrics", "pesq,sisdr", "--plot-files", "a.wav"]
+    assert main(argv) == 0
+    row = next(r for r in read_rows(output) if r["file"] == "a.wav")
+    assert float(row["sisdr"]) > 30.0
+    assert float(row["pesq"]) > 4.0
+
+
+def test_silent_output_scores_nan_and_is_left_out_of_the_mean(corpus, tmp_path):
+    save_audio(str(corpus["sysA"] / "a.wav"), np.zeros(int(SECONDS * SR), np.float32), SR)
+    output = tmp_path / "results"
+    assert main(base_args(corpus, output, "sysA") + ["--metrics", "pesq"]) == 0
+    scores = {r["file"]: r["pesq"] for r in read_rows(output)}
+    assert scores["a.wav"] == "nan" and math.isfinite(float(scores[FILES[1]]))
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["sysA"]["pesq"]["n"] == 1 and summary["sysA"]["pesq"]["ci95"] is None
+    assert "(n=1)" in (output / "summary.md").read_text()
+
+
+def test_intrusive_metric_without_clean_is_an_error(corpus, tmp_path, capsys):
+    argv = ["--system", f"sysA={corpus['sysA']}", "--metrics", "pesq"]
+    argv += ["--output-dir", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "--clean" in capsys.readouterr().err
+
+
+def test_nisqa_weights_flag_exits_with_explanation(corpus, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(base_args(corpus, tmp_path / "r", "sysA") + ["--nisqa_weights", "nisqa.tar"])
+    assert exit_info.value.code == 2
+    assert "not supported" in capsys.readouterr().err
+
+
+def test_reserved_or_repeated_system_names_are_refused(corpus, tmp_path):
+    with pytest.raises(SystemExit):
+        main(base_args(corpus, tmp_path / "r", "sysA", "sysA"))
+    with pytest.raises(SystemExit):
+        main(base_args(corpus, tmp_path / "r") + ["--system", f"clean={corpus['sysA']}"])
+
+
+def test_default_metrics_depend_on_clean_reference():
+    assert resolve_metrics(None, has_clean=True) == ALL_METRICS
+    assert resolve_metrics(None, has_clean=False) == ("dnsmos",)
+
+
+def test_metric_whose_backend_is_missing_is_skipped_or_refused(monkeypatch):
+    monkeypatch.setitem(METRIC_BACKENDS, "pesq", ("no_such_module_for_diffiner_tests",))
+    assert resolve_metrics(None, has_clean=True) == ("estoi", "sisdr", "dnsmos")
+    with pytest.raises(EvaluationError, match="no_such_module_for_diffiner_tests"):
+        resolve_metrics(["pesq", "sisdr"], has_clean=True)
+
+
+def test_default_plot_files_are_largest_ovrl_gain_and_loss_of_last_over_first_system():
+    changes = {"f1": 0.5, "f2": -1.0, "f3": 1.2, "f4": 0.1}
+    rows = []
+    for file, change in changes.items():
+        rows.append({"file": file, "system": "noisy", "dnsmos_ovrl": 5.0})
+        rows.append({"file": file, "system": "sysA", "dnsmos_ovrl": 2.0})
+        rows.append({"file": file, "system": "sysB", "dnsmos_ovrl": 2.0 + change})
+    setup = EvaluationSetup(systems={"sysA": "a", "sysB": "b"}, noisy="n", num_plot_files=2)
+    assert choose_plot_files(rows, sorted(changes), setup) == ["f3", "f2"]
+    setup = EvaluationSetup(systems={"sysA": "a", "sysB": "b"}, noisy="n", num_plot_files=3)
+    assert choose_plot_files(rows, sorted(changes), setup) == ["f3", "f2", "f1"]
+
+
+def test_default_plot_files_without_dnsmos_are_the_first_files():
+    rows = [{"file": f, "system": "sysA", "sisdr": 1.0} for f in ("f1", "f2", "f3")]
+    setup = EvaluationSetup(systems={"sysA": "a"}, num_plot_files=2)
+    assert choose_plot_files(rows, ["f1", "f2", "f3"], setup) == ["f1", "f2"]

@@ -1,0 +1,107 @@
+"""Tests of diffiner.metrics on synthetic, seeded speech-like signals."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffiner import metrics
+
+from conftest import speech_like, with_noise
+
+SR = 16000
+# speechmos tiles a clip by doubling until it covers 9.01 s, then scores one window per
+# second: 2.4 s doubles to 9.6 s, a single window, which keeps DNSMOS fast in tests.
+CLIP_SECONDS = 2.4
+
+
+@pytest.fixture(scope="module")
+def clean() -> np.ndarray:
+    return speech_like(CLIP_SECONDS)
+
+
+def test_pesq_of_identical_signals_is_near_maximum(clean):
+    assert metrics.pesq_wb(clean, clean) >= 4.5
+
+
+def test_si_sdr_of_identical_signals_is_very_high(clean):
+    assert metrics.si_sdr(clean, clean) >= 50.0
+
+
+def test_si_sdr_ignores_gain_and_offset(clean):
+    assert metrics.si_sdr(clean, 0.3 * clean + 0.05) >= 50.0
+
+
+def test_si_sdr_matches_the_added_noise_level(clean):
+    assert metrics.si_sdr(clean, with_noise(clean, 10.0)) == pytest.approx(10.0, abs=0.3)
+
+
+@pytest.mark.parametrize("metric", [metrics.pesq_wb, metrics.estoi, metrics.si_sdr])
+def test_more_noise_scores_lower(clean, metric):
+    assert metric(clean, with_noise(clean, 20.0)) > metric(clean, with_noise(clean, 5.0))
+
+
+def test_estoi_of_identical_signals_is_one(clean):
+    assert metrics.estoi(clean, clean) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_dnsmos_returns_four_scores_between_1_and_5(clean):
+    scores = metrics.dnsmos(clean)
+    assert set(scores) == {"SIG", "BAK", "OVRL", "P808"}
+    for value in scores.values():
+        assert math.isfinite(value) and 1.0 <= value <= 5.0
+
+
+def test_dnsmos_background_score_drops_with_noise(clean):
+    assert metrics.dnsmos(with_noise(clean, 5.0))["BAK"] < metrics.dnsmos(clean)["BAK"]
+
+
+def test_intrusive_metrics_reject_length_mismatch_and_multichannel(clean):
+    with pytest.raises(ValueError, match="length"):
+        metrics.si_sdr(clean, clean[:-1])
+    with pytest.raises(ValueError, match="1-D"):
+        metrics.pesq_wb(np.stack([clean, clean]), np.stack([clean, clean]))
+
+
+def test_silent_signals_raise_metric_error(clean):
+    silence = np.zeros_like(clean)
+    with pytest.raises(metrics.MetricError):
+        metrics.pesq_wb(clean, silence)
+    with pytest.raises(metrics.MetricError):
+        metrics.pesq_wb(silence, clean)
+    with pytest.raises(metrics.MetricError):
+        metrics.si_sdr(clean, silence)
+
+
+def test_confidence_interval_uses_t_distribution():
+    mean, half_width = metrics.confidence_interval([1.0, 2.0, 3.0, 4.0])
+    # sd = 1.290994, sem = 0.645497, t(0.975, df=3) = 3.182446
+    assert mean == pytest.approx(2.5)
+    assert half_width == pytest.approx(3.182446 * 0.645497, rel=1e-5)
+
+
+def test_confidence_interval_of_too_few_values_is_nan():
+    mean, half_width = metrics.confidence_interval([3.0])
+    assert mean == 3.0 and math.isnan(half_width)
+    assert all(math.isnan(v) for v in metrics.confidence_interval([]))
+
+
+def test_nisqa_is_refused_with_an_explanation(clean):
+    with pytest.raises(NotImplementedError, match="not supported"):
+        metrics.nisqa(clean, "nisqa.tar")
+
+
+def test_import_does_not_load_heavy_backends():
+    code = (
+        "import sys, diffiner.metrics; "
+        "heavy = {'pesq', 'pystoi', 'speechmos', 'onnxruntime', 'librosa', 'scipy.stats'}; "
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    repo_root = Path(__file__).resolve().parents[1]
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root
+    )
+    assert output.stdout.strip() == "[]"

@@ -2,7 +2,8 @@
 
 import contextlib
 import math
-from typing import Iterable, Optional
+import warnings
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -79,17 +80,27 @@ def _checkpoint_takes_reentrant() -> bool:
     return "use_reentrant" in inspect.signature(torch_checkpoint).parameters
 
 
-def autocast(device_type: str, dtype: Optional[torch.dtype]):
-    """torch.autocast for `dtype`, or a no-op context for None/float32.
+@contextlib.contextmanager
+def autocast(device_type: str, dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """torch.autocast to `dtype`, or nothing for None/float32.
 
-    Raises ValueError when this torch cannot autocast to `dtype` on `device_type`, so that a
-    user asking for bf16/fp16 never silently gets float32.
+    Raises ValueError when this torch cannot autocast to `dtype` on `device_type` (torch itself
+    only warns and silently runs in float32), so a user asking for bf16/fp16 never gets float32
+    without knowing.
     """
     if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
+        yield
+        return
     if not hasattr(torch, "autocast"):
         raise ValueError(f"this torch ({torch.__version__}) has no torch.autocast")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*[Aa]utocast.*", category=UserWarning)
+        try:
+            context = torch.autocast(device_type=device_type, dtype=dtype)
+            context.__enter__()
+        except (RuntimeError, UserWarning) as exc:
+            raise ValueError(f"autocast to {dtype} is not supported on {device_type}: {exc}") from exc
     try:
-        return torch.autocast(device_type=device_type, dtype=dtype)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"autocast to {dtype} is not supported on {device_type}: {exc}") from exc
+        yield
+    finally:
+        context.__exit__(None, None, None)

@@ -20,15 +20,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .acceleration import build_runner, estimate_max_batch_frames
 from .audio import MODEL_SAMPLE_RATE, resample
 from .refiner import refine, resolve_etas
 from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from .spectrogram import noise_map, num_frames, spec_to_wave, wave_to_spec
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass
 class Segment:
@@ -107,21 +105,6 @@ def crossfade_join(chunks: Sequence[np.ndarray], bounds: Sequence[Tuple[int, int
     return (out / total).astype(np.float32)
 
 
-class PrecisionModel(torch.nn.Module):
-    """Runs the network under autocast and hands float32 back to the diffusion arithmetic."""
-
-    def __init__(self, model: torch.nn.Module, dtype: Optional[torch.dtype]):
-        super().__init__()
-        self.model = model
-        self.dtype = dtype
-
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        from .nn import autocast
-
-        with autocast(x.device.type, self.dtype):
-            return self.model(x, timesteps).float()
-
-
 def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Read a plain state dict (as published, or as written by training), on the CPU.
 
@@ -149,17 +132,17 @@ class Refiner:
                  eta_a: Optional[float] = None, eta_b: Optional[float] = None,
                  eta_c: Optional[float] = None, eta_d: Optional[float] = None,
                  clip_denoised: bool = False, max_dur: float = 10.0, segment_overlap: float = 1.0,
-                 batch_size: int = 8, precision: str = "fp32", device=None):
+                 batch_size: int = 8, max_batch_frames: Optional[int] = None, precision: str = "fp32",
+                 channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False,
+                 width_bucket: Optional[int] = None, device=None):
         self.etas = resolve_etas(method, eta_a, eta_b, eta_c, eta_d)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         if max_dur <= 0 or segment_overlap < 0 or segment_overlap >= max_dur:
             raise ValueError(f"need max_dur > segment_overlap >= 0, got {max_dur} and {segment_overlap}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size < 1 or (max_batch_frames is not None and max_batch_frames < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {max_batch_frames}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
-        self.network = PrecisionModel(self.model, PRECISIONS[precision])
+        self.network = build_runner(self.model, precision, channels_last, compile, cuda_graphs)
         self.diffusion = diffusion
         self.method = method
         self.precision = precision
@@ -167,7 +150,13 @@ class Refiner:
         self.max_samples = int(round(max_dur * MODEL_SAMPLE_RATE))
         self.overlap_samples = int(round(segment_overlap * MODEL_SAMPLE_RATE))
         self.batch_size = batch_size
+        self.max_batch_frames = max_batch_frames
         self.multiple = getattr(model, "downsample_factor", 1)
+        # Widths are padded to this: the network's multiple, or coarser so that a compiled
+        # network sees a handful of shapes instead of one per file length.
+        self.width_bucket = width_bucket or (128 if compile or cuda_graphs else self.multiple)
+        if self.width_bucket % self.multiple:
+            raise ValueError(f"width_bucket {self.width_bucket} must be a multiple of {self.multiple}")
 
     @classmethod
     def from_checkpoint(cls, model_path: str, *, device=None, timestep_respacing: str = "ddim200",
@@ -193,7 +182,23 @@ class Refiner:
 
     def padded_width(self, samples: int) -> int:
         """Width of the segments of a recording of `samples` samples at 16 kHz."""
-        return padded_width(samples, self.multiple, self.max_samples)
+        return padded_width(samples, self.width_bucket, self.max_samples)
+
+    def batch_size_for(self, width: int) -> int:
+        """Segments per batch at `width`: from the frame budget when set, else `batch_size`."""
+        if self.max_batch_frames:
+            return max(1, self.max_batch_frames // width)
+        return self.batch_size
+
+    def auto_max_batch_frames(self, width: int) -> None:
+        """Set the frame budget from the free GPU memory, measured at the widest `width`.
+
+        Keeps `batch_size` when there is no GPU or the measurement fails.
+        """
+        try:
+            self.max_batch_frames = estimate_max_batch_frames(self.network, self.model, self.device, width)
+        except RuntimeError as exc:
+            logger.warning("could not size batches from GPU memory (%s); using batch_size %d", exc, self.batch_size)
 
     # ----- the three stages -----
     def prepare(self, noisy: np.ndarray, processed: np.ndarray, sample_rate: int, seed: int = 0,
@@ -236,9 +241,10 @@ class Refiner:
         for i, seg in enumerate(segments):
             by_width.setdefault(seg.width, []).append(i)
         for indices in by_width.values():
-            for lo in range(0, len(indices), self.batch_size):
-                batch = [segments[i] for i in indices[lo:lo + self.batch_size]]
-                for i, wave in zip(indices[lo:lo + self.batch_size], self.refine_batch(batch, progress)):
+            size = self.batch_size_for(segments[indices[0]].width)
+            for lo in range(0, len(indices), size):
+                batch = [segments[i] for i in indices[lo:lo + size]]
+                for i, wave in zip(indices[lo:lo + size], self.refine_batch(batch, progress)):
                     results[i] = wave
         return results
 

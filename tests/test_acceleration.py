@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+
+from diffiner.acceleration import NetworkRunner, build_runner
+from diffiner.nn import autocast
+from diffiner.pipeline import Refiner
+
+from conftest import tiny_model_and_diffusion
+
+# Stated tolerances of reduced precision against float32, relative to the output's scale,
+# for the network on its own (measured on the tiny model on CPU: see BENCHMARKS.md).
+TOLERANCE = {"bf16": 5e-2, "fp16": 5e-3}
+
+
+def supports(precision: str) -> bool:
+    try:
+        with autocast("cpu", {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]):
+            torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 1, 1))
+        return True
+    except ValueError:
+        return False
+
+
+def network_io(seed=0):
+    model, _ = tiny_model_and_diffusion(seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 2, 256, 32, generator=g)
+    return model, x, torch.tensor([10, 3000])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_network_stays_within_the_stated_tolerance(precision):
+    if not supports(precision):
+        pytest.skip(f"this torch cannot autocast to {precision} on the CPU")
+    model, x, t = network_io()
+    with torch.no_grad():
+        reference = NetworkRunner(model, "fp32")(x, t)
+        reduced = NetworkRunner(model, precision)(x, t)
+    assert reduced.dtype == torch.float32  # the diffusion arithmetic receives float32
+    error = (reduced - reference).abs().max() / reference.abs().max()
+    assert 0 < error <= TOLERANCE[precision]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_refiner_arithmetic_stays_float32_under_autocast(precision):
+    if not supports(precision):
+        pytest.skip(f"this torch cannot autocast to {precision} on the CPU")
+    model, diffusion = tiny_model_and_diffusion(timestep_respacing="ddim2")
+    refiner = Refiner(model, diffusion, precision=precision)
+    prepared = refiner.prepare(np.sin(np.arange(8000) / 7.0).astype(np.float32) * 0.1,
+                               np.sin(np.arange(8000) / 7.0).astype(np.float32) * 0.05, 16000)
+    seen = []
+    original = refiner.diffusion.p_mean_variance
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append({k: v.dtype for k, v in out.items()})
+        return out
+
+    refiner.diffusion.p_mean_variance = spy
+    waves = refiner.run_segments(prepared.segments)
+    assert all(dtype == torch.float32 for step in seen for dtype in step.values())
+    assert waves[0].dtype == torch.float32 and torch.isfinite(waves[0]).all()
+
+
+def test_channels_last_matches_the_default_layout():
+    model, x, t = network_io()
+    with torch.no_grad():
+        reference = NetworkRunner(model, "fp32")(x, t)
+        model_cl, _ = tiny_model_and_diffusion(0)
+        result = NetworkRunner(model_cl, "fp32", channels_last=True)(x, t)
+    torch.testing.assert_close(result, reference, rtol=1e-4, atol=1e-5 * reference.abs().max().item())
+
+
+def test_unsupported_autocast_is_a_clear_error():
+    with pytest.raises(ValueError, match="not supported"):
+        with autocast("cuda" if not torch.cuda.is_available() else "meta", torch.float16):
+            pass
+
+
+def test_compile_switch_buckets_widths_and_matches_eager():
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile needs torch >= 2.0")
+    model, diffusion = tiny_model_and_diffusion(timestep_respacing="ddim2")
+    refiner = Refiner(model, diffusion, compile=True)
+    assert refiner.width_bucket == 128 and refiner.padded_width(16000) == 128
+    runner = build_runner(model, compile=True)
+    _, x, t = network_io()
+    with torch.no_grad():
+        eager = NetworkRunner(model)(x, t)
+        try:
+            compiled = runner(x, t)
+        except Exception as exc:  # no working C++ toolchain for inductor on this machine
+            pytest.skip(f"torch.compile unavailable here: {type(exc).__name__}: {exc}")
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())

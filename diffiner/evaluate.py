@@ -440,7 +440,9 @@ def evaluate(setup: EvaluationSetup) -> EvaluationResult:
     metric_names = resolve_metrics(setup.metrics, setup.clean is not None)
     systems = setup.scored_systems()
     sources = {**({CLEAN: setup.clean} if setup.clean else {}), **systems}
-    files, missing = pair_files(sources, exclude=[setup.output_dir])
+    # A system folder may hold another's (the refiner writes inside the processed folder):
+    # listing one folder never descends into another given folder.
+    files, missing = pair_files(sources, exclude=[setup.output_dir, *sources.values()])
     _validate_plot_files(setup.plot_files, files)
     if setup.clean:
         check_lengths(setup.clean, systems, files)
@@ -583,3 +585,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(result.markdown, end="")
     print(f"results written to {setup.output_dir}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

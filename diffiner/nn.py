@@ -1,6 +1,7 @@
 """Small building blocks shared by the network and the diffusion code."""
 
 import contextlib
+import inspect
 import math
 import warnings
 from typing import Iterable, Iterator, Optional
@@ -8,6 +9,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
 
@@ -66,18 +68,15 @@ def checkpoint(func, inputs: tuple, params: Iterable[torch.Tensor], flag: bool):
     guided-diffusion (torch's checkpoint finds the parameters itself).
     """
     if flag and torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint as torch_checkpoint
-
-        kwargs = {"use_reentrant": False} if _checkpoint_takes_reentrant() else {}
-        return torch_checkpoint(func, *inputs, **kwargs)
+        return torch_checkpoint(func, *inputs, **_CHECKPOINT_KWARGS)
     return func(*inputs)
 
 
-def _checkpoint_takes_reentrant() -> bool:
-    import inspect
-    from torch.utils.checkpoint import checkpoint as torch_checkpoint
-
-    return "use_reentrant" in inspect.signature(torch_checkpoint).parameters
+# The non-reentrant implementation handles parameters without requires_grad inputs; torch
+# versions that have the switch warn unless it is given explicitly.
+_CHECKPOINT_KWARGS = (
+    {"use_reentrant": False} if "use_reentrant" in inspect.signature(torch_checkpoint).parameters else {}
+)
 
 
 @contextlib.contextmanager

@@ -234,18 +234,23 @@ class Refiner:
                 ))
         return Prepared(segments, bounds, channels, samples, sample_rate, input_samples)
 
-    def run_segments(self, segments: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:
-        """Refine segments (any widths) and return their waveforms at 16 kHz, in order."""
-        results: List[Optional[torch.Tensor]] = [None] * len(segments)
+    def plan_batches(self, segments: Sequence[Segment]) -> List[List[int]]:
+        """Indices of `segments` grouped into batches: equal widths only, sized by batch_size_for."""
         by_width: Dict[int, List[int]] = {}
         for i, seg in enumerate(segments):
             by_width.setdefault(seg.width, []).append(i)
-        for indices in by_width.values():
-            size = self.batch_size_for(segments[indices[0]].width)
-            for lo in range(0, len(indices), size):
-                batch = [segments[i] for i in indices[lo:lo + size]]
-                for i, wave in zip(indices[lo:lo + size], self.refine_batch(batch, progress)):
-                    results[i] = wave
+        batches = []
+        for width, indices in by_width.items():
+            size = self.batch_size_for(width)
+            batches += [indices[lo:lo + size] for lo in range(0, len(indices), size)]
+        return batches
+
+    def run_segments(self, segments: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:
+        """Refine segments (any widths) and return their waveforms at 16 kHz, in order."""
+        results: List[Optional[torch.Tensor]] = [None] * len(segments)
+        for batch in self.plan_batches(segments):
+            for i, wave in zip(batch, self.refine_batch([segments[i] for i in batch], progress)):
+                results[i] = wave
         return results
 
     def refine_batch(self, batch: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:

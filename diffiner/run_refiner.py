@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     both("batch-size", type=int, default=8, help="segments of equal width refined together")
     both("max-batch-frames", default="auto",
          help="instead of --batch-size: a budget of spectrogram frames per batch (short files run in large "
-              "batches, long ones in small), or 'auto' to size it from free GPU memory")
+              "batches, long ones in small), or 'auto': sized from free GPU memory on CUDA, "
+              "--batch-size on the CPU")
     add("--baseline", default=None, choices=["noisereduce"],
         help="make the processed files with this SE baseline from the noisy ones, then refine them")
     both("clip-denoised", action="store_true", help="clamp the predicted x0 to [-1, 1] at every step")
@@ -360,7 +361,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if rank == 0:
             from .baseline import baseline_folder
 
-            baseline_folder(args.baseline, args.root_noisy, args.root_proc, overwrite=args.overwrite)
+            made = baseline_folder(args.baseline, args.root_noisy, args.root_proc, overwrite=args.overwrite)
+            print(f"baseline {args.baseline}: {made.describe()}")
+            for rel, reason in sorted(made.failed.items()):
+                print(f"FAILED (baseline) {rel}: {reason}", file=sys.stderr)
         dist_util.barrier()
     try:
         refiner, model_settings = build_refiner(args, method, etas, device)
@@ -410,3 +414,7 @@ def report(summary: RunSummary, output_dir: str, world_size: int) -> None:
               "audio_seconds": summary.audio_seconds, "wall_seconds": summary.wall_seconds,
               "real_time_factor": summary.rtf, "processes": world_size}
     write_text_atomic(os.path.join(output_dir, "summary.json"), json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -221,6 +221,16 @@ class QKVAttention(nn.Module):
         return out.reshape(bs, -1, length)
 
 
+def set_sdpa(model: nn.Module, enabled: bool) -> None:
+    """Switch every attention block between SDPA kernels and the explicit softmax form.
+
+    Enabling is a no-op on torch versions without scaled_dot_product_attention.
+    """
+    for module in model.modules():
+        if isinstance(module, QKVAttention):
+            module.use_sdpa = enabled and HAS_SDPA
+
+
 def attention_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Explicit attention on (N, C, T) tensors; the fallback when SDPA is unavailable."""
     scale = q.shape[1] ** -0.25  # split between q and k: better conditioned in fp16

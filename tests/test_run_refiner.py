@@ -147,3 +147,18 @@ def test_duration_balanced_sharding():
     shards = [shard_jobs(jobs, rank, 2) for rank in range(2)]
     assert sorted(j.rel for shard in shards for j in shard) == sorted(j.rel for j in jobs)
     assert [sum(j.seconds for j in shard) for shard in shards] == [9, 9]
+
+
+def test_baseline_makes_the_processed_files_and_refines_them(tmp_path, tiny_checkpoint, capsys):
+    pytest.importorskip("noisereduce")
+    make_pair(str(tmp_path), "a.wav", 1.0, 16000, seed=1)
+    make_pair(str(tmp_path), "sub/b.wav", 0.8, 22050, seed=2)
+    base = str(tmp_path / "nr")
+    code = main(["--root-noisy", str(tmp_path / "noisy"), "--baseline", "noisereduce", "--root-proc", base,
+                 "--model-path", tiny_checkpoint, "--no-gpu", "--no-progress", *tiny_cli_flags()])
+    assert code == 0
+    assert "2 written" in capsys.readouterr().out
+    refined = os.path.join(base, "diffiner+_etaA=0.4_etaB=0.6_etaC=0.0_etaD=0.6")
+    for rel in ["a.wav", "sub/b.wav"]:
+        assert sf.info(os.path.join(base, rel)).frames == sf.info(os.path.join(str(tmp_path), "noisy", rel)).frames
+        assert os.path.exists(os.path.join(refined, rel))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffiner.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from diffiner.unet import QKVAttention, UNetModel, attention_softmax
+from diffiner.unet import QKVAttention, UNetModel, attention_softmax, set_sdpa
 
 from conftest import REFERENCE, requires_reference, tiny_model_and_diffusion
 
@@ -27,9 +27,7 @@ def test_tiny_reference_vector_is_reproduced(use_sdpa):
     ref = torch.load(os.path.join(REFERENCE, "unet_tiny_reference.pt"))
     model, _ = create_model_and_diffusion(**ref["config"])
     model.load_state_dict(ref["state_dict"], strict=True)
-    for module in model.modules():
-        if isinstance(module, QKVAttention):
-            module.use_sdpa = use_sdpa and module.use_sdpa
+    set_sdpa(model, use_sdpa)
     with torch.no_grad():
         eps = model.eval()(ref["x"], ref["t"])
     rel = (eps - ref["eps"]).abs().max() / ref["eps"].abs().max()

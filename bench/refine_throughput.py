@@ -1,0 +1,149 @@
+"""Refinement throughput: audio seconds per second, real-time factor and achieved TFLOP/s.
+
+Runs Diffiner+ on synthetic recordings whose lengths follow the VoiceBank+DEMAND test set,
+with random weights (speed does not depend on them), once per precision/switch, and once in
+the original code's strategy (every file padded to 768 frames, fp32, batches of 8) so that
+the speed-up is measured side by side in one run.
+
+On CUDA it uses the published-size model and ddim200 over all 824 files. On a CPU-only machine
+that would take days, so it uses a small model, a few files and few steps, and says so.
+"""
+
+import argparse
+import time
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from common import markdown_table, record, voicebank_like_durations
+from diffiner.pipeline import Refiner
+from diffiner.script_util import create_model_and_diffusion
+
+SMALL_MODEL = dict(num_channels=32, num_res_blocks=1, channel_mult="1,1,2,2", attention_resolutions="8", num_heads=2)
+# Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0,
+                    "A10G": 70.0, "L4": 121.0, "RTX 4090": 165.0}
+CONFIGS = {
+    "fp32": dict(precision="fp32"),
+    "bf16": dict(precision="bf16"),
+    "fp16": dict(precision="fp16"),
+    "fp32+channels-last": dict(precision="fp32", channels_last=True),
+    "bf16+channels-last": dict(precision="bf16", channels_last=True),
+    "bf16+compile": dict(precision="bf16", compile=True),
+    "bf16+cuda-graphs": dict(precision="bf16", cuda_graphs=True),
+    "original (768 frames, fp32, batch 8)": dict(precision="fp32", width_bucket=768, batch_size=8,
+                                                  max_batch_frames=None),
+}
+
+
+def peak_tflops(override: float) -> float:
+    if override:
+        return override
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        for key, value in PEAK_BF16_TFLOPS.items():
+            if key in name:
+                return value
+    return float("nan")
+
+
+def network_flops(refiner: Refiner, batch: int, width: int, cache: Dict) -> float:
+    """FLOPs of one network call on a (batch, 2, 256, width) input, counted by torch."""
+    if (batch, width) not in cache:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        x = torch.zeros(batch, 2, 256, width, device=refiner.device)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            refiner.model(x, torch.zeros(batch, dtype=torch.long, device=refiner.device))
+        cache[(batch, width)] = float(counter.get_total_flops())
+    return cache[(batch, width)]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_config(name: str, settings: Dict, model, diffusion, recordings: List[np.ndarray], args, flop_cache: Dict):
+    options = dict(batch_size=args.batch_size, max_batch_frames=args.max_batch_frames, device=args.device)
+    options.update(settings)
+    refiner = Refiner(model, diffusion, **options)
+    segments = [seg for k, wave in enumerate(recordings)
+                for seg in refiner.prepare(wave, wave * 0.8, 16000, key=str(k)).segments]
+    if refiner.device.type == "cuda" and args.max_batch_frames is None and "max_batch_frames" not in settings:
+        refiner.auto_max_batch_frames(max(seg.width for seg in segments))
+    batches = refiner.plan_batches(segments)
+    with torch.no_grad():  # warm-up: one call per batch shape (compilation happens here)
+        for shape in sorted({(len(b), segments[b[0]].width) for b in batches}):
+            x = torch.zeros(shape[0], 2, 256, shape[1], device=refiner.device)
+            refiner.network(x, torch.zeros(shape[0], dtype=torch.long, device=refiner.device))
+    synchronize(refiner.device)
+    start = time.perf_counter()
+    refiner.run_segments(segments)
+    synchronize(refiner.device)
+    wall = time.perf_counter() - start
+    steps = diffusion.num_timesteps
+    flops = steps * sum(network_flops(refiner, len(b), segments[b[0]].width, flop_cache) for b in batches)
+    return dict(wall=wall, frames=sum(seg.width for seg in segments), flops=flops,
+                batches=len(batches), max_batch=max(len(b) for b in batches))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--num-files", type=int, default=824 if cuda else 8)
+    parser.add_argument("--steps", type=int, default=200 if cuda else 5, help="DDIM steps (ddimN)")
+    parser.add_argument("--small", action="store_true", default=not cuda, help="small model instead of the published size")
+    parser.add_argument("--configs", default=None, help="comma list of: " + ", ".join(CONFIGS))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-batch-frames", type=int, default=None, help="default: auto on CUDA, batch-size on CPU")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak (default: looked up for known GPUs)")
+    parser.add_argument("--no-record", action="store_true", help="print only, do not append to BENCHMARKS.md")
+    args = parser.parse_args()
+
+    if args.configs:
+        names = args.configs.split(",")
+    else:
+        # On a CPU, fp16 autocast is emulated (about 50x slower than fp32) and CUDA graphs do not
+        # exist; compile is left out by default for its minutes of compilation.
+        names = [n for n in CONFIGS if cuda or not any(k in n for k in ("fp16", "compile", "cuda-graphs"))]
+    durations = voicebank_like_durations()[:args.num_files]
+    rng = np.random.default_rng(0)
+    recordings = [(0.1 * rng.standard_normal(int(d * 16000))).astype(np.float32) for d in durations]
+    audio_seconds = float(sum(durations))
+    audio_frames = sum(1 + int(d * 16000) // 256 for d in durations)
+    settings = dict(SMALL_MODEL) if args.small else {}
+    model, diffusion = create_model_and_diffusion(timestep_respacing=f"ddim{args.steps}", **settings)
+    peak = peak_tflops(args.peak_tflops)
+    flop_cache: Dict = {}
+    rows = []
+    for name in names:
+        try:
+            result = run_config(name, CONFIGS[name], model, diffusion, recordings, args, flop_cache)
+        except (ValueError, RuntimeError) as exc:
+            rows.append([name, "unsupported: " + str(exc).splitlines()[0][:80]] + [""] * 6)
+            continue
+        tflops = result["flops"] / result["wall"] / 1e12
+        rows.append([
+            name, f"{audio_seconds / result['wall']:.2f}", f"{result['wall'] / audio_seconds:.4f}",
+            f"{result['wall']:.1f}", f"{result['frames'] / audio_frames:.3f}", result["max_batch"],
+            f"{tflops:.2f}", f"{100 * tflops / peak:.1f}%" if peak == peak else "n/a",
+        ])
+        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    table = markdown_table(["config", "audio s/s", "RTF", "wall s", "frames per audio frame", "max batch",
+                            "TFLOP/s", "of bf16 peak"], rows)
+    model_desc = ("SMALL model " + str(SMALL_MODEL) + " (a CPU stand-in, not the published size)") if args.small \
+        else "published-size model (164.3 M parameters, random weights)"
+    notes = (f"Diffiner+ ddim{args.steps}, {len(durations)} files ({audio_seconds:.1f} s of audio), {model_desc}. "
+             "Network time only: reading and writing files is overlapped by the CLI's threads and not timed here. "
+             "TFLOP/s counts the network's FLOPs (torch.utils.flop_counter) over the timed run.")
+    if args.no_record:
+        print(table + "\n\n" + notes)
+    else:
+        record("Refinement throughput", table, notes)
+
+
+if __name__ == "__main__":
+    main()

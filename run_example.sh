@@ -1,0 +1,320 @@
+#!/usr/bin/env bash
+# Refine the DCUnet outputs of the VoiceBank+DEMAND test set with the published Diffiner+ weights
+# and score the result, or, with --demo, run a small offline demo. Run with --help for the
+# settings. Stages (start with --stage N, stop after --stop_stage N):
+#   0  download the noisy and clean test sets, the DCUnet outputs and the weights (demo: nothing)
+#   1  resample both test sets from 48 to 16 kHz (demo: make the noisy set and the noisereduce
+#      baseline's outputs from demo/audio/clean)
+#   2  refine with Diffiner+ (and Diffiner with --simple-diffiner)
+#   3  score noisy, DCUnet (demo: noisereduce) and refined audio against the clean references
+# Every stage skips work whose output already exists, so an interrupted run is resumed by
+# running the same command again.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# Settings: the environment's value if set, else the default; flags below override both.
+# One entry per setting: name|value placeholder (none: a switch)|description; --help and the
+# flag parser both read this list.
+settings=(
+    "vbd_dir|DIR|VoiceBank+DEMAND folder: downloads, extracted sets, 16 kHz copies, evaluation"
+    "python_path|PYTHON|Python interpreter"
+    "stage|N|first stage to run (0-3)"
+    "stop_stage|N|last stage to run (0-3)"
+    "id|N|GPU index for the refiner; negative runs on the CPU; auto: 0 when CUDA is available, else -1"
+    "simple_diffiner||also refine with Diffiner, not only Diffiner+ (environment: simple_diffiner=true)"
+    "model_path|FILE|checkpoint for the VoiceBank+DEMAND run; stage 0 downloads the published one here"
+    "refiner_flags|FLAGS|extra flags for scripts/run_refiner.py, e.g. '--timestep-respacing ddim50'"
+    "eval_flags|FLAGS|extra flags for scripts/evaluate.py, e.g. '--workers 4'"
+    "vbd_url|URL|where the VoiceBank+DEMAND zips are downloaded from"
+    "zenodo_url|URL|where the DCUnet outputs and the weights are downloaded from"
+    "download_dir_local|DIR|a folder already holding the downloads; they are copied from there instead"
+    "demo||run the offline demo instead (environment: demo=true)"
+    "demo_dir|DIR|output folder of the demo"
+    "demo_model|FILE|checkpoint for the demo"
+    "demo_model_flags|FLAGS|model flags matching the demo checkpoint; default: model_flags.txt next to it"
+)
+vbd_dir="${vbd_dir:-data}"
+python_path="${python_path:-python3}"
+stage="${stage:-0}"
+stop_stage="${stop_stage:-3}"
+id="${id:-auto}"
+simple_diffiner="${simple_diffiner:-false}"
+model_path="${model_path:-pretrained_diffiner_onVB.pt}"
+refiner_flags="${refiner_flags:-}"
+eval_flags="${eval_flags:-}"
+vbd_url="${vbd_url:-https://datashare.ed.ac.uk/bitstream/handle/10283/2791}"
+zenodo_url="${zenodo_url:-https://zenodo.org/record/7988790/files}"
+download_dir_local="${download_dir_local:-}"
+demo="${demo:-false}"
+demo_dir="${demo_dir:-exp/demo}"
+demo_model="${demo_model:-$root/demo/model/ema_0.9999_demo.pt}"
+demo_model_flags="${demo_model_flags-"(model_flags.txt next to demo_model)"}"
+
+die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+usage() {
+    cat <<EOF
+Usage: $0 [--demo] [--simple-diffiner] [--SETTING VALUE ...]
+
+Without --demo: downloads the VoiceBank+DEMAND test set, the DCUnet outputs and the published
+weights, refines the DCUnet outputs with Diffiner+ and scores them (needs network for stage 0).
+With --demo: makes noisy versions of the clips in demo/audio/clean, enhances them with the
+noisereduce baseline, refines that with the small demo model and scores all three (offline).
+
+Stages: 0 download, 1 resample / make the demo sets, 2 refine, 3 evaluate.
+Each setting can be given as an environment variable (stage=2 $0) or a flag (--stage 2);
+flags accept dashes or underscores. Defaults, as overridden by the environment and earlier flags:
+EOF
+    local entry name meta text
+    for entry in "${settings[@]}"; do
+        IFS='|' read -r name meta text <<<"$entry"
+        printf '  --%-26s %s\n  %-28s [now: %s]\n' "$name $meta" "$text" "" "${!name}"
+    done
+}
+
+set_setting() {  # set_setting FLAG VALUE: assign a known setting, refuse anything else
+    local name="${1#--}"
+    name="${name//-/_}"
+    local entry
+    for entry in "${settings[@]}"; do
+        if [[ "${entry%%|*}" == "$name" ]]; then
+            printf -v "$name" '%s' "$2"
+            return
+        fi
+    done
+    die "unknown option $1 (see --help)"
+}
+
+while (($#)); do
+    case "$1" in
+        -h | --help) usage; exit 0 ;;
+        --demo) demo=true; shift ;;  # switches: no value
+        --simple-diffiner | --simple_diffiner) simple_diffiner=true; shift ;;
+        --*=*) set_setting "${1%%=*}" "${1#*=}"; shift ;;
+        --*) (($# >= 2)) || die "$1 needs a value"; set_setting "$1" "$2"; shift 2 ;;
+        *) die "unexpected argument $1 (see --help)" ;;
+    esac
+done
+
+[[ "$stage" =~ ^[0-9]+$ && "$stop_stage" =~ ^[0-9]+$ ]] || die "stage and stop_stage must be integers 0-3"
+[[ "$id" == auto || "$id" =~ ^-?[0-9]+$ ]] || die "id must be an integer or auto, got '$id'"
+for flag in demo simple_diffiner; do
+    [[ "${!flag}" == true || "${!flag}" == false ]] || die "$flag must be true or false, got '${!flag}'"
+done
+command -v "$python_path" >/dev/null || die "python interpreter '$python_path' not found (set python_path)"
+# This checkout's package, whether or not it is pip-installed.
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+
+# Word-split the free-form flag variables into arrays once. "${a[@]+"${a[@]}"}" expands an
+# empty array to nothing even under set -u in old bash versions.
+read -r -a refiner_extra <<<"$refiner_flags"
+read -r -a eval_extra <<<"$eval_flags"
+
+run_stage() {  # run_stage N: true when stage N lies in [stage, stop_stage]
+    ((stage <= $1 && $1 <= stop_stage))
+}
+
+device_flags() {  # the refiner's device flags for $id; never touches CUDA_VISIBLE_DEVICES
+    local gpu="$id"
+    if [[ "$gpu" == auto ]]; then
+        gpu="$("$python_path" -c 'import torch; print(0 if torch.cuda.is_available() else -1)')"
+    fi
+    if ((gpu < 0)); then
+        echo "--no-gpu"
+    else
+        echo "--device cuda:$gpu"
+    fi
+}
+
+latest_output() {  # latest_output ROOT_PROC METHOD: the METHOD output folder refined last
+    local config newest=""
+    for config in "$1/$2"_eta*/config.yml; do  # the refiner rewrites config.yml on every run
+        if [[ -f "$config" && (-z "$newest" || "$config" -nt "$newest") ]]; then
+            newest="$config"
+        fi
+    done
+    [[ -n "$newest" ]] || die "no $2 output under $1; run stage 2 first"
+    dirname "$newest"
+}
+
+refine() {  # refine NOISY PROCESSED MODEL [MODEL FLAGS...]: Diffiner+, and Diffiner if asked
+    local noisy="$1" processed="$2" model="$3"
+    shift 3
+    local device_text
+    device_text="$(device_flags)"
+    local -a device
+    read -r -a device <<<"$device_text"
+    local -a methods=("")
+    [[ "$simple_diffiner" == true ]] && methods+=("--simple-diffiner")
+    local method
+    for method in "${methods[@]}"; do
+        "$python_path" "$root/scripts/run_refiner.py" --root-noisy "$noisy" --root-proc "$processed" \
+            --model-path "$model" "${device[@]}" ${method:+"$method"} "$@" \
+            ${refiner_extra[@]+"${refiner_extra[@]}"}
+    done
+}
+
+evaluate() {  # evaluate CLEAN NOISY OUT NAME=DIR...: score against the clean references
+    local clean="$1" noisy="$2" out="$3"
+    shift 3
+    local -a systems=()
+    local spec
+    for spec in "$@"; do
+        systems+=(--system "$spec")
+    done
+    "$python_path" "$root/scripts/evaluate.py" --clean "$clean" --noisy "$noisy" "${systems[@]}" \
+        --output-dir "$out" ${eval_extra[@]+"${eval_extra[@]}"}
+    echo "Per-file scores and the table: $out (summary.md, per_file.csv)"
+    [[ -f "$out/spectrograms.png" ]] && echo "Spectrograms: $out/spectrograms.png"
+    return 0
+}
+
+collect_refined() {  # collect_refined PROCESSED: refined=(NAME=DIR ...), one per refiner run by stage 2
+    local dir
+    dir="$(latest_output "$1" "diffiner+")"
+    refined=("diffiner+=$dir")
+    if [[ "$simple_diffiner" == true ]]; then
+        dir="$(latest_output "$1" diffiner)"
+        refined+=("diffiner=$dir")
+    fi
+}
+
+# ---------------------------------------------------------------- VoiceBank+DEMAND ----------
+
+fetch() {  # fetch URL DEST: download unless DEST exists; resumable; local folder first
+    local url="$1" dest="$2" name
+    name="$(basename "$url")"
+    if [[ -s "$dest" ]]; then
+        echo "$dest is already there; not downloading it again"
+        return
+    fi
+    mkdir -p "$(dirname "$dest")"
+    if [[ -n "$download_dir_local" && -f "$download_dir_local/$name" ]]; then
+        echo "Copying $name from $download_dir_local"
+        cp "$download_dir_local/$name" "$dest.part"
+        mv "$dest.part" "$dest"
+        return
+    fi
+    echo "Downloading $url"
+    local ok=true
+    if command -v curl >/dev/null; then
+        curl -fL --retry 3 -C - -# -o "$dest.part" "$url" || ok=false
+    else
+        wget -c --tries=3 --read-timeout=20 -O "$dest.part" "$url" || ok=false
+    fi
+    if [[ "$ok" != true ]]; then
+        cat >&2 <<EOF
+error: could not download $url
+If this machine is offline, fetch the file elsewhere and either put it at
+  $dest
+or put all downloads in one folder and pass --download_dir_local DIR; then rerun.
+A partial download is kept as $dest.part and resumed on the next run (delete it to start over).
+EOF
+        exit 1
+    fi
+    mv "$dest.part" "$dest"
+}
+
+extract() {  # extract ARCHIVE NAME: unpack into $vbd_dir/NAME
+    local archive="$1" name="$2"
+    local target="$vbd_dir/$name" tmp="$vbd_dir/.extract-$name"
+    echo "Extracting $archive"
+    rm -rf "$tmp"
+    mkdir -p "$tmp"
+    case "$archive" in
+        *.zip) "$python_path" -m zipfile -e "$archive" "$tmp" ;;  # no dependency on unzip
+        *) tar -xzf "$archive" -C "$tmp" ;;
+    esac
+    rm -rf "$tmp/__MACOSX"
+    # The archives hold one folder named like themselves; accept files at the top level too.
+    # Unpacking aside and renaming means $target only ever exists complete.
+    if [[ -d "$tmp/$name" ]]; then
+        mv "$tmp/$name" "$target"
+        rm -rf "$tmp"
+    else
+        mv "$tmp" "$target"
+    fi
+}
+
+fetch_archive() {  # fetch_archive URL NAME: download and unpack into $vbd_dir/NAME unless it exists
+    local url="$1" name="$2"
+    if [[ -d "$vbd_dir/$name" ]]; then  # also true for a folder left by the original script
+        echo "$vbd_dir/$name is already there; not downloading or extracting $(basename "$url")"
+        return
+    fi
+    local archive
+    archive="$vbd_dir/downloads/$(basename "$url")"
+    fetch "$url" "$archive"
+    extract "$archive" "$name"
+}
+
+run_vbd() {
+    local noisy48="$vbd_dir/noisy_testset_wav" clean48="$vbd_dir/clean_testset_wav"
+    local noisy16="$noisy48/16kHz" clean16="$clean48/16kHz" dcunet="$vbd_dir/proc_dcunet"
+
+    if run_stage 0; then
+        echo "Stage 0: downloading VoiceBank+DEMAND (test sets), DCUnet outputs and weights into $vbd_dir"
+        fetch_archive "$vbd_url/noisy_testset_wav.zip" noisy_testset_wav
+        fetch_archive "$vbd_url/clean_testset_wav.zip" clean_testset_wav
+        fetch_archive "$zenodo_url/proc_dcunet.tar.gz" proc_dcunet
+        fetch "$zenodo_url/pretrained_diffiner_onVB.pt" "$model_path"
+    fi
+    if run_stage 1; then
+        echo "Stage 1: resampling the test sets to 16 kHz"
+        "$python_path" -m diffiner.resample_folder "$noisy48" "$noisy16" --rate 16000
+        "$python_path" -m diffiner.resample_folder "$clean48" "$clean16" --rate 16000
+    fi
+    if run_stage 2; then
+        echo "Stage 2: refining the DCUnet outputs in $dcunet"
+        [[ -f "$model_path" ]] || die "no checkpoint at $model_path; run stage 0 or set model_path"
+        refine "$noisy16" "$dcunet" "$model_path"
+    fi
+    if run_stage 3; then
+        echo "Stage 3: evaluating against the clean test set"
+        collect_refined "$dcunet"
+        evaluate "$clean16" "$noisy16" "$vbd_dir/eval" "dcunet=$dcunet" "${refined[@]}"
+    fi
+}
+
+# ---------------------------------------------------------------- offline demo --------------
+
+run_demo() {
+    local clean="$root/demo/audio/clean" noisy="$demo_dir/noisy" baseline="$demo_dir/noisereduce"
+
+    if run_stage 0; then
+        echo "Stage 0: nothing to download for the demo"
+    fi
+    if run_stage 1; then
+        echo "Stage 1: making the noisy set and the noisereduce baseline's outputs in $demo_dir"
+        "$python_path" -m diffiner.demo_data "$clean" "$noisy"
+        "$python_path" -m diffiner.baseline "$noisy" "$baseline" --name noisereduce
+    fi
+    if run_stage 2; then
+        echo "Stage 2: refining the noisereduce outputs with the demo model"
+        [[ -f "$demo_model" ]] || die "no demo model at $demo_model (set demo_model to a checkpoint)"
+        local flags_file
+        flags_file="$(dirname "$demo_model")/model_flags.txt"
+        if [[ "$demo_model_flags" == "(model_flags.txt next to demo_model)" ]]; then
+            demo_model_flags=""
+            [[ -f "$flags_file" ]] && demo_model_flags="$(sed '/^[[:space:]]*#/d' "$flags_file" | tr '\n' ' ')"
+        fi
+        local -a model_flags
+        read -r -a model_flags <<<"$demo_model_flags"
+        refine "$noisy" "$baseline" "$demo_model" ${model_flags[@]+"${model_flags[@]}"}
+    fi
+    if run_stage 3; then
+        echo "Stage 3: evaluating against the clean clips"
+        collect_refined "$baseline"
+        evaluate "$clean" "$noisy" "$demo_dir/eval" "noisereduce=$baseline" "${refined[@]}"
+    fi
+}
+
+if [[ "$demo" == true ]]; then
+    run_demo
+else
+    run_vbd
+fi

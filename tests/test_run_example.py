@@ -1,0 +1,180 @@
+"""run_example.sh end to end without a network: the download stage reads file:// URLs of a
+temporary folder holding tiny stand-ins for the VoiceBank+DEMAND zips, the DCUnet archive and
+the weights (a tiny model), so stages 0-3 all run for real in a few seconds."""
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import pytest
+import soundfile as sf
+import yaml
+
+from conftest import speech_like, tiny_cli_flags, with_noise, write_wav
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+SCRIPT = os.path.join(ROOT, "run_example.sh")
+NAMES = ("p232_001.wav", "p232_002.wav")
+SECONDS = (1.0, 0.8)
+DIFFINER_PLUS = "diffiner+_etaA=0.4_etaB=0.6_etaC=0.0_etaD=0.6"
+DIFFINER = "diffiner_etaA=0.9_etaB=0.9"
+# Fast scoring: no DNSMOS, one process; the evaluation itself is tested elsewhere.
+EVAL_FLAGS = "--metrics sisdr,pesq --workers 1 --num-plot-files 1"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+@pytest.fixture
+def remote(tmp_path, tiny_checkpoint):
+    """A folder laid out like the download servers: two zips, the DCUnet tarball, the weights."""
+    folder = tmp_path / "remote"
+    staging = tmp_path / "staging"
+    for index, (name, seconds) in enumerate(zip(NAMES, SECONDS)):
+        clean48 = speech_like(seconds, 48000, seed=index)
+        write_wav(str(staging / "clean_testset_wav" / name), clean48, 48000)
+        write_wav(str(staging / "noisy_testset_wav" / name), with_noise(clean48, 5.0, seed=index + 10), 48000)
+        clean16 = speech_like(seconds, 16000, seed=index)
+        write_wav(str(staging / "proc_dcunet" / name), with_noise(clean16, 15.0, seed=index + 20), 16000)
+    folder.mkdir()
+    for name in ("clean_testset_wav", "noisy_testset_wav"):
+        with zipfile.ZipFile(folder / f"{name}.zip", "w") as archive:
+            for wav in NAMES:
+                archive.write(staging / name / wav, f"{name}/{wav}")
+    with tarfile.open(folder / "proc_dcunet.tar.gz", "w:gz") as archive:
+        archive.add(staging / "proc_dcunet", "proc_dcunet")
+    shutil.copy(tiny_checkpoint, folder / "pretrained_diffiner_onVB.pt")
+    return folder
+
+
+@pytest.fixture
+def python_log(tmp_path):
+    """A python_path wrapper that records each call's arguments and CUDA_VISIBLE_DEVICES."""
+    log = tmp_path / "python_calls.log"
+    wrapper = tmp_path / "python_wrapper"
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}} $*" >> "{log}"\n'
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    return str(wrapper), log
+
+
+def run_script(cwd, *args, **settings):
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env.update({"python_path": sys.executable}, **{k: str(v) for k, v in settings.items()})
+    return subprocess.run(["bash", SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def vbd_settings(tmp_path, remote):
+    url = "file://" + str(remote)
+    return dict(vbd_dir=tmp_path / "data", vbd_url=url, zenodo_url=url, model_path=tmp_path / "weights.pt",
+                refiner_flags=" ".join(tiny_cli_flags("ddim2") + ["--batch-size", "4", "--no-progress"]),
+                eval_flags=EVAL_FLAGS)
+
+
+def test_all_stages_offline_then_a_rerun_skips_the_downloads(tmp_path, remote, python_log):
+    pytest.importorskip("pesq")
+    wrapper, log = python_log
+    settings = vbd_settings(tmp_path, remote)
+    done = run_script(tmp_path, "--simple-diffiner", "--id", "-1", python_path=wrapper, **settings)
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = tmp_path / "data"
+    assert (tmp_path / "weights.pt").is_file()
+    for name, seconds in zip(NAMES, SECONDS):
+        for subset in ("noisy_testset_wav", "clean_testset_wav"):
+            assert (data / subset / name).is_file()
+            info = sf.info(str(data / subset / "16kHz" / name))
+            assert info.samplerate == 16000 and info.frames == round(seconds * 16000)
+        for method in (DIFFINER_PLUS, DIFFINER):
+            assert (data / "proc_dcunet" / method / name).is_file()
+    config = yaml.safe_load((data / "proc_dcunet" / DIFFINER_PLUS / "config.yml").read_text())
+    assert config["device"] == "cpu"
+    summary = (data / "eval" / "summary.md").read_text()
+    for system in ("noisy", "dcunet", "diffiner+", "diffiner"):
+        assert f"| {system} |" in summary
+    assert "| system | pesq | sisdr |" in done.stdout  # the table is printed
+    assert str(data / "eval" / "spectrograms.png") in done.stdout
+
+    refiner_calls = [line for line in log.read_text().splitlines() if "run_refiner.py" in line]
+    assert len(refiner_calls) == 2 and all("--no-gpu" in c and "--device" not in c for c in refiner_calls)
+    assert "--simple-diffiner" in refiner_calls[1]
+    assert all(line.startswith("CUDA_VISIBLE_DEVICES=unset ") for line in log.read_text().splitlines())
+
+    # Nothing is fetched again: the servers are gone, and every stage finds its outputs.
+    shutil.rmtree(remote)
+    again = run_script(tmp_path, "--stop_stage", "1", **settings)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("already there; not downloading or extracting") == 3
+    assert again.stdout.count("already there; not downloading it again") == 1
+    assert again.stdout.count("0 written, 2 already there") == 2
+
+
+def test_a_gpu_id_becomes_a_device_flag_and_never_cuda_visible_devices(tmp_path, remote, python_log):
+    wrapper, log = python_log
+    settings = vbd_settings(tmp_path, remote)
+    assert run_script(tmp_path, "--stop_stage", "1", **settings).returncode == 0
+    # A CPU-only machine fails to run on cuda:3; only the command line matters here.
+    run_script(tmp_path, "--stage", "2", "--stop-stage=2", python_path=wrapper, id=3, **settings)
+    call = next(line for line in log.read_text().splitlines() if "run_refiner.py" in line)
+    assert "--device cuda:3" in call and "--no-gpu" not in call
+    assert call.startswith("CUDA_VISIBLE_DEVICES=unset ")
+
+
+def test_offline_download_explains_how_to_place_files(tmp_path, remote):
+    url = "file://" + str(tmp_path / "nowhere")
+    failed = run_script(tmp_path, "--stop_stage", "0", vbd_dir=tmp_path / "data", vbd_url=url, zenodo_url=url)
+    assert failed.returncode == 1
+    assert "could not download" in failed.stderr and "--download_dir_local" in failed.stderr
+    assert str(tmp_path / "data" / "downloads" / "noisy_testset_wav.zip") in failed.stderr
+    # The same files in a local folder are used instead of the network.
+    done = run_script(tmp_path, "--stop_stage", "0", vbd_dir=tmp_path / "data", vbd_url=url, zenodo_url=url,
+                      download_dir_local=remote, model_path=tmp_path / "w.pt")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "data" / "proc_dcunet" / NAMES[0]).is_file() and (tmp_path / "w.pt").is_file()
+
+
+def test_demo_runs_offline_with_a_given_model(tmp_path, tiny_checkpoint):
+    pytest.importorskip("noisereduce")
+    demo_dir = tmp_path / "demo"
+    done = run_script(tmp_path, "--demo", "--stage", "1", demo_dir=demo_dir, demo_model=tiny_checkpoint,
+                      demo_model_flags=" ".join(tiny_cli_flags("ddim2")), refiner_flags="--no-progress",
+                      eval_flags="--metrics sisdr --workers 1 --num-plot-files 1", id=-1)
+    assert done.returncode == 0, done.stdout + done.stderr
+    clean = sorted(os.listdir(os.path.join(ROOT, "demo", "audio", "clean")))
+    clean = [name for name in clean if name.endswith(".wav")]
+    assert sorted(f for f in os.listdir(demo_dir / "noisy") if f.endswith(".wav")) == clean
+    assert (demo_dir / "noisy" / "conditions.csv").is_file()
+    for name in clean:
+        assert sf.info(str(demo_dir / "noisereduce" / name)).frames == sf.info(str(demo_dir / "noisy" / name)).frames
+        assert (demo_dir / "noisereduce" / DIFFINER_PLUS / name).is_file()
+    summary = (demo_dir / "eval" / "summary.md").read_text()
+    assert all(f"| {s} |" in summary for s in ("noisy", "noisereduce", "diffiner+"))
+    assert f"Spectrograms: {demo_dir / 'eval' / 'spectrograms.png'}" in done.stdout
+
+
+def test_demo_without_its_model_says_so(tmp_path):
+    failed = run_script(tmp_path, "--demo", "--stage", "2", demo_model=tmp_path / "missing.pt")
+    assert failed.returncode == 2 and "no demo model" in failed.stderr
+
+
+def test_help_lists_every_setting_with_its_default(tmp_path):
+    shown = run_script(tmp_path, "--help", stage=2)
+    assert shown.returncode == 0
+    lines = shown.stdout.splitlines()
+    values = {line.split()[0][2:]: nxt.strip()[len("[now: "):-1]
+              for line, nxt in zip(lines, lines[1:]) if line.startswith("  --") and nxt.strip().startswith("[now:")}
+    assert values == {
+        "vbd_dir": "data", "python_path": sys.executable, "stage": "2", "stop_stage": "3", "id": "auto",
+        "simple_diffiner": "false", "model_path": "pretrained_diffiner_onVB.pt", "refiner_flags": "",
+        "eval_flags": "", "vbd_url": "https://datashare.ed.ac.uk/bitstream/handle/10283/2791",
+        "zenodo_url": "https://zenodo.org/record/7988790/files", "download_dir_local": "", "demo": "false",
+        "demo_dir": "exp/demo", "demo_model": os.path.join(ROOT, "demo", "model", "ema_0.9999_demo.pt"),
+        "demo_model_flags": "(model_flags.txt next to demo_model)",
+    }
+    assert run_script(tmp_path, "--no-such-setting", "1").returncode == 2
+    assert run_script(tmp_path, "--stage", "two").returncode == 2

@@ -28,6 +28,8 @@ setup(
     entry_points={
         "console_scripts": [
             "diffiner-refine=diffiner.run_refiner:main",
+            "diffiner-train=diffiner.train:main",
+            "diffiner-sample=diffiner.sample:main",
             "diffiner-evaluate=diffiner.evaluate:main",
         ]
     },

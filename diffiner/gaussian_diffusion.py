@@ -53,6 +53,8 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
     """
     if schedule_name == "linear":
         scale = 1000 / num_diffusion_timesteps
+        if 0.02 * scale >= 1:
+            raise ValueError(f"the linear schedule needs more than 20 steps (its last beta would be {0.02 * scale:g})")
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "cosine":
         return betas_for_alpha_bar(

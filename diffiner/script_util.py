@@ -5,7 +5,7 @@ written for the original code keep working.
 """
 
 import argparse
-from typing import Any, Dict, Iterable, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
@@ -179,6 +179,35 @@ def create_gaussian_diffusion(
     )
 
 
+# Help of every model/diffusion setting, shared by the scripts' --help.
+SETTING_HELP = {
+    "image_size": "training crop width in frames; also picks the default channel_mult (spec §2)",
+    "image_channels": "spectrogram channels (real, imaginary)",
+    "num_channels": "base channel count of the UNet",
+    "num_res_blocks": "residual blocks per resolution level",
+    "num_heads": "attention heads",
+    "num_heads_upsample": "attention heads in the decoder (-1: num_heads)",
+    "num_head_channels": "channels per attention head, overrides num_heads (-1: unset)",
+    "attention_resolutions": "comma list: attention at the levels where an image_size-wide input is this wide "
+                             "(downsample rate image_size // value)",
+    "channel_mult": "channel multiplier per level, comma list (empty: the default for image_size)",
+    "dropout": "dropout rate in the residual blocks",
+    "class_cond": "class-conditional model (guided-diffusion option, unused by Diffiner)",
+    "use_checkpoint": "recompute activations in the backward pass to save memory",
+    "use_scale_shift_norm": "FiLM-style timestep conditioning in the residual blocks",
+    "resblock_updown": "resample with residual blocks instead of plain (de)convolutions",
+    "use_new_attention_order": "split QKV before the heads (the published model uses the legacy order)",
+    "learn_sigma": "also learn the reverse-process variance",
+    "diffusion_steps": "number of diffusion steps T",
+    "noise_schedule": "beta schedule: linear or cosine",
+    "timestep_respacing": "respacing of the T steps, e.g. ddim200 or 250 (empty: all steps)",
+    "use_kl": "train on the variational bound instead of the epsilon MSE",
+    "predict_xstart": "predict x0 instead of the noise",
+    "rescale_timesteps": "feed timesteps scaled to [0, 1000) to the network",
+    "rescale_learned_sigmas": "with learn_sigma: scale the variational term as in Improved DDPM",
+}
+
+
 def str2bool(value) -> bool:
     """Parse a command-line boolean ("true"/"false", "1"/"0", "yes"/"no")."""
     if isinstance(value, bool):
@@ -198,19 +227,21 @@ def flag_spellings(name: str) -> Sequence[str]:
     return spellings
 
 
-def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict[str, Any], help_texts: Dict[str, str] = None) -> None:
-    """Add one option per key, typed after its default, spelled with underscores and dashes."""
-    help_texts = help_texts or {}
+def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict[str, Any],
+                          help_texts: Optional[Dict[str, str]] = None) -> None:
+    """Add one option per key, typed after its default, spelled with underscores and dashes.
+
+    Booleans work bare (--use_fp16) and, as in guided-diffusion, with a value (--use_fp16 True).
+    Help comes from `help_texts`, else SETTING_HELP.
+    """
+    help_texts = dict(SETTING_HELP, **(help_texts or {}))
     for key, value in default_dict.items():
-        value_type = type(value)
-        if value is None:
-            value_type = str
-        elif isinstance(value, bool):
-            value_type = str2bool
-        parser.add_argument(
-            *flag_spellings(key), dest=key, default=value, type=value_type,
-            help=help_texts.get(key, f"(default: {value!r})"),
-        )
+        kwargs = dict(dest=key, default=value, help=help_texts.get(key, key.replace("_", " ")))
+        if isinstance(value, bool):
+            kwargs.update(type=str2bool, nargs="?", const=True)
+        else:
+            kwargs["type"] = str if value is None else type(value)
+        parser.add_argument(*flag_spellings(key), **kwargs)
 
 
 def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> Dict[str, Any]:

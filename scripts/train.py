@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Train a Diffiner model on clean speech; see docs/training.md or --help."""
+
+import sys
+
+from diffiner.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

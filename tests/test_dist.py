@@ -1,0 +1,164 @@
+"""Process groups: single process, torchrun and mpiexec, each training on the CPU with gloo."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from diffiner import dist_util
+from diffiner.pipeline import load_state_dict
+from diffiner.train import main
+
+from test_train import TRAIN_FLAGS, make_corpus
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH_TIMEOUT_S = 300
+
+# Run under a launcher: train, then save what this rank ended with.
+DRIVER = """
+import sys
+import torch
+from diffiner import dist_util
+from diffiner.train import parse_args, train
+
+loop = train(parse_args(sys.argv[2:]))
+torch.save({"model": loop.model.state_dict(), "ema": loop.ema_params[0], "world_size": dist_util.get_world_size()},
+           sys.argv[1].format(rank=dist_util.get_rank()))
+dist_util.cleanup()
+"""
+
+# Rank 1 hangs; rank 0's barrier must fail instead of waiting forever.
+STUCK_RANK = """
+import time
+from diffiner import dist_util
+
+info = dist_util.setup_dist(device="cpu")
+if info.rank == 1:
+    time.sleep(120)
+dist_util.barrier(timeout_s=3)
+"""
+
+
+def launcher_env():
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+               # Open MPI refuses to start as root without these; other MPIs ignore them.
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") + dist_util.MPI_ENV_VARS:
+        env.pop(name, None)
+    return env
+
+
+def torchrun(script, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(dist_util.find_free_port()), script, *args]
+
+
+def find_mpiexec():
+    """mpiexec of the MPI that mpi4py uses (the mpich wheel puts it beside python), or None."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return None
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.path.exists(beside) else shutil.which("mpiexec")
+
+
+@pytest.fixture(autouse=True)
+def no_launcher_env(monkeypatch):
+    """The in-process runs must see a plain single-process environment."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK") + dist_util.MPI_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_single_process_setup_and_helpers():
+    info = dist_util.setup_dist(device="cpu")
+    try:
+        assert info == dist_util.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                                          distributed=False)
+        assert (dist_util.get_rank(), dist_util.get_world_size(), dist_util.is_main()) == (0, 1, True)
+        assert dist_util.dev() == torch.device("cpu")
+        x = torch.arange(4.0)
+        mean = dist_util.all_reduce_mean(x)
+        assert torch.equal(mean, x) and mean is not x
+        assert torch.equal(dist_util.all_gather_cat(x), x)
+        assert dist_util.all_gather_objects({"a": 1}) == [{"a": 1}]
+        dist_util.barrier()
+        dist_util.sync_params([x])
+    finally:
+        dist_util.cleanup()
+
+
+@pytest.mark.parametrize("name", dist_util.MPI_ENV_VARS)
+def test_mpi_launch_is_detected_from_the_environment(monkeypatch, name):
+    assert not dist_util.launched_by_mpi()
+    monkeypatch.setenv(name, "2")
+    assert dist_util.launched_by_mpi() and not dist_util.launched_by_torchrun()
+
+
+def train_two_ranks_and_compare(tmp_path, launch):
+    """Train 3 steps with 2 ranks x batch 1 and with 1 process x batch 2: the same result.
+
+    Not bitwise: a batch-of-2 convolution sums its weight gradient in another order than two
+    batch-of-1 convolutions plus an all-reduce. Adam divides each gradient by its own size,
+    so a rounding difference in a near-zero gradient can move a weight by a sizeable fraction
+    of the learning rate; lr 1e-5 keeps that well inside the 1e-6 tolerance.
+    """
+    corpus = make_corpus(str(tmp_path / "clean"))
+    reference = str(tmp_path / "single")
+    common = ["--root", corpus, "--max_steps", "3", *TRAIN_FLAGS, "--lr", "1e-5"]
+    assert main(common + ["--log_dir", reference]) == 0
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    log_dir = str(tmp_path / "two")
+    rank_file = str(tmp_path / "rank{rank}.pt")
+    flags = common + ["--log_dir", log_dir, "--batch_size", "1"]
+    result = subprocess.run(launch(str(driver), rank_file, *flags), env=launcher_env(), capture_output=True,
+                            text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+    ranks = [torch.load(rank_file.format(rank=r)) for r in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for key in ranks[0]["model"]:
+        assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key]), key
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["ema"], ranks[1]["ema"]))
+    single = load_state_dict(os.path.join(reference, "model000003.pt"))
+    written = load_state_dict(os.path.join(log_dir, "model000003.pt"))
+    for key, value in single.items():
+        assert torch.equal(written[key], ranks[0]["model"][key]), key
+        torch.testing.assert_close(written[key], value, rtol=0, atol=1e-6)
+    # Training moved the weights away from the (slow) EMA, so the comparison means something.
+    ema = load_state_dict(os.path.join(reference, "ema_0.9999_000003.pt"))
+    assert sum((single[k] - ema[k]).abs().max() > 1e-5 for k in single) > 10
+    opt = load_state_dict(os.path.join(log_dir, "opt000003.pt"))
+    assert opt["data_position"] == 6 and opt["global_batch"] == 2 and len(opt["rng"]) == 2
+
+
+def test_torchrun_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
+    train_two_ranks_and_compare(tmp_path, torchrun)
+
+
+def test_mpiexec_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        pytest.skip("needs mpi4py and mpiexec (pip install mpi4py mpich)")
+    probe = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c",
+                            "import sys; from mpi4py import MPI; sys.exit(MPI.COMM_WORLD.Get_size() != 2)"],
+                           env=launcher_env(), capture_output=True, text=True, timeout=120)
+    if probe.returncode:
+        pytest.skip(f"{mpiexec} does not start a 2-process job of mpi4py's MPI: {probe.stderr[-500:]}")
+    train_two_ranks_and_compare(tmp_path, lambda script, *args: [mpiexec, "-n", "2", sys.executable, script, *args])
+
+
+def test_a_stuck_rank_ends_the_job_with_an_error(tmp_path):
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_RANK)
+    start = time.time()
+    result = subprocess.run(torchrun(str(script)), env=launcher_env(), capture_output=True, text=True,
+                            timeout=LAUNCH_TIMEOUT_S)
+    assert result.returncode != 0
+    assert time.time() - start < 100  # far less than rank 1's 120 s sleep
+    assert "monitoredBarrier" in result.stderr and "1" in result.stderr

@@ -1,0 +1,264 @@
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from diffiner import train as train_module
+from diffiner.logger import MetricsLogger
+from diffiner.nn import autocast
+from diffiner.pipeline import Refiner, load_state_dict
+from diffiner.train import main
+from diffiner.train_util import DynamicLossScaler, TrainLoop, global_norm
+
+from conftest import speech_like, tiny_cli_flags, tiny_model_and_diffusion, write_wav
+
+# The tiny model on 64-frame crops of 1 s excerpts, 100 diffusion steps, 2 examples per step.
+TRAIN_FLAGS = tiny_cli_flags("") + ["--diffusion_steps", "100", "--seq_dur", "1.0", "--num_workers", "0",
+                                    "--log_interval", "1", "--batch_size", "2"]
+PROGRESS_COLUMNS = ["step", "samples", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm",
+                    "param_norm", "samples_per_sec", "lr"]
+
+
+def make_corpus(root: str) -> str:
+    """Four usable files (16 kHz, 44.1 kHz, stereo 22.05 kHz FLAC) and one too short."""
+    write_wav(os.path.join(root, "a.wav"), speech_like(1.3, seed=1), 16000)
+    write_wav(os.path.join(root, "spk", "b.wav"), speech_like(1.6, 44100, seed=2), 44100)
+    write_wav(os.path.join(root, "spk", "c.flac"), np.stack([speech_like(1.2, 22050, seed=3)] * 2), 22050)
+    write_wav(os.path.join(root, "d.wav"), speech_like(2.0, seed=4), 16000)
+    write_wav(os.path.join(root, "short.wav"), speech_like(0.4, seed=5), 16000)
+    return root
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return make_corpus(str(tmp_path / "clean"))
+
+
+def read_progress(log_dir):
+    with open(os.path.join(log_dir, "progress.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_three_steps_write_checkpoints_logs_and_settings(corpus, tmp_path):
+    log_dir = str(tmp_path / "log")
+    assert main(["--root", corpus, "--log_dir", log_dir, "--max_steps", "3", *TRAIN_FLAGS]) == 0
+    for name in ("model000003.pt", "ema_0.9999_000003.pt", "opt000003.pt", "args.json", "model_config.yml",
+                 "progress.jsonl"):
+        assert os.path.exists(os.path.join(log_dir, name)), name
+    rows = read_progress(log_dir)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert set(PROGRESS_COLUMNS) <= set(rows[0])
+    assert [int(r["samples"]) for r in rows] == [2, 4, 6]
+    assert all(math.isfinite(float(r["loss"])) and float(r["grad_norm"]) > 0 for r in rows)
+    with open(os.path.join(log_dir, "progress.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+    settings = json.load(open(os.path.join(log_dir, "args.json")))
+    assert settings["lr"] == 1e-4 and settings["ema_rate"] == "0.9999" and settings["global_batch_size"] == 2
+
+    # The EMA checkpoint is what users refine with: it loads through the refiner.
+    model_config = yaml.safe_load(open(os.path.join(log_dir, "model_config.yml")))
+    assert "use_fp16" not in model_config and model_config["num_channels"] == 32
+    refiner = Refiner.from_checkpoint(os.path.join(log_dir, "ema_0.9999_000003.pt"), device="cpu",
+                                      timestep_respacing="ddim2", model_settings=model_config)
+    model_state = load_state_dict(os.path.join(log_dir, "model000003.pt"))
+    ema_state = refiner.model.state_dict()
+    assert model_state.keys() == ema_state.keys()
+    assert any(not torch.equal(model_state[k], ema_state[k]) for k in model_state)
+    opt = load_state_dict(os.path.join(log_dir, "opt000003.pt"))
+    assert opt["step"] == 3 and opt["data_position"] == 6 and len(opt["rng"]) == 1
+
+
+@pytest.mark.parametrize("ema_rates, extra", [
+    (["0.9999"], []),
+    (["0.99", "0.9999"], ["--num_workers", "2", "--schedule_sampler", "loss-second-moment", "--microbatch", "1",
+                          "--lr_anneal_steps", "10", "--grad_clip", "0.5"]),
+], ids=["defaults", "workers-lossaware-microbatch-anneal-clip"])
+def test_resume_is_exact(corpus, tmp_path, ema_rates, extra):
+    whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
+    common = ["--root", corpus, *TRAIN_FLAGS, "--ema_rate", ",".join(ema_rates), *extra]
+    assert main(common + ["--log_dir", whole, "--max_steps", "4"]) == 0
+    assert main(common + ["--log_dir", split, "--max_steps", "2"]) == 0
+    assert main(common + ["--resume_checkpoint", os.path.join(split, "model000002.pt"), "--max_steps", "4"]) == 0
+
+    for name in ["model000004.pt"] + [f"ema_{rate}_000004.pt" for rate in ema_rates]:
+        a, b = load_state_dict(os.path.join(whole, name)), load_state_dict(os.path.join(split, name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    opt_a, opt_b = load_state_dict(os.path.join(whole, "opt000004.pt")), load_state_dict(os.path.join(split, "opt000004.pt"))
+    assert opt_a["data_position"] == opt_b["data_position"] == 8
+    for state_a, state_b in zip(opt_a["optimizer"]["state"].values(), opt_b["optimizer"]["state"].values()):
+        assert all(torch.equal(torch.as_tensor(state_a[k]), torch.as_tensor(state_b[k])) for k in state_a)
+    for key, value in opt_a["schedule_sampler"].items():
+        assert torch.equal(value, opt_b["schedule_sampler"][key])
+    # The resumed run appended to the same progress files.
+    assert [int(r["step"]) for r in read_progress(split)] == [1, 2, 3, 4]
+
+
+def test_resume_without_ema_and_optimizer_files_warns_and_continues(corpus, tmp_path, caplog):
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    assert main(["--root", corpus, "--log_dir", first, "--max_steps", "1", *TRAIN_FLAGS]) == 0
+    os.makedirs(second)
+    shutil.copy(os.path.join(first, "model000001.pt"), second)
+    with caplog.at_level(logging.WARNING):
+        assert main(["--root", corpus, *TRAIN_FLAGS, "--max_steps", "2",
+                     "--resume_checkpoint", os.path.join(second, "model000001.pt")]) == 0
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "ema_0.9999_000001.pt not found" in messages and "opt000001.pt not found" in messages
+    assert os.path.exists(os.path.join(second, "model000002.pt"))
+    assert load_state_dict(os.path.join(second, "opt000002.pt"))["data_position"] == 4
+    # Already at max_steps: nothing to do, nothing written.
+    assert main(["--root", corpus, *TRAIN_FLAGS, "--max_steps", "2",
+                 "--resume_checkpoint", os.path.join(second, "model000002.pt")]) == 0
+    assert not os.path.exists(os.path.join(second, "model000003.pt"))
+
+
+
+def test_bad_settings_are_clear_errors(corpus, tmp_path, capsys, monkeypatch):
+    for flags in (["--use_fp16", "--bf16"], ["--use-fp16", "true", "--bf16", "true"], ["--seed", "-1"],
+                  ["--ema_rate", "1.5"], ["--schedule_sampler", "random"]):
+        with pytest.raises(SystemExit):
+            main(["--root", corpus, *TRAIN_FLAGS, *flags])
+    assert "choose one of --use_fp16 and --bf16" in capsys.readouterr().err
+    assert main(["--root", corpus, *TRAIN_FLAGS, "--log_dir", str(tmp_path / "x"),
+                 "--resume_checkpoint", str(tmp_path / "opt000001.pt")]) == 2
+    assert "modelNNNNNN.pt" in capsys.readouterr().err
+
+    # The data folder is checked before the model is built.
+    def no_model(**_):
+        raise AssertionError("the model was built before the data folder was checked")
+
+    monkeypatch.setattr(train_module, "create_model_and_diffusion", no_model)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["--root", str(empty), *TRAIN_FLAGS, "--log_dir", str(tmp_path / "y")]) == 2
+    assert str(empty) in capsys.readouterr().err
+
+
+# ----- the loop itself, on small synthetic batches -----
+def make_loop(tmp_path, seed=0, **settings):
+    model, diffusion = tiny_model_and_diffusion(seed=seed, diffusion_steps=100)
+    return TrainLoop(model=model.train(), diffusion=diffusion, batch_size=2, lr=1e-3, log_dir=str(tmp_path),
+                     metrics=MetricsLogger(None, enabled=False), **settings)
+
+
+def small_batch(seed=0):
+    """Two 16x16 'spectrograms': the network takes any multiple of 8, and this is fast."""
+    return {"spec": torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(seed)),
+            "position": torch.tensor([0, 1])}
+
+
+def grads(loop):
+    return {name: p.grad.clone() for name, p in loop.model.named_parameters() if p.grad is not None}
+
+
+def test_loss_scaler_unscales_every_gradient_and_adapts_the_scale():
+    scaler = DynamicLossScaler(lg_loss_scale=4.0, growth=0.5)
+    gradients = [torch.full((3,), 16.0), torch.full((2, 2), -32.0), torch.full((1,), 48.0)]
+    scaler.unscale_(gradients)
+    assert [g.tolist() for g in gradients] == [[1.0] * 3, [[-2.0] * 2] * 2, [3.0]]
+    scaler.update(finite=True)
+    assert scaler.lg_loss_scale == 4.5
+    scaler.update(finite=False)
+    assert scaler.scale == 2.0 ** 3.5
+    restored = DynamicLossScaler()
+    restored.load_state_dict(scaler.state_dict())
+    assert restored.lg_loss_scale == 3.5
+
+
+def cpu_fp16_autocast() -> bool:
+    try:
+        with autocast("cpu", torch.float16):
+            return True
+    except ValueError:
+        return False
+
+
+needs_cpu_fp16 = pytest.mark.skipif(not cpu_fp16_autocast(),
+                                    reason=f"torch {torch.__version__} cannot autocast to float16 on the CPU")
+
+
+@needs_cpu_fp16
+def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path):
+    # 2**200 overflows even float32, so the gradients are inf/nan whatever autocast does.
+    loop = make_loop(tmp_path, use_fp16=True, initial_lg_loss_scale=200.0)
+    before = [p.detach().clone() for p in loop.params]
+    assert loop.run_step(small_batch()) is False
+    assert loop.scaler.lg_loss_scale == 199.0 and loop.scaler.scale == 2.0 ** 199
+    assert all(torch.equal(a, b) for a, b in zip(before, loop.params))
+    assert all(torch.equal(a, b) for a, b in zip(before, loop.ema_params[0]))
+    assert loop.step == 1  # the batch is consumed: the step counts, the optimizer did not move
+
+
+@needs_cpu_fp16
+def test_fp16_step_unscales_every_gradient(tmp_path):
+    reference = make_loop(tmp_path)
+    reference.forward_backward(small_batch())
+    expected = grads(reference)
+
+    loop = make_loop(tmp_path, use_fp16=True, initial_lg_loss_scale=10.0, fp16_scale_growth=0.25)
+    before = [p.detach().clone() for p in loop.params]
+    assert loop.run_step(small_batch()) is True
+    assert loop.scaler.lg_loss_scale == 10.25
+    assert any(not torch.equal(a, b) for a, b in zip(before, loop.params))
+    got = grads(loop)
+    assert got.keys() == expected.keys() and len(got) > 50
+    # Without unscaling every gradient would be 2**10 times too large; float16 rounding
+    # allows a few percent.
+    for name, grad in expected.items():
+        if grad.norm() > 1e-3 * max(g.norm() for g in expected.values()):
+            assert (got[name] - grad).norm() <= 0.05 * grad.norm(), name
+    assert loop._training_state()["loss_scaler"]["lg_loss_scale"] == 10.25
+
+
+def test_microbatches_give_the_whole_batch_gradient_and_clipping_bounds_the_norm(tmp_path):
+    whole, micro = make_loop(tmp_path), make_loop(tmp_path, microbatch=1)
+    whole.forward_backward(small_batch())
+    micro.forward_backward(small_batch())
+    a, b = grads(whole), grads(micro)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-7)
+
+    clipped = make_loop(tmp_path, grad_clip=1e-3)
+    clipped.run_step(small_batch())
+    assert global_norm(list(grads(clipped).values())) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_lr_anneals_linearly_to_zero_and_training_stops_there(tmp_path):
+    loop = make_loop(tmp_path, lr_anneal_steps=4, max_steps=10)
+    assert loop.stop_step == 4
+    lrs = []
+    for step in range(4):
+        loop.step = step
+        lrs.append(loop.current_lr())
+    assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+
+
+def test_metrics_logger_writes_table_csv_and_json_lines(tmp_path):
+    out = io.StringIO()
+    metrics = MetricsLogger(str(tmp_path), columns=["step", "loss"], enabled=True, stdout=out, tensorboard=False)
+    metrics.log("step", 1)
+    metrics.log_mean("loss", 1.0)
+    metrics.log_mean("loss", 3.0)
+    assert metrics.dump(1) == {"step": 1, "loss": 2.0}
+    metrics.log("step", 2)
+    metrics.log_mean("loss", 4.0, count=2)
+    metrics.log_mean("loss_q3", 5.0)
+    metrics.dump(2)
+    metrics.close()
+    assert "| loss" in out.getvalue() and "| 2 " in out.getvalue()
+    rows = read_progress(str(tmp_path))
+    assert list(rows[0]) == ["step", "loss", "loss_q3"]
+    assert rows == [{"step": "1", "loss": "2.0", "loss_q3": ""}, {"step": "2", "loss": "4.0", "loss_q3": "5.0"}]
+    with open(os.path.join(str(tmp_path), "progress.jsonl")) as f:
+        assert [json.loads(line) for line in f] == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 4.0, "loss_q3": 5.0}]
+    silent = MetricsLogger(str(tmp_path / "silent"), enabled=False)
+    silent.log("step", 1)
+    silent.dump(1)
+    assert not os.path.exists(str(tmp_path / "silent"))

@@ -48,7 +48,7 @@ zenodo_url="${zenodo_url:-https://zenodo.org/record/7988790/files}"
 download_dir_local="${download_dir_local:-}"
 demo="${demo:-false}"
 demo_dir="${demo_dir:-exp/demo}"
-demo_model="${demo_model:-$root/demo/model/ema_0.9999_demo.pt}"
+demo_model="${demo_model:-$root/demo/model/diffiner_demo.pt}"
 demo_model_flags="${demo_model_flags-"(model_flags.txt next to demo_model)"}"
 
 die() {

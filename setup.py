@@ -22,7 +22,7 @@ setup(
         "train": ["mpi4py"],
         # speechmos imports librosa and requests without declaring them.
         "eval": ["pesq", "pystoi", "speechmos", "onnxruntime", "librosa", "requests", "matplotlib"],
-        "demo": ["noisereduce"],
+        "demo": ["noisereduce>=2.0"],
         "test": ["pytest"],
     },
     entry_points={

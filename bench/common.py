@@ -59,8 +59,9 @@ def markdown_table(header: Sequence[str], rows: List[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def record(title: str, table: str, notes: str = "", path: str = BENCHMARKS_MD) -> None:
-    """Print a result table and append it to BENCHMARKS.md with the machine and the command."""
+def record(title: str, table: str, notes: str = "", save: bool = True, path: str = BENCHMARKS_MD) -> None:
+    """Print a result table and, with `save`, append it to BENCHMARKS.md with the machine and
+    the command."""
     command = "python " + " ".join([os.path.relpath(sys.argv[0], os.path.dirname(path))] + sys.argv[1:])
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     block = (f"\n## {title} ({stamp}, commit {git_revision()})\n\n"
@@ -68,5 +69,6 @@ def record(title: str, table: str, notes: str = "", path: str = BENCHMARKS_MD) -
     if notes:
         block += f"\n{notes}\n"
     print(block)
-    with open(path, "a") as f:
-        f.write(block)
+    if save:
+        with open(path, "a") as f:
+            f.write(block)

@@ -35,10 +35,7 @@ def main() -> None:
     table = markdown_table(["strategy", "network frames", "frames per audio frame"], rows)
     notes = (f"{len(samples)} files, {sum(durations) / 60:.1f} min of audio, mean {durations.mean():.2f} s, "
              f"min {durations.min():.2f} s, max {durations.max():.2f} s; {audio_frames} audio frames.")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        record("Padding overhead (VoiceBank-like lengths)", table, notes)
+    record("Padding overhead (VoiceBank-like lengths)", table, notes, save=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ CONFIGS = {
     "bf16+channels-last": dict(precision="bf16", channels_last=True),
     "bf16+compile": dict(precision="bf16", compile=True),
     "bf16+cuda-graphs": dict(precision="bf16", cuda_graphs=True),
-    "original (768 frames, fp32, batch 8)": dict(precision="fp32", width_bucket=768, batch_size=8,
+    "original (768 frames; fp32; batch 8)": dict(precision="fp32", width_bucket=768, batch_size=8,
                                                   max_batch_frames=None),
 }
 
@@ -139,10 +139,7 @@ def main() -> None:
     notes = (f"Diffiner+ ddim{args.steps}, {len(durations)} files ({audio_seconds:.1f} s of audio), {model_desc}. "
              "Network time only: reading and writing files is overlapped by the CLI's threads and not timed here. "
              "TFLOP/s counts the network's FLOPs (torch.utils.flop_counter) over the timed run.")
-    if args.no_record:
-        print(table + "\n\n" + notes)
-    else:
-        record("Refinement throughput", table, notes)
+    record("Refinement throughput", table, notes, save=not args.no_record)
 
 
 if __name__ == "__main__":

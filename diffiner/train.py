@@ -91,9 +91,10 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--root", required=True, help="folder of clean speech (.wav/.flac, searched recursively)")
     add_dict_to_argparser(parser.add_argument_group("training"), training_defaults(), TRAINING_HELP)
     precision = parser.add_argument_group("precision")
-    add_dict_to_argparser(precision, dict(use_fp16=False, bf16=False),
+    add_dict_to_argparser(precision, dict(use_fp16=False, bf16=False, channels_last=False),
                           dict(use_fp16="float16 autocast with dynamic loss scaling",
-                               bf16="bfloat16 autocast (no loss scaling needed)"))
+                               bf16="bfloat16 autocast (no loss scaling needed)",
+                               channels_last="channels-last memory format for the network"))
     model_defaults = {k: v for k, v in model_and_diffusion_defaults().items() if k != "use_fp16"}
     add_dict_to_argparser(parser.add_argument_group("model and diffusion"), model_defaults)
     return parser
@@ -180,7 +181,7 @@ def train(args: argparse.Namespace) -> TrainLoop:
         fp16_scale_growth=args.fp16_scale_growth,
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps, grad_clip=args.grad_clip,
-        max_steps=args.max_steps, seed=args.seed, log_dir=log_dir,
+        max_steps=args.max_steps, seed=args.seed, log_dir=log_dir, channels_last=args.channels_last,
     )
     data = load_data(
         files, batch_size=args.batch_size, image_size=args.image_size, seq_dur=args.seq_dur, seed=args.seed,

@@ -166,7 +166,7 @@ class TrainLoop:
         resume_checkpoint: str = "", use_fp16: bool = False, bf16: bool = False, fp16_scale_growth: float = 1e-3,
         initial_lg_loss_scale: float = INITIAL_LG_LOSS_SCALE, schedule_sampler: Optional[ScheduleSampler] = None,
         weight_decay: float = 0.0, lr_anneal_steps: int = 0, grad_clip: float = 0.0, max_steps: int = 0,
-        seed: int = 0, metrics: Optional[MetricsLogger] = None,
+        seed: int = 0, metrics: Optional[MetricsLogger] = None, channels_last: bool = False,
     ):
         if use_fp16 and bf16:
             raise ValueError("choose one of use_fp16 and bf16")
@@ -209,7 +209,7 @@ class TrainLoop:
             )
         else:
             self.ddp_model = self.model
-        self.network = NetworkRunner(self.ddp_model, self.precision)
+        self.network = NetworkRunner(self.ddp_model, self.precision, channels_last)
         columns = ["step", "samples", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm",
                    "param_norm", "samples_per_sec", "lr"] + (["lg_loss_scale"] if self.scaler else [])
         self.metrics = MetricsLogger(log_dir, columns=columns) if metrics is None else metrics

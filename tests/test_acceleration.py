@@ -8,9 +8,11 @@ from diffiner.pipeline import Refiner
 
 from conftest import tiny_model_and_diffusion
 
-# Stated tolerances of reduced precision against float32, relative to the output's scale,
-# for the network on its own (measured on the tiny model on CPU: see BENCHMARKS.md).
-TOLERANCE = {"bf16": 5e-2, "fp16": 5e-3}
+# Stated tolerances of reduced precision against float32: the largest output difference relative
+# to the output's largest magnitude, for the network alone. Measured on this tiny model on the
+# CPU: bf16 1.3e-2 with torch 2.13 and 9.2e-2 with torch 1.11 (its CPU autocast keeps more ops
+# in bf16); fp16 1.8e-3 with torch 2.13 (torch 1.11 cannot run fp16 on the CPU).
+TOLERANCE = {"bf16": 1e-1, "fp16": 5e-3}
 
 
 def supports(precision: str) -> bool:

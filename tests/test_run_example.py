@@ -173,7 +173,7 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
         "simple_diffiner": "false", "model_path": "pretrained_diffiner_onVB.pt", "refiner_flags": "",
         "eval_flags": "", "vbd_url": "https://datashare.ed.ac.uk/bitstream/handle/10283/2791",
         "zenodo_url": "https://zenodo.org/record/7988790/files", "download_dir_local": "", "demo": "false",
-        "demo_dir": "exp/demo", "demo_model": os.path.join(ROOT, "demo", "model", "ema_0.9999_demo.pt"),
+        "demo_dir": "exp/demo", "demo_model": os.path.join(ROOT, "demo", "model", "diffiner_demo.pt"),
         "demo_model_flags": "(model_flags.txt next to demo_model)",
     }
     assert run_script(tmp_path, "--no-such-setting", "1").returncode == 2

@@ -22,7 +22,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -32,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import dist_util
+from .audio import atomic_output
 from .data import indexed_generator
 from .logger import MetricsLogger
 from .acceleration import NetworkRunner
@@ -101,16 +101,8 @@ def ema_filename(rate: float, step: int) -> str:
 
 def save_atomic(obj, path: str) -> None:
     """torch.save through a temporary file in the same folder, so no reader sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> float:

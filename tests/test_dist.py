@@ -1,10 +1,7 @@
 """Process groups: single process, torchrun and mpiexec, each training on the CPU with gloo."""
 
-import importlib.util
 import os
-import shutil
 import subprocess
-import sys
 import time
 
 import pytest
@@ -14,9 +11,9 @@ from diffiner import dist_util
 from diffiner.pipeline import load_state_dict
 from diffiner.train import main
 
+from launchers import launcher_env, mpiexec_or_skip, torchrun
 from test_train import TRAIN_FLAGS, make_corpus
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_TIMEOUT_S = 300
 
 # Run under a launcher: train, then save what this rank ended with.
@@ -42,28 +39,6 @@ if info.rank == 1:
     time.sleep(120)
 dist_util.barrier(timeout_s=3)
 """
-
-
-def launcher_env():
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               # Open MPI refuses to start as root without these; other MPIs ignore them.
-               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") + dist_util.MPI_ENV_VARS:
-        env.pop(name, None)
-    return env
-
-
-def torchrun(script, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-            "--master_addr", "127.0.0.1", "--master_port", str(dist_util.find_free_port()), script, *args]
-
-
-def find_mpiexec():
-    """mpiexec of the MPI that mpi4py uses (the mpich wheel puts it beside python), or None."""
-    if importlib.util.find_spec("mpi4py") is None:
-        return None
-    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    return beside if os.path.exists(beside) else shutil.which("mpiexec")
 
 
 @pytest.fixture(autouse=True)
@@ -142,15 +117,7 @@ def test_torchrun_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
 
 
 def test_mpiexec_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
-    mpiexec = find_mpiexec()
-    if mpiexec is None:
-        pytest.skip("needs mpi4py and mpiexec (pip install mpi4py mpich)")
-    probe = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c",
-                            "import sys; from mpi4py import MPI; sys.exit(MPI.COMM_WORLD.Get_size() != 2)"],
-                           env=launcher_env(), capture_output=True, text=True, timeout=120)
-    if probe.returncode:
-        pytest.skip(f"{mpiexec} does not start a 2-process job of mpi4py's MPI: {probe.stderr[-500:]}")
-    train_two_ranks_and_compare(tmp_path, lambda script, *args: [mpiexec, "-n", "2", sys.executable, script, *args])
+    train_two_ranks_and_compare(tmp_path, mpiexec_or_skip())
 
 
 def test_a_stuck_rank_ends_the_job_with_an_error(tmp_path):

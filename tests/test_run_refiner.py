@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import yaml
 from diffiner.run_refiner import main, output_folder_name, parse_etas
 
 from conftest import speech_like, tiny_cli_flags, write_wav
+from launchers import REPO, launcher_env, mpiexec_or_skip, torchrun
 
 
 def make_pair(root, rel, seconds, rate, channels=1, seed=0):
@@ -111,25 +114,21 @@ def test_etas_and_output_folder_name():
         parse_etas("diffiner", [0.1, 0.2, 0.3])
 
 
-def test_two_process_sharded_run_equals_a_single_process_run_bit_for_bit(tmp_path, tiny_checkpoint):
-    import subprocess
-    import sys
-
+@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
+def test_two_process_sharded_run_equals_a_single_process_run_bit_for_bit(tmp_path, tiny_checkpoint, launcher):
+    launch = torchrun if launcher == "torchrun" else mpiexec_or_skip()
     root = str(tmp_path)
     for k, seconds in enumerate([0.4, 1.3, 0.7, 2.1, 0.5, 0.9]):
         make_pair(root, f"s{k % 2}/f{k}.wav", seconds, 16000, seed=k)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(repo, "scripts", "run_refiner.py")
-    common = [script, "--root-noisy", os.path.join(root, "noisy"), "--root-proc", os.path.join(root, "proc"),
+    script = os.path.join(REPO, "scripts", "run_refiner.py")
+    common = ["--root-noisy", os.path.join(root, "noisy"), "--root-proc", os.path.join(root, "proc"),
               "--model-path", tiny_checkpoint, "--no-gpu", "--no-progress", *tiny_cli_flags()]
-    # Both runs use one thread per process: the float summation order then matches exactly.
-    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, *common, "--output-dir", os.path.join(root, "single")],
-                            env=env, capture_output=True, text=True, timeout=300)
+    # Both runs use one thread per process (launcher_env): the float summation order then matches.
+    single = subprocess.run([sys.executable, script, *common, "--output-dir", os.path.join(root, "single")],
+                            env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *common, "--output-dir", os.path.join(root, "sharded")]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(launch(script, *common, "--output-dir", os.path.join(root, "sharded")),
+                            env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "rank 0: refined" in result.stdout and "rank 1: refined" in result.stdout
     summary = json.load(open(os.path.join(root, "sharded", "summary.json")))

@@ -1,0 +1,64 @@
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from diffiner import audio
+
+
+def test_load_audio_gives_channels_first_float32(tmp_path):
+    path = str(tmp_path / "stereo.wav")
+    sf.write(path, np.stack([np.linspace(-0.5, 0.5, 100), np.zeros(100)], axis=1), 22050, subtype="PCM_16")
+    data, rate = audio.load_audio(path)
+    assert rate == 22050 and data.shape == (2, 100) and data.dtype == np.float32
+    assert audio.audio_info(path) == (100, 22050, 2)
+
+
+@pytest.mark.parametrize("content, message", [(b"", "cannot read"), (b"RIFF nonsense", "cannot read")])
+def test_unreadable_files_are_named(tmp_path, content, message):
+    path = tmp_path / "bad.wav"
+    path.write_bytes(content)
+    with pytest.raises(audio.AudioError, match=f"{path}.*{message}"):
+        audio.load_audio(str(path))
+
+
+def test_empty_audio_is_an_error(tmp_path):
+    path = str(tmp_path / "empty.wav")
+    sf.write(path, np.zeros((0, 1)), 16000)
+    with pytest.raises(audio.AudioError, match="zero length"):
+        audio.load_audio(path)
+
+
+@pytest.mark.parametrize("rate_in, rate_out", [(48000, 16000), (8000, 16000), (44100, 16000), (16000, 44100)])
+def test_resample_gives_exactly_the_rounded_length(rate_in, rate_out):
+    x = np.random.default_rng(0).standard_normal((2, 12345)).astype(np.float32)
+    y = audio.resample(x, rate_in, rate_out)
+    assert y.shape == (2, round(12345 * rate_out / rate_in))
+    assert audio.resample(x, rate_in, rate_out, length=999).shape == (2, 999)
+
+
+def test_save_audio_is_atomic_and_leaves_nothing_on_interruption(tmp_path, monkeypatch):
+    path = str(tmp_path / "sub" / "out.wav")
+    audio.save_audio(path, np.full((1, 10), 2.0), 16000)  # clipped, not wrapped around
+    assert sf.read(path)[0].max() == pytest.approx(32767 / 32768)
+    before = open(path, "rb").read()
+
+    def interrupted(*args, **kwargs):
+        with open(args[0], "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audio.sf, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        audio.save_audio(path, np.zeros(10), 16000)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path / "sub") == ["out.wav"]
+
+
+def test_written_files_have_normal_permissions(tmp_path):
+    path = str(tmp_path / "out.txt")
+    audio.write_text_atomic(path, "hello")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask

@@ -28,7 +28,7 @@ from .audio import MODEL_SAMPLE_RATE, AudioError, audio_info, fit_length, load_a
 from .files import is_inside, pair_files
 from .pipeline import Prepared, Refiner
 from .refiner import DEFAULT_ETAS
-from .script_util import add_dict_to_argparser, model_and_diffusion_defaults
+from .script_util import add_dict_to_argparser, flag_spellings, model_and_diffusion_defaults
 from . import spectrogram
 
 logger = logging.getLogger(__name__)
@@ -207,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
 
     def both(name, **kwargs):
-        spellings = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
-        add(*spellings, dest=name.replace("-", "_"), **kwargs)
+        dest = name.replace("-", "_")
+        add(*flag_spellings(dest), dest=dest, **kwargs)
 
     both("root-noisy", required=True, help="folder of noisy recordings (searched recursively)")
     both("root-proc", default=None, help="folder of the SE model's outputs, same relative paths "

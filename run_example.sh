@@ -22,7 +22,7 @@ settings=(
     "stage|N|first stage to run (0-3)"
     "stop_stage|N|last stage to run (0-3)"
     "id|N|GPU index for the refiner; negative runs on the CPU; auto: 0 when CUDA is available, else -1"
-    "simple_diffiner||also refine with Diffiner, not only Diffiner+ (environment: simple_diffiner=true)"
+    "simple_diffiner||also refine with Diffiner, not only Diffiner+ (environment: simple_diffiner=true; the demo does both unless simple_diffiner=false)"
     "model_path|FILE|checkpoint for the VoiceBank+DEMAND run; stage 0 downloads the published one here"
     "refiner_flags|FLAGS|extra flags for scripts/run_refiner.py, e.g. '--timestep-respacing ddim50'"
     "eval_flags|FLAGS|extra flags for scripts/evaluate.py, e.g. '--workers 4'"
@@ -39,7 +39,7 @@ python_path="${python_path:-python3}"
 stage="${stage:-0}"
 stop_stage="${stop_stage:-3}"
 id="${id:-auto}"
-simple_diffiner="${simple_diffiner:-false}"
+simple_diffiner="${simple_diffiner:-auto}"  # auto: true for the demo, false otherwise
 model_path="${model_path:-pretrained_diffiner_onVB.pt}"
 refiner_flags="${refiner_flags:-}"
 eval_flags="${eval_flags:-}"
@@ -102,6 +102,9 @@ done
 
 [[ "$stage" =~ ^[0-9]+$ && "$stop_stage" =~ ^[0-9]+$ ]] || die "stage and stop_stage must be integers 0-3"
 [[ "$id" == auto || "$id" =~ ^-?[0-9]+$ ]] || die "id must be an integer or auto, got '$id'"
+if [[ "$simple_diffiner" == auto ]]; then
+    simple_diffiner="$demo"
+fi
 for flag in demo simple_diffiner; do
     [[ "${!flag}" == true || "${!flag}" == false ]] || die "$flag must be true or false, got '${!flag}'"
 done

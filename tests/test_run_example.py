@@ -170,7 +170,7 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
               for line, nxt in zip(lines, lines[1:]) if line.startswith("  --") and nxt.strip().startswith("[now:")}
     assert values == {
         "vbd_dir": "data", "python_path": sys.executable, "stage": "2", "stop_stage": "3", "id": "auto",
-        "simple_diffiner": "false", "model_path": "pretrained_diffiner_onVB.pt", "refiner_flags": "",
+        "simple_diffiner": "auto", "model_path": "pretrained_diffiner_onVB.pt", "refiner_flags": "",
         "eval_flags": "", "vbd_url": "https://datashare.ed.ac.uk/bitstream/handle/10283/2791",
         "zenodo_url": "https://zenodo.org/record/7988790/files", "download_dir_local": "", "demo": "false",
         "demo_dir": "exp/demo", "demo_model": os.path.join(ROOT, "demo", "model", "diffiner_demo.pt"),

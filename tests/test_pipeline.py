@@ -102,3 +102,15 @@ def test_from_checkpoint_loads_and_names_mismatched_settings(tiny_checkpoint):
         Refiner.from_checkpoint(tiny_checkpoint, device="cpu", model_settings=dict(TINY, num_channels=64))
     torch.save({"module." + k: v for k, v in torch.load(tiny_checkpoint).items()}, tiny_checkpoint)
     Refiner.from_checkpoint(tiny_checkpoint, device="cpu", timestep_respacing="ddim4", model_settings=TINY)
+
+
+def test_frame_budget_sizes_batches_per_width():
+    refiner = make_refiner(batch_size=2, max_batch_frames=100)
+    assert refiner.batch_size_for(16) == 6 and refiner.batch_size_for(48) == 2 and refiner.batch_size_for(200) == 1
+    prepared = [refiner.prepare(*pair(seconds, seed), 16000) for seed, seconds in
+                enumerate([0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.7, 0.7, 0.7])]
+    segments = [p.segments[0] for p in prepared]
+    batches = refiner.plan_batches(segments)
+    assert sorted(len(b) for b in batches) == sorted([6, 1, 2, 1])
+    assert all(len({segments[i].width for i in batch}) == 1 for batch in batches)
+    assert all(sum(segments[i].width for i in batch) <= 100 for batch in batches)

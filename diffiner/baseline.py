@@ -107,10 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ImportError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for rel, reason in sorted(result.failed.items()):
-        print(f"FAILED {rel}: {reason}", file=sys.stderr)
-    print(f"{args.name} outputs in {args.output}: {result.describe()}")
-    return 1 if result.failed else 0
+    return result.report(f"{args.name} outputs in {args.output}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,13 @@ class FolderResult:
     def describe(self) -> str:
         return f"{len(self.written)} written, {len(self.skipped)} already there, {len(self.failed)} failed"
 
+    def report(self, headline: str) -> int:
+        """Print each failure (stderr) and `headline: counts`; return the exit status (1: failures)."""
+        for rel, reason in sorted(self.failed.items()):
+            print(f"FAILED {rel}: {reason}", file=sys.stderr)
+        print(f"{headline}: {self.describe()}")
+        return 1 if self.failed else 0
+
 
 def convert_folder(in_root: str, out_root: str, convert: Conversion, overwrite: bool = False,
                    subtype: str = "PCM_16") -> FolderResult:
@@ -103,10 +110,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for rel, reason in sorted(result.failed.items()):
-        print(f"FAILED {rel}: {reason}", file=sys.stderr)
-    print(f"resampled to {args.rate} Hz in {args.output}: {result.describe()}")
-    return 1 if result.failed else 0
+    return result.report(f"resampled to {args.rate} Hz in {args.output}")
 
 
 if __name__ == "__main__":

@@ -362,9 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .baseline import baseline_folder
 
             made = baseline_folder(args.baseline, args.root_noisy, args.root_proc, overwrite=args.overwrite)
-            print(f"baseline {args.baseline}: {made.describe()}")
-            for rel, reason in sorted(made.failed.items()):
-                print(f"FAILED (baseline) {rel}: {reason}", file=sys.stderr)
+            made.report(f"baseline {args.baseline} in {args.root_proc}")
         dist_util.barrier()
     try:
         refiner, model_settings = build_refiner(args, method, etas, device)

@@ -151,37 +151,19 @@ class GaussianDiffusion:
         return mean, variance, log_variance
 
     # ----- reverse process -----
-    def p_mean_variance(self, model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False,
-                        denoised_fn: Optional[Callable] = None, model_kwargs: Optional[Dict[str, Any]] = None
-                        ) -> Dict[str, torch.Tensor]:
-        """Apply the network to get p(x_{t-1} | x_t) and the prediction of x_0.
+    def predict_start(self, model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False,
+                      denoised_fn: Optional[Callable] = None, model_kwargs: Optional[Dict[str, Any]] = None
+                      ) -> Dict[str, torch.Tensor]:
+        """One network call: the prediction of x_0 and the noise it implies, in float32.
 
-        Returns a dict with mean, variance, log_variance, pred_xstart and eps (the noise the
-        network's prediction implies), all in float32.
+        Returns pred_xstart, eps, model_output (the mean part of the output) and var_values
+        (the variance part, None unless the variance is learned). Samplers that need no
+        reverse-process variance (DDIM, the refiner) use this directly.
         """
-        model_kwargs = model_kwargs or {}
-        channels = x.shape[1]
-        model_output = model(x, self._scale_timesteps(t), **model_kwargs).float()
-
+        model_output = model(x, self._scale_timesteps(t), **(model_kwargs or {})).float()
+        var_values = None
         if self.model_var_type in (ModelVarType.LEARNED, ModelVarType.LEARNED_RANGE):
-            model_output, var_values = torch.split(model_output, channels, dim=1)
-            if self.model_var_type == ModelVarType.LEARNED:
-                log_variance = var_values
-            else:
-                min_log = extract(self.posterior_log_variance_clipped, t, x.shape)
-                max_log = extract(np.log(self.betas), t, x.shape)
-                frac = (var_values + 1) / 2  # the network outputs [-1, 1]
-                log_variance = frac * max_log + (1 - frac) * min_log
-            variance = torch.exp(log_variance)
-        else:
-            if self.model_var_type == ModelVarType.FIXED_LARGE:
-                # beta_t, except at t=0 where the posterior variance gives a better decoder.
-                var_arr = np.append(self.posterior_variance[1], self.betas[1:])
-                log_var_arr = np.log(var_arr)
-            else:
-                var_arr, log_var_arr = self.posterior_variance, self.posterior_log_variance_clipped
-            variance = extract(var_arr, t, x.shape) * torch.ones_like(x)
-            log_variance = extract(log_var_arr, t, x.shape) * torch.ones_like(x)
+            model_output, var_values = torch.split(model_output, x.shape[1], dim=1)
 
         def process_xstart(x0):
             if denoised_fn is not None:
@@ -190,19 +172,44 @@ class GaussianDiffusion:
 
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
             pred_xstart = process_xstart(self._predict_xstart_from_xprev(x, t, model_output))
-            mean = model_output
+        elif self.model_mean_type == ModelMeanType.START_X:
+            pred_xstart = process_xstart(model_output)
         else:
-            if self.model_mean_type == ModelMeanType.START_X:
-                pred_xstart = process_xstart(model_output)
-            else:
-                pred_xstart = process_xstart(self._predict_xstart_from_eps(x, t, model_output))
-            mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
+            pred_xstart = process_xstart(self._predict_xstart_from_eps(x, t, model_output))
         if self.model_mean_type == ModelMeanType.EPSILON and not clip_denoised and denoised_fn is None:
             eps = model_output
         else:
             eps = self._predict_eps_from_xstart(x, t, pred_xstart)
-        return {"mean": mean, "variance": variance, "log_variance": log_variance,
-                "pred_xstart": pred_xstart, "eps": eps}
+        return {"pred_xstart": pred_xstart, "eps": eps, "model_output": model_output, "var_values": var_values}
+
+    def p_mean_variance(self, model, x: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False,
+                        denoised_fn: Optional[Callable] = None, model_kwargs: Optional[Dict[str, Any]] = None
+                        ) -> Dict[str, torch.Tensor]:
+        """Apply the network to get p(x_{t-1} | x_t) and the prediction of x_0.
+
+        Returns a dict with mean, variance, log_variance, pred_xstart and eps (the noise the
+        network's prediction implies), all in float32.
+        """
+        out = self.predict_start(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        if self.model_var_type == ModelVarType.LEARNED:
+            log_variance = out["var_values"]
+        elif self.model_var_type == ModelVarType.LEARNED_RANGE:
+            min_log = extract(self.posterior_log_variance_clipped, t, x.shape)
+            max_log = extract(np.log(self.betas), t, x.shape)
+            frac = (out["var_values"] + 1) / 2  # the network outputs [-1, 1]
+            log_variance = frac * max_log + (1 - frac) * min_log
+        elif self.model_var_type == ModelVarType.FIXED_LARGE:
+            # beta_t, except at t=0 where the posterior variance gives a better decoder.
+            log_variance = extract(np.log(np.append(self.posterior_variance[1], self.betas[1:])), t, x.shape)
+        else:
+            log_variance = extract(self.posterior_log_variance_clipped, t, x.shape)
+        log_variance = log_variance.expand(x.shape)
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            mean = out["model_output"]
+        else:
+            mean, _, _ = self.q_posterior_mean_variance(out["pred_xstart"], x, t)
+        return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
+                "pred_xstart": out["pred_xstart"], "eps": out["eps"]}
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
         return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
@@ -239,7 +246,7 @@ class GaussianDiffusion:
     def ddim_sample(self, model, x, t, clip_denoised=False, denoised_fn=None, model_kwargs=None,
                     eta: float = 0.0, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
         """One DDIM step (Song et al. 2021); eta=0 is deterministic, eta=1 matches DDPM's variance."""
-        out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
+        out = self.predict_start(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         eps = out["eps"]
         alpha_bar = extract(self.alphas_cumprod, t, x.shape)
         alpha_bar_prev = extract(self.alphas_cumprod_prev, t, x.shape)

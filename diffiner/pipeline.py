@@ -14,7 +14,7 @@ This is the one code path shared by the Python API and `scripts/run_refiner.py`:
 import hashlib
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -52,7 +52,6 @@ class Prepared:
     samples: int  # length at 16 kHz
     sample_rate: int  # the caller's sample rate
     input_samples: int  # length at the caller's sample rate
-    meta: Dict = field(default_factory=dict)
 
 
 def segment_seed(seed: int, key: str, channel: int, index: int) -> int:
@@ -119,6 +118,23 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
+def load_model(model_path: str, model_settings: Optional[Dict] = None):
+    """(model, diffusion) built from `model_settings` (defaults: the published configuration)
+    with the weights at `model_path`; ValueError naming the file when they do not fit."""
+    settings = model_and_diffusion_defaults()
+    settings.update(model_settings or {})
+    model, diffusion = create_model_and_diffusion(**settings)
+    try:
+        model.load_state_dict(load_state_dict(model_path), strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{model_path}: the weights do not fit the model settings "
+            f"(image_size={settings['image_size']}, num_channels={settings['num_channels']}, "
+            f"num_res_blocks={settings['num_res_blocks']}, ...): {exc}"
+        ) from exc
+    return model, diffusion
+
+
 class Refiner:
     """A loaded model plus refinement settings: refines pairs of recordings.
 
@@ -163,19 +179,8 @@ class Refiner:
                         model_settings: Optional[Dict] = None, **refiner_settings) -> "Refiner":
         """Build the network from `model_settings` (defaults: the published configuration),
         load the weights at `model_path`, and wrap it with the given refinement settings."""
-        settings = model_and_diffusion_defaults()
-        settings.update(model_settings or {})
-        settings["timestep_respacing"] = timestep_respacing
-        model, diffusion = create_model_and_diffusion(**settings)
-        state = load_state_dict(model_path)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"{model_path}: the weights do not fit the model settings "
-                f"(image_size={settings['image_size']}, num_channels={settings['num_channels']}, "
-                f"num_res_blocks={settings['num_res_blocks']}, ...): {exc}"
-            ) from exc
+        settings = dict(model_settings or {}, timestep_respacing=timestep_respacing)
+        model, diffusion = load_model(model_path, settings)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(model, diffusion, device=device, **refiner_settings)

@@ -151,7 +151,7 @@ def refine(model, diffusion: GaussianDiffusion, noisy: torch.Tensor, noise_map: 
     for i in tqdm(steps, disable=not progress, desc=method, leave=False):
         t = torch.full((y.shape[0],), i, device=y.device, dtype=torch.long)
         with torch.no_grad():
-            out = diffusion.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
+            out = diffusion.predict_start(model, x, t, clip_denoised=clip_denoised)
         alpha_bar_prev = float(diffusion.alphas_cumprod_prev[i])
         a, s = math.sqrt(alpha_bar_prev), math.sqrt(1.0 - alpha_bar_prev)
         # The last step adds no noise (s = 0): skip the draw, it would be multiplied by zero.

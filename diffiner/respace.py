@@ -62,8 +62,8 @@ class SpacedDiffusion(GaussianDiffusion):
         """The base-process index of respaced index `t`."""
         return torch.from_numpy(self.timestep_map).to(t.device)[t]
 
-    def p_mean_variance(self, model, *args, **kwargs):
-        return super().p_mean_variance(self._wrap_model(model), *args, **kwargs)
+    def predict_start(self, model, *args, **kwargs):
+        return super().predict_start(self._wrap_model(model), *args, **kwargs)
 
     def training_losses(self, model, *args, **kwargs):
         return super().training_losses(self._wrap_model(model), *args, **kwargs)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from typing import List, Optional, Sequence
@@ -20,8 +19,8 @@ from tqdm.auto import tqdm
 from . import dist_util
 from .audio import MODEL_SAMPLE_RATE, save_audio
 from .data import STREAM_SAMPLING, indexed_generator
-from .pipeline import load_state_dict
-from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+from .pipeline import load_model, padded_width
+from .script_util import add_dict_to_argparser, args_to_dict, model_and_diffusion_defaults
 from .spectrogram import NUM_BINS, num_frames, spec_to_wave
 
 logger = logging.getLogger(__name__)
@@ -94,17 +93,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     device = torch.device(args.device) if args.device and not info.distributed else info.device
     try:
-        model, diffusion = create_model_and_diffusion(**args_to_dict(args, model_and_diffusion_defaults()))
         try:
-            model.load_state_dict(load_state_dict(args.model_path), strict=True)
-        except RuntimeError as exc:
-            print(f"error: {args.model_path}: the weights do not fit the model settings: {exc}", file=sys.stderr)
+            model, diffusion = load_model(args.model_path, args_to_dict(args, model_and_diffusion_defaults()))
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 2
         model.to(device).eval()
 
         samples = int(round(args.seconds * MODEL_SAMPLE_RATE))
-        multiple = model.downsample_factor
-        frames = multiple * math.ceil(num_frames(samples) / multiple)
+        frames = padded_width(samples, model.downsample_factor, samples)
         mine: List[int] = list(range(info.rank, args.num_samples, info.world_size))
         batches = [mine[lo:lo + args.batch_size] for lo in range(0, len(mine), args.batch_size)]
         for indices in tqdm(batches, desc="sampling", unit="batch", disable=not dist_util.is_main()):

@@ -268,8 +268,8 @@ run_vbd() {
     fi
     if run_stage 1; then
         echo "Stage 1: resampling the test sets to 16 kHz"
-        "$python_path" -m diffiner.resample_folder "$noisy48" "$noisy16" --rate 16000
-        "$python_path" -m diffiner.resample_folder "$clean48" "$clean16" --rate 16000
+        "$python_path" -m diffiner.commands.resample_audio "$noisy48" "$noisy16" --rate 16000
+        "$python_path" -m diffiner.commands.resample_audio "$clean48" "$clean16" --rate 16000
     fi
     if run_stage 2; then
         echo "Stage 2: refining the DCUnet outputs in $dcunet"
@@ -293,8 +293,8 @@ run_demo() {
     fi
     if run_stage 1; then
         echo "Stage 1: making the noisy set and the noisereduce baseline's outputs in $demo_dir"
-        "$python_path" -m diffiner.demo_data "$clean" "$noisy"
-        "$python_path" -m diffiner.baseline "$noisy" "$baseline" --name noisereduce
+        "$python_path" -m diffiner.commands.make_noisy_set "$clean" "$noisy"
+        "$python_path" -m diffiner.commands.enhance "$noisy" "$baseline" --name noisereduce
     fi
     if run_stage 2; then
         echo "Stage 2: refining the noisereduce outputs with the demo model"

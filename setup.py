@@ -27,10 +27,12 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "diffiner-refine=diffiner.run_refiner:main",
-            "diffiner-train=diffiner.train:main",
-            "diffiner-sample=diffiner.sample:main",
-            "diffiner-evaluate=diffiner.evaluate:main",
+            "diffiner-refine=diffiner.commands.refine:main",
+            "diffiner-train=diffiner.commands.train:main",
+            "diffiner-sample=diffiner.commands.sample_prior:main",
+            "diffiner-evaluate=diffiner.commands.evaluate:main",
+            "diffiner-enhance=diffiner.commands.enhance:main",
+            "diffiner-resample=diffiner.commands.resample_audio:main",
         ]
     },
 )

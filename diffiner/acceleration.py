@@ -1,19 +1,71 @@
 """How the network is executed: precision, memory format, compilation, batch memory budget.
 
-None of this changes the diffusion arithmetic: whatever runs inside, the wrapper hands float32
-back, so alphas, the refiner update and the noise map always stay in float32.
+The one place where precision is decided, for refining, training and sampling alike: the
+network itself always computes in whatever dtype it is handed, and `NetworkRunner` calls it under
+autocast. None of this changes the diffusion arithmetic: the runner hands float32 back, so
+alphas, the refiner update and the noise map always stay in float32.
 """
 
+import contextlib
 import logging
-from typing import Optional
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import torch
-
-from .nn import autocast
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ExecutionSettings:
+    """How to run the network: precision ("fp32", "bf16", "fp16"), memory format, compilation.
+
+    `cuda_graphs` captures each step's network call as a CUDA graph through
+    torch.compile(mode="reduce-overhead"), so it implies `compile`.
+    """
+
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+
+    @property
+    def compiled(self) -> bool:
+        return self.compile or self.cuda_graphs
+
+
+@contextlib.contextmanager
+def autocast(device_type: str, dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """torch.autocast to `dtype`, or nothing for None/float32.
+
+    Raises ValueError when this torch cannot autocast to `dtype` on `device_type` (torch itself
+    only warns and silently runs in float32), so a user asking for bf16/fp16 never gets float32
+    without knowing.
+    """
+    if dtype is None or dtype == torch.float32:
+        yield
+        return
+    if not hasattr(torch, "autocast"):
+        raise ValueError(f"this torch ({torch.__version__}) has no torch.autocast")
+    with warnings.catch_warnings():
+        # torch says it is "disabling" autocast (the wording varies by version) and runs float32.
+        warnings.filterwarnings("error", message="(?s).*([Aa]utocast|[Dd]isabling).*", category=UserWarning)
+        try:
+            context = torch.autocast(device_type=device_type, dtype=dtype)
+            context.__enter__()
+        except (RuntimeError, UserWarning) as exc:
+            raise ValueError(f"autocast to {dtype} is not supported on {device_type}: {exc}") from exc
+    try:
+        yield
+    finally:
+        context.__exit__(None, None, None)
 
 
 class NetworkRunner(torch.nn.Module):
@@ -36,19 +88,13 @@ class NetworkRunner(torch.nn.Module):
             return self.model(x, timesteps).float().contiguous()
 
 
-def build_runner(model: torch.nn.Module, precision: str = "fp32", channels_last: bool = False,
-                 compile: bool = False, cuda_graphs: bool = False):
-    """The callable the sampler uses for the network, with the requested accelerations.
-
-    `cuda_graphs` captures each step's network call as a CUDA graph through
-    torch.compile(mode="reduce-overhead"), so it implies `compile`.
-    """
-    runner = NetworkRunner(model, precision, channels_last)
-    if compile or cuda_graphs:
+def build_runner(model: torch.nn.Module, settings: ExecutionSettings = ExecutionSettings()):
+    """The callable the sampler uses for the network, with the requested accelerations."""
+    runner = NetworkRunner(model, settings.precision, settings.channels_last)
+    if settings.compiled:
         if not hasattr(torch, "compile"):
             raise ValueError(f"--compile needs torch >= 2.0 (this is {torch.__version__})")
-        mode = "reduce-overhead" if cuda_graphs else None
-        return torch.compile(runner, mode=mode)
+        return torch.compile(runner, mode="reduce-overhead" if settings.cuda_graphs else None)
     return runner
 
 

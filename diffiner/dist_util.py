@@ -181,15 +181,6 @@ def sync_params(params: Iterable[torch.Tensor]) -> None:
             dist.broadcast(p.data, src=0)
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of `tensor` over ranks (a new tensor; the input is left alone)."""
-    if not is_distributed():
-        return tensor.clone()
-    out = tensor.detach().clone()
-    dist.all_reduce(out)
-    return out / get_world_size()
-
-
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's `tensor` along dim 0, in rank order; sizes may differ by rank."""
     if not is_distributed():

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .losses import gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
+from .seeding import Generators, randn
 
 
 class ModelMeanType(enum.Enum):
@@ -229,10 +230,10 @@ class GaussianDiffusion:
         return t
 
     def p_sample(self, model, x, t, clip_denoised=False, denoised_fn=None, model_kwargs=None,
-                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+                 generator: Generators = None) -> Dict[str, torch.Tensor]:
         """One ancestral step x_t -> x_{t-1}; no noise is added at t=0."""
         out = self.p_mean_variance(model, x, t, clip_denoised, denoised_fn, model_kwargs)
-        noise = randn_like(x, generator)
+        noise = randn(x.shape, x.device, generator)
         nonzero = (t != 0).float().reshape(-1, *([1] * (x.ndim - 1)))
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -244,7 +245,7 @@ class GaussianDiffusion:
                           clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs)
 
     def ddim_sample(self, model, x, t, clip_denoised=False, denoised_fn=None, model_kwargs=None,
-                    eta: float = 0.0, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+                    eta: float = 0.0, generator: Generators = None) -> Dict[str, torch.Tensor]:
         """One DDIM step (Song et al. 2021); eta=0 is deterministic, eta=1 matches DDPM's variance."""
         out = self.predict_start(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         eps = out["eps"]
@@ -255,7 +256,7 @@ class GaussianDiffusion:
         mean_pred = (out["pred_xstart"] * torch.sqrt(alpha_bar_prev)
                      + torch.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps)
         nonzero = (t != 0).float().reshape(-1, *([1] * (x.ndim - 1)))
-        sample = mean_pred + nonzero * sigma * randn_like(x, generator)
+        sample = mean_pred + nonzero * sigma * randn(x.shape, x.device, generator)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample_loop(self, model, shape, noise=None, clip_denoised=False, denoised_fn=None,
@@ -322,26 +323,3 @@ class GaussianDiffusion:
             gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
         ) / np.log(2.0)
         return {"output": torch.where(t == 0, decoder_nll, kl), "pred_xstart": out["pred_xstart"]}
-
-    def prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
-        """KL(q(x_T | x_0) || N(0, I)) in bits per dimension: how well the chain ends at noise."""
-        t = torch.full((x_start.shape[0],), self.num_timesteps - 1, device=x_start.device, dtype=torch.long)
-        mean, _, log_variance = self.q_mean_variance(x_start, t)
-        return mean_flat(normal_kl(mean, log_variance, torch.zeros_like(mean), torch.zeros_like(mean))) / np.log(2.0)
-
-
-def randn(shape, device, generator) -> torch.Tensor:
-    """Gaussian noise of `shape`; `generator` is one torch.Generator or a list, one per batch item."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        return torch.stack([
-            torch.randn(tuple(shape[1:]), generator=g, device=g.device).to(device) for g in generator
-        ])
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gen_device).to(device)
-
-
-def randn_like(x: torch.Tensor, generator) -> torch.Tensor:
-    return randn(x.shape, x.device, generator)
-

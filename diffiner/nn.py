@@ -1,10 +1,8 @@
 """Small building blocks shared by the network and the diffusion code."""
 
-import contextlib
 import inspect
 import math
-import warnings
-from typing import Iterable, Iterator, Optional
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -27,13 +25,13 @@ def normalization(channels: int) -> nn.Module:
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
-    """A 1D, 2D or 3D convolution."""
-    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](*args, **kwargs)
+    """A 1D convolution (attention projections) or a 2D one (everything else)."""
+    return {1: nn.Conv1d, 2: nn.Conv2d}[dims](*args, **kwargs)
 
 
 def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
-    """A 1D, 2D or 3D average pooling."""
-    return {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims](*args, **kwargs)
+    """A 1D or 2D average pooling."""
+    return {1: nn.AvgPool1d, 2: nn.AvgPool2d}[dims](*args, **kwargs)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -77,30 +75,3 @@ def checkpoint(func, inputs: tuple, params: Iterable[torch.Tensor], flag: bool):
 _CHECKPOINT_KWARGS = (
     {"use_reentrant": False} if "use_reentrant" in inspect.signature(torch_checkpoint).parameters else {}
 )
-
-
-@contextlib.contextmanager
-def autocast(device_type: str, dtype: Optional[torch.dtype]) -> Iterator[None]:
-    """torch.autocast to `dtype`, or nothing for None/float32.
-
-    Raises ValueError when this torch cannot autocast to `dtype` on `device_type` (torch itself
-    only warns and silently runs in float32), so a user asking for bf16/fp16 never gets float32
-    without knowing.
-    """
-    if dtype is None or dtype == torch.float32:
-        yield
-        return
-    if not hasattr(torch, "autocast"):
-        raise ValueError(f"this torch ({torch.__version__}) has no torch.autocast")
-    with warnings.catch_warnings():
-        # torch says it is "disabling" autocast (the wording varies by version) and runs float32.
-        warnings.filterwarnings("error", message="(?s).*([Aa]utocast|[Dd]isabling).*", category=UserWarning)
-        try:
-            context = torch.autocast(device_type=device_type, dtype=dtype)
-            context.__enter__()
-        except (RuntimeError, UserWarning) as exc:
-            raise ValueError(f"autocast to {dtype} is not supported on {device_type}: {exc}") from exc
-    try:
-        yield
-    finally:
-        context.__exit__(None, None, None)

@@ -1,32 +1,107 @@
 """Refining recordings: from (noisy, processed) waveforms to refined waveforms.
 
-This is the one code path shared by the Python API and `scripts/run_refiner.py`:
+This is the one code path shared by the Python API, the folder command and the benchmarks:
 
 1. `Refiner.prepare` turns a pair of recordings into segments: per channel, and for long
    recordings overlapping windows of at most `max_dur` seconds; each segment's spectrogram is
    padded only to the network's multiple (32 frames for the published model).
-2. `Refiner.run_segments` refines segments of equal width together in batches. Every segment
-   has its own random generator, seeded from the seed and the segment's key, so its result does
-   not depend on which other segments share its batch.
+2. `Refiner.plan_batches` groups segments of equal width into batches, and `Refiner.run_batch`
+   refines one batch. Every segment has its own random generator, seeded from the seed and the
+   segment's identity, so its result does not depend on which other segments share its batch.
+   `Refiner.refine_stream` does the same for recordings that arrive one by one (a folder).
 3. `Refiner.assemble` joins segments with a normalised cross-fade and trims to the input length.
+
+In the diffusers sense, `refiner.refine` is the scheduler-and-sampler, the UNet is the model and
+`Refiner` is the pipeline around them.
 """
 
-import hashlib
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .acceleration import build_runner, estimate_max_batch_frames
-from .audio import MODEL_SAMPLE_RATE, resample
+from .acceleration import ExecutionSettings, build_runner, estimate_max_batch_frames
+from .audio.io import MODEL_SAMPLE_RATE, resample
+from .checkpoints import load_model
 from .refiner import refine, resolve_etas
-from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from .seeding import derive_seed, torch_generator
 from .spectrogram import noise_map, num_frames, spec_to_wave, wave_to_spec
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """Which reverse process runs and with which etas (None: the paper's default for the method)."""
+
+    method: str = "diffiner+"
+    eta_a: Optional[float] = None
+    eta_b: Optional[float] = None
+    eta_c: Optional[float] = None
+    eta_d: Optional[float] = None
+    clip_denoised: bool = False
+
+    def __post_init__(self):
+        self.etas  # validates: unknown method, etas out of range or not used by the method
+
+    @property
+    def etas(self) -> Dict[str, float]:
+        """The etas the method uses: the given ones, the paper's defaults for the rest."""
+        return resolve_etas(self.method, self.eta_a, self.eta_b, self.eta_c, self.eta_d)
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """How long recordings are cut: windows of `max_dur` seconds overlapping by `segment_overlap`."""
+
+    max_dur: float = 10.0
+    segment_overlap: float = 1.0
+
+    def __post_init__(self):
+        if not (self.max_dur > 0 and 0 <= self.segment_overlap < self.max_dur):
+            raise ValueError(f"need max_dur > segment_overlap >= 0, got {self.max_dur} and {self.segment_overlap}")
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How segments are grouped: `batch_size` per batch, or a budget of `max_batch_frames`
+    spectrogram frames per batch; widths are padded to `width_bucket` (default: the network's
+    multiple, or 128 frames when compiled, so that a compiled network sees few shapes)."""
+
+    batch_size: int = 8
+    max_batch_frames: Optional[int] = None
+    width_bucket: Optional[int] = None
+
+    def __post_init__(self):
+        if self.batch_size < 1 or (self.max_batch_frames is not None and self.max_batch_frames < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.max_batch_frames}")
+
+
+@dataclass(frozen=True)
+class RefinerSettings:
+    """Everything that shapes a Refiner's work, one group per concern."""
+
+    method: MethodSettings = MethodSettings()
+    segmenting: SegmentSettings = SegmentSettings()
+    batching: BatchSettings = BatchSettings()
+    execution: ExecutionSettings = ExecutionSettings()
+
+    @classmethod
+    def from_flat(cls, **settings: Any) -> "RefinerSettings":
+        """Settings from flat keywords (method=..., eta_a=..., max_dur=..., precision=...), each
+        routed to the group that has it; TypeError for a keyword no group has."""
+        groups = {}
+        for field in dataclasses.fields(cls):
+            names = {f.name for f in dataclasses.fields(field.type)}
+            groups[field.name] = field.type(**{k: settings.pop(k) for k in list(settings) if k in names})
+        if settings:
+            raise TypeError(f"unknown refiner settings: {sorted(settings)}")
+        return cls(**groups)
+
 
 @dataclass
 class Segment:
@@ -55,9 +130,9 @@ class Prepared:
 
 
 def segment_seed(seed: int, key: str, channel: int, index: int) -> int:
-    """A 63-bit seed that depends only on the run's seed and the segment's identity."""
-    digest = hashlib.sha256(f"{seed}\x00{key}\x00{channel}\x00{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    """A seed that depends only on the run's seed and the segment's identity (recording key,
+    channel, window number)."""
+    return derive_seed(seed, key, channel, index)
 
 
 def segment_bounds(samples: int, max_samples: int, overlap: int) -> List[Tuple[int, int]]:
@@ -104,37 +179,6 @@ def crossfade_join(chunks: Sequence[np.ndarray], bounds: Sequence[Tuple[int, int
     return (out / total).astype(np.float32)
 
 
-def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Read a plain state dict (as published, or as written by training), on the CPU.
-
-    Accepts files saved from a DistributedDataParallel-wrapped model ("module." prefix).
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except TypeError:  # torch < 1.13 has no weights_only
-        state = torch.load(path, map_location="cpu")
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-
-
-def load_model(model_path: str, model_settings: Optional[Dict] = None):
-    """(model, diffusion) built from `model_settings` (defaults: the published configuration)
-    with the weights at `model_path`; ValueError naming the file when they do not fit."""
-    settings = model_and_diffusion_defaults()
-    settings.update(model_settings or {})
-    model, diffusion = create_model_and_diffusion(**settings)
-    try:
-        model.load_state_dict(load_state_dict(model_path), strict=True)
-    except RuntimeError as exc:
-        raise ValueError(
-            f"{model_path}: the weights do not fit the model settings "
-            f"(image_size={settings['image_size']}, num_channels={settings['num_channels']}, "
-            f"num_res_blocks={settings['num_res_blocks']}, ...): {exc}"
-        ) from exc
-    return model, diffusion
-
-
 class Refiner:
     """A loaded model plus refinement settings: refines pairs of recordings.
 
@@ -142,48 +186,50 @@ class Refiner:
 
         refiner = Refiner.from_checkpoint("pretrained_diffiner_onVB.pt")
         refined = refiner.refine(noisy, processed, sample_rate=16000)
+
+    Settings come as a `RefinerSettings`, or as flat keywords (`method="diffiner"`,
+    `eta_a=0.5`, `precision="bf16"`, ...), the names of the command-line flags.
     """
 
-    def __init__(self, model: torch.nn.Module, diffusion, *, method: str = "diffiner+",
-                 eta_a: Optional[float] = None, eta_b: Optional[float] = None,
-                 eta_c: Optional[float] = None, eta_d: Optional[float] = None,
-                 clip_denoised: bool = False, max_dur: float = 10.0, segment_overlap: float = 1.0,
-                 batch_size: int = 8, max_batch_frames: Optional[int] = None, precision: str = "fp32",
-                 channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False,
-                 width_bucket: Optional[int] = None, device=None):
-        self.etas = resolve_etas(method, eta_a, eta_b, eta_c, eta_d)
-        if max_dur <= 0 or segment_overlap < 0 or segment_overlap >= max_dur:
-            raise ValueError(f"need max_dur > segment_overlap >= 0, got {max_dur} and {segment_overlap}")
-        if batch_size < 1 or (max_batch_frames is not None and max_batch_frames < 1):
-            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {max_batch_frames}")
+    def __init__(self, model: torch.nn.Module, diffusion, settings: Optional[RefinerSettings] = None, *,
+                 device=None, **flat_settings: Any):
+        if flat_settings and settings is not None:
+            raise TypeError("give settings as a RefinerSettings or as keywords, not both")
+        self.settings = settings or RefinerSettings.from_flat(**flat_settings)
+        self.etas = self.settings.method.etas
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
-        self.network = build_runner(self.model, precision, channels_last, compile, cuda_graphs)
+        self.network = build_runner(self.model, self.settings.execution)
         self.diffusion = diffusion
-        self.method = method
-        self.precision = precision
-        self.clip_denoised = clip_denoised
-        self.max_samples = int(round(max_dur * MODEL_SAMPLE_RATE))
-        self.overlap_samples = int(round(segment_overlap * MODEL_SAMPLE_RATE))
-        self.batch_size = batch_size
-        self.max_batch_frames = max_batch_frames
+        segmenting, batching = self.settings.segmenting, self.settings.batching
+        self.max_samples = int(round(segmenting.max_dur * MODEL_SAMPLE_RATE))
+        self.overlap_samples = int(round(segmenting.segment_overlap * MODEL_SAMPLE_RATE))
+        # The batch sizing can change after construction (auto_max_batch_frames).
+        self.batch_size = batching.batch_size
+        self.max_batch_frames = batching.max_batch_frames
         self.multiple = getattr(model, "downsample_factor", 1)
-        # Widths are padded to this: the network's multiple, or coarser so that a compiled
-        # network sees a handful of shapes instead of one per file length.
-        self.width_bucket = width_bucket or (128 if compile or cuda_graphs else self.multiple)
+        self.width_bucket = batching.width_bucket or (128 if self.settings.execution.compiled else self.multiple)
         if self.width_bucket % self.multiple:
             raise ValueError(f"width_bucket {self.width_bucket} must be a multiple of {self.multiple}")
 
+    @property
+    def method(self) -> str:
+        return self.settings.method.method
+
+    @property
+    def precision(self) -> str:
+        return self.settings.execution.precision
+
     @classmethod
     def from_checkpoint(cls, model_path: str, *, device=None, timestep_respacing: str = "ddim200",
-                        model_settings: Optional[Dict] = None, **refiner_settings) -> "Refiner":
+                        model_settings: Optional[Dict] = None, **settings: Any) -> "Refiner":
         """Build the network from `model_settings` (defaults: the published configuration),
-        load the weights at `model_path`, and wrap it with the given refinement settings."""
-        settings = dict(model_settings or {}, timestep_respacing=timestep_respacing)
-        model, diffusion = load_model(model_path, settings)
+        load the weights at `model_path`, and wrap it with the given refinement settings
+        (a `settings=RefinerSettings(...)` or flat keywords)."""
+        model, diffusion = load_model(model_path, dict(model_settings or {}, timestep_respacing=timestep_respacing))
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(model, diffusion, device=device, **refiner_settings)
+        return cls(model, diffusion, device=device, **settings)
 
     def padded_width(self, samples: int) -> int:
         """Width of the segments of a recording of `samples` samples at 16 kHz."""
@@ -254,23 +300,59 @@ class Refiner:
         """Refine segments (any widths) and return their waveforms at 16 kHz, in order."""
         results: List[Optional[torch.Tensor]] = [None] * len(segments)
         for batch in self.plan_batches(segments):
-            for i, wave in zip(batch, self.refine_batch([segments[i] for i in batch], progress)):
+            for i, wave in zip(batch, self.run_batch([segments[i] for i in batch], progress)):
                 results[i] = wave
         return results
 
-    def refine_batch(self, batch: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:
+    def run_batch(self, batch: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:
         """Refine segments of equal width in one batch; returns 16 kHz waveforms on the CPU."""
         noisy = torch.stack([seg.noisy for seg in batch]).to(self.device)
         sigma = torch.stack([seg.noise_map for seg in batch]).to(self.device)
-        generators = [self._generator(seg.seed) for seg in batch]
+        generators = [torch_generator(seg.seed, self.device) for seg in batch]
+        method = self.settings.method
         spec = refine(
-            self.network, self.diffusion, noisy, sigma, method=self.method, clip_denoised=self.clip_denoised,
+            self.network, self.diffusion, noisy, sigma, method=method.method, clip_denoised=method.clip_denoised,
             generator=generators, progress=progress, **self.etas,
         )
         spec = spec.float().cpu()
         return [
             spec_to_wave(spec[k, :, :, :num_frames(seg.samples)], seg.samples) for k, seg in enumerate(batch)
         ]
+
+    def refine_stream(self, recordings: Iterable[Tuple[Any, Prepared]]
+                      ) -> Iterator[Tuple[Any, Prepared, List[torch.Tensor]]]:
+        """Refine prepared recordings as they arrive; yield (item, prepared, waves) for each one as
+        soon as all its segments are done.
+
+        Segments of consecutive recordings of equal width share batches (planned by
+        `plan_batches`), so recordings sorted by width fill the batches; a batch runs as soon as it
+        is full, so only a batch's worth of segments waits in memory.
+        """
+        pending: List[Tuple[_InProgress, int]] = []  # (recording, segment index), all of one width
+        for item, prepared in recordings:
+            if pending and pending[0][0].prepared.segments[0].width != prepared.segments[0].width:
+                yield from self._run_pending(pending, flush=True)
+            entry = _InProgress(item, prepared, [None] * len(prepared.segments))
+            pending.extend((entry, i) for i in range(len(prepared.segments)))
+            yield from self._run_pending(pending, flush=False)
+        yield from self._run_pending(pending, flush=True)
+
+    def _run_pending(self, pending: List[Tuple["_InProgress", int]], flush: bool
+                     ) -> Iterator[Tuple[Any, Prepared, List[torch.Tensor]]]:
+        """Run the full batches of `pending` (every batch with `flush`) and drop them from it."""
+        segments = [entry.prepared.segments[i] for entry, i in pending]
+        done = 0
+        for batch in self.plan_batches(segments):
+            if not flush and len(batch) < self.batch_size_for(segments[batch[0]].width):
+                break  # wait for more segments of this width
+            for k, wave in zip(batch, self.run_batch([segments[k] for k in batch])):
+                entry, i = pending[k]
+                entry.waves[i] = wave
+                entry.remaining -= 1
+                if entry.remaining == 0:
+                    yield entry.item, entry.prepared, entry.waves
+            done += len(batch)
+        del pending[:done]
 
     def assemble(self, prepared: Prepared, waves: Sequence[torch.Tensor],
                  output_sample_rate: Optional[int] = None) -> np.ndarray:
@@ -301,10 +383,17 @@ class Refiner:
         out = self.assemble(prepared, waves, output_sample_rate or sample_rate)
         return out[0] if np.ndim(processed) == 1 and np.ndim(noisy) == 1 else out
 
-    def _generator(self, seed: int) -> torch.Generator:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed)
-        return gen
+
+@dataclass
+class _InProgress:
+    """A recording whose segments are being refined."""
+
+    item: Any
+    prepared: Prepared
+    waves: List[Optional[torch.Tensor]]
+
+    def __post_init__(self):
+        self.remaining = len(self.waves)
 
 
 def _as_2d(audio: np.ndarray, name: str) -> np.ndarray:

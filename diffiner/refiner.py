@@ -1,4 +1,4 @@
-"""The Diffiner and Diffiner+ reverse processes (spec §4).
+"""The Diffiner and Diffiner+ reverse processes (docs/method.md, "The refiner").
 
 Both are DDRM-style restorations in the complex STFT domain. The observation is the noisy
 spectrogram y, and the per-bin noise level sigma_y = |y - s_hat| says how far the SE output
@@ -15,12 +15,13 @@ tested without a network; `refine` runs the whole chain.
 
 import logging
 import math
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
 
-from .gaussian_diffusion import GaussianDiffusion, randn
+from .gaussian_diffusion import GaussianDiffusion
+from .seeding import Generators, randn
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ DEFAULT_ETAS: Dict[str, Dict[str, float]] = {
     "diffiner+": {"eta_a": 0.4, "eta_b": 0.6, "eta_c": 0.0, "eta_d": 0.6},
 }
 SIGMA_EPS = 1e-5  # keeps s / sigma_y finite where the SE output equals the observation
-
-Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
 
 
 def resolve_etas(method: str, eta_a: Optional[float] = None, eta_b: Optional[float] = None,

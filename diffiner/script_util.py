@@ -1,17 +1,17 @@
-"""Model/diffusion construction from flat keyword settings, and argparse helpers.
+"""Model/diffusion construction from flat keyword settings, and the flags that carry them.
 
 The keyword names are guided-diffusion's, so that command lines and configuration files
 written for the original code keep working.
 """
 
-import argparse
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Dict, Tuple
 
 from . import gaussian_diffusion as gd
+from .flags import Flag, flag_defaults
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import UNetModel
 
-# channel_mult per image_size when the user leaves it empty (spec §2).
+# channel_mult per image_size when the user leaves it empty (docs/method.md, "The network").
 DEFAULT_CHANNEL_MULT = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
@@ -19,43 +19,55 @@ DEFAULT_CHANNEL_MULT = {
     64: (1, 2, 3, 4),
 }
 
+# Every model setting, its default (the published Diffiner configuration) and its help.
+MODEL_FLAGS = (
+    Flag("image_size", 256, "training crop width in frames; also picks the default channel_mult"),
+    Flag("image_channels", 2, "spectrogram channels (real, imaginary)"),
+    Flag("num_channels", 128, "base channel count of the UNet"),
+    Flag("num_res_blocks", 3, "residual blocks per resolution level"),
+    Flag("num_heads", 4, "attention heads"),
+    Flag("num_heads_upsample", -1, "attention heads in the decoder (-1: num_heads)"),
+    Flag("num_head_channels", -1, "channels per attention head, overrides num_heads (-1: unset)"),
+    Flag("attention_resolutions", "16,8", "comma list: attention at the levels where an image_size-wide input "
+         "is this wide (downsample rate image_size // value)"),
+    Flag("channel_mult", "", "channel multiplier per level, comma list (empty: the default for image_size)"),
+    Flag("dropout", 0.0, "dropout rate in the residual blocks"),
+    Flag("class_cond", False, "class-conditional model (guided-diffusion option, unused by Diffiner)"),
+    Flag("use_checkpoint", False, "recompute activations in the backward pass to save memory"),
+    Flag("use_scale_shift_norm", True, "FiLM-style timestep conditioning in the residual blocks"),
+    Flag("resblock_updown", False, "resample with residual blocks instead of plain (de)convolutions"),
+    Flag("use_new_attention_order", False, "split QKV before the heads (the published model uses the legacy order)"),
+)
+
+# Every diffusion setting (Diffiner trains with 4000 linear steps).
+DIFFUSION_FLAGS = (
+    Flag("learn_sigma", False, "also learn the reverse-process variance"),
+    Flag("diffusion_steps", 4000, "number of diffusion steps T"),
+    Flag("noise_schedule", "linear", "beta schedule: linear or cosine", aliases=("noise_scheduler",)),
+    Flag("timestep_respacing", "", "respacing of the T steps, e.g. ddim200 or 250 (empty: all steps)"),
+    Flag("use_kl", False, "train on the variational bound instead of the epsilon MSE"),
+    Flag("predict_xstart", False, "predict x0 instead of the noise"),
+    Flag("rescale_timesteps", False, "feed timesteps scaled to [0, 1000) to the network"),
+    Flag("rescale_learned_sigmas", False, "with learn_sigma: scale the variational term as in Improved DDPM"),
+)
+
+MODEL_AND_DIFFUSION_FLAGS = MODEL_FLAGS + DIFFUSION_FLAGS
+
 
 def diffusion_defaults() -> Dict[str, Any]:
-    """Defaults of the diffusion process (Diffiner trains with 4000 linear steps)."""
-    return dict(
-        learn_sigma=False,
-        diffusion_steps=4000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=False,
-        rescale_learned_sigmas=False,
-    )
+    """Defaults of the diffusion process."""
+    return flag_defaults(DIFFUSION_FLAGS)
 
 
 def model_and_diffusion_defaults() -> Dict[str, Any]:
     """Defaults of every model and diffusion setting: the published Diffiner configuration."""
-    res = dict(
-        image_size=256,
-        image_channels=2,
-        num_channels=128,
-        num_res_blocks=3,
-        num_heads=4,
-        num_heads_upsample=-1,
-        num_head_channels=-1,
-        attention_resolutions="16,8",
-        channel_mult="",
-        dropout=0.0,
-        class_cond=False,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-        resblock_updown=False,
-        use_fp16=False,
-        use_new_attention_order=False,
-    )
-    res.update(diffusion_defaults())
-    return res
+    return flag_defaults(MODEL_AND_DIFFUSION_FLAGS)
+
+
+def model_and_diffusion_flags(timestep_respacing: str = "") -> Tuple[Flag, ...]:
+    """The model and diffusion flags, with a command's own default respacing."""
+    return tuple(f.with_default(timestep_respacing) if f.name == "timestep_respacing" else f
+                 for f in MODEL_AND_DIFFUSION_FLAGS)
 
 
 def create_model_and_diffusion(**kwargs) -> Tuple[UNetModel, SpacedDiffusion]:
@@ -120,7 +132,6 @@ def create_model(
     use_scale_shift_norm: bool = False,
     dropout: float = 0.0,
     resblock_updown: bool = False,
-    use_fp16: bool = False,
     use_new_attention_order: bool = False,
 ) -> UNetModel:
     """Build the UNet for spectrograms of `image_channels` channels (real, imaginary)."""
@@ -135,7 +146,6 @@ def create_model(
         channel_mult=parse_channel_mult(channel_mult, image_size),
         num_classes=None if not class_cond else 1000,
         use_checkpoint=use_checkpoint,
-        use_fp16=use_fp16,
         num_heads=num_heads,
         num_head_channels=num_head_channels,
         num_heads_upsample=num_heads_upsample,
@@ -177,73 +187,3 @@ def create_gaussian_diffusion(
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
     )
-
-
-# Help of every model/diffusion setting, shared by the scripts' --help.
-SETTING_HELP = {
-    "image_size": "training crop width in frames; also picks the default channel_mult (spec §2)",
-    "image_channels": "spectrogram channels (real, imaginary)",
-    "num_channels": "base channel count of the UNet",
-    "num_res_blocks": "residual blocks per resolution level",
-    "num_heads": "attention heads",
-    "num_heads_upsample": "attention heads in the decoder (-1: num_heads)",
-    "num_head_channels": "channels per attention head, overrides num_heads (-1: unset)",
-    "attention_resolutions": "comma list: attention at the levels where an image_size-wide input is this wide "
-                             "(downsample rate image_size // value)",
-    "channel_mult": "channel multiplier per level, comma list (empty: the default for image_size)",
-    "dropout": "dropout rate in the residual blocks",
-    "class_cond": "class-conditional model (guided-diffusion option, unused by Diffiner)",
-    "use_checkpoint": "recompute activations in the backward pass to save memory",
-    "use_scale_shift_norm": "FiLM-style timestep conditioning in the residual blocks",
-    "resblock_updown": "resample with residual blocks instead of plain (de)convolutions",
-    "use_new_attention_order": "split QKV before the heads (the published model uses the legacy order)",
-    "learn_sigma": "also learn the reverse-process variance",
-    "diffusion_steps": "number of diffusion steps T",
-    "noise_schedule": "beta schedule: linear or cosine",
-    "timestep_respacing": "respacing of the T steps, e.g. ddim200 or 250 (empty: all steps)",
-    "use_kl": "train on the variational bound instead of the epsilon MSE",
-    "predict_xstart": "predict x0 instead of the noise",
-    "rescale_timesteps": "feed timesteps scaled to [0, 1000) to the network",
-    "rescale_learned_sigmas": "with learn_sigma: scale the variational term as in Improved DDPM",
-}
-
-
-def str2bool(value) -> bool:
-    """Parse a command-line boolean ("true"/"false", "1"/"0", "yes"/"no")."""
-    if isinstance(value, bool):
-        return value
-    if value.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if value.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
-
-
-def flag_spellings(name: str) -> Sequence[str]:
-    """Option strings for a setting: --name_with_underscores and --name-with-dashes."""
-    spellings = [f"--{name}"]
-    if "_" in name:
-        spellings.append(f"--{name.replace('_', '-')}")
-    return spellings
-
-
-def add_dict_to_argparser(parser: argparse.ArgumentParser, default_dict: Dict[str, Any],
-                          help_texts: Optional[Dict[str, str]] = None) -> None:
-    """Add one option per key, typed after its default, spelled with underscores and dashes.
-
-    Booleans work bare (--use_fp16) and, as in guided-diffusion, with a value (--use_fp16 True).
-    Help comes from `help_texts`, else SETTING_HELP.
-    """
-    help_texts = dict(SETTING_HELP, **(help_texts or {}))
-    for key, value in default_dict.items():
-        kwargs = dict(dest=key, default=value, help=help_texts.get(key, key.replace("_", " ")))
-        if isinstance(value, bool):
-            kwargs.update(type=str2bool, nargs="?", const=True)
-        else:
-            kwargs["type"] = str if value is None else type(value)
-        parser.add_argument(*flag_spellings(key), **kwargs)
-
-
-def args_to_dict(args: argparse.Namespace, keys: Iterable[str]) -> Dict[str, Any]:
-    """The values of `keys` from parsed arguments."""
-    return {k: getattr(args, k) for k in keys}

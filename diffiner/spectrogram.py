@@ -1,4 +1,4 @@
-"""The signal front-end of the published model (spec §1).
+"""The signal front-end of the published model (docs/method.md, "The signal front-end").
 
 STFT: 512-point FFT, 512-sample periodic Hann window, hop 256, centred with reflect padding,
 not normalised. The DC bin is dropped and real/imaginary parts become two channels, so a

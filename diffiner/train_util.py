@@ -31,12 +31,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import dist_util
-from .audio import atomic_output
-from .data import indexed_generator
-from .logger import MetricsLogger
 from .acceleration import NetworkRunner
-from .pipeline import load_state_dict
-from .resample import LossAwareSampler, ScheduleSampler, UniformSampler
+from .audio.io import atomic_output
+from .checkpoints import load_state_dict, load_weights
+from .logger import MetricsLogger
+from .schedule_sampler import LossAwareSampler, ScheduleSampler, UniformSampler
+from .seeding import STREAM_DIFFUSION, stream_generator
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class DynamicLossScaler:
         """Divide EVERY gradient by the scale.
 
         The vendored trainer of the original Diffiner unscaled only the first parameter's
-        gradient (spec §5, defect 8), so all other layers stepped with gradients 2**20 too big.
+        gradient (docs/method.md, "What we fixed"), so all other layers stepped with gradients 2**20 too big.
         """
         inverse = 1.0 / self.scale
         for grad in grads:
@@ -252,7 +252,7 @@ class TrainLoop:
         """Accumulate the gradient of the batch's mean (importance-weighted) loss."""
         self.opt.zero_grad(set_to_none=True)
         x_start = batch["spec"].to(dist_util.dev())
-        generators = [indexed_generator(self.seed, int(p)) for p in batch["position"]]
+        generators = [stream_generator(self.seed, STREAM_DIFFUSION, int(p)) for p in batch["position"]]
         # Order of draws from each example's generator: timestep, then noise.
         t, weights = self.schedule_sampler.sample(len(generators), dist_util.dev(), generators)
         noise = torch.stack([torch.randn(tuple(x_start.shape[1:]), generator=g) for g in generators])
@@ -362,13 +362,13 @@ class TrainLoop:
         """Load the model, EMA and training state of `path` (a modelNNNNNN.pt) and its siblings."""
         self.step = checkpoint_step(path)
         folder = os.path.dirname(path)
-        self._load_model(self.model, path)
+        load_weights(self.model, path)
         logger.info("resuming from %s at step %d", path, self.step)
         for rate in self.ema_rates:
             ema_path = os.path.join(folder, ema_filename(rate, self.step))
             if os.path.exists(ema_path):
                 ema_model = copy.deepcopy(self.model)
-                self._load_model(ema_model, ema_path)
+                load_weights(ema_model, ema_path)
                 self.ema_params.append([p.detach() for p in ema_model.parameters()])
             else:
                 logger.warning("%s not found: the EMA with rate %s starts from the model", ema_path, rate)
@@ -394,10 +394,3 @@ class TrainLoop:
         else:
             logger.warning("checkpoint written by %d rank(s), now %d: random states not restored",
                            len(rng), dist_util.get_world_size())
-
-    @staticmethod
-    def _load_model(model: torch.nn.Module, path: str) -> None:
-        try:
-            model.load_state_dict(load_state_dict(path), strict=True)
-        except RuntimeError as exc:
-            raise ValueError(f"{path}: the weights do not fit the model settings: {exc}") from exc

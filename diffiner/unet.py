@@ -18,7 +18,6 @@ import torch.nn.functional as F
 
 from .nn import (
     HAS_SDPA,
-    autocast,
     avg_pool_nd,
     checkpoint,
     conv_nd,
@@ -53,15 +52,11 @@ class Upsample(nn.Module):
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
-        self.dims = dims
         if use_conv:
             self.conv = conv_nd(dims, channels, self.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dims == 3:
-            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
-        else:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
 
@@ -72,7 +67,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
-        stride = 2 if dims != 3 else (1, 2, 2)
+        stride = 2
         if use_conv:
             self.op = conv_nd(dims, channels, self.out_channels, 3, stride=stride, padding=1)
         else:
@@ -245,9 +240,11 @@ class UNetModel(nn.Module):
     :param image_size: nominal input size; only used to record the configuration.
     :param attention_resolutions: downsample rates (1, 2, 4, ...) at which to use attention.
     :param channel_mult: channel multiplier per resolution level.
-    :param use_fp16: run the network under float16 autocast (parameters stay float32, so the
-        state dict is unchanged).
     :param num_classes: optional class conditioning (kept for guided-diffusion compatibility).
+
+    The parameters are always float32 and the network never changes precision by itself: the
+    caller picks it (`acceleration.NetworkRunner` runs it under autocast), so the state dict is
+    the same however the network is run.
     """
 
     def __init__(
@@ -264,7 +261,6 @@ class UNetModel(nn.Module):
         dims: int = 2,
         num_classes: Optional[int] = None,
         use_checkpoint: bool = False,
-        use_fp16: bool = False,
         num_heads: int = 1,
         num_head_channels: int = -1,
         num_heads_upsample: int = -1,
@@ -283,7 +279,6 @@ class UNetModel(nn.Module):
         self.attention_resolutions = tuple(attention_resolutions)
         self.channel_mult = tuple(channel_mult)
         self.num_classes = num_classes
-        self.use_fp16 = use_fp16
         # Inputs must be divisible by this so every downsampling halves exactly.
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
 
@@ -362,16 +357,15 @@ class UNetModel(nn.Module):
                 raise ValueError(
                     f"input size {tuple(x.shape[2:])} must be a multiple of {self.downsample_factor}"
                 )
-        with autocast(x.device.type, torch.float16 if self.use_fp16 else None):
-            emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-            if y is not None:
-                emb = emb + self.label_emb(y)
-            skips = []
-            h = x
-            for module in self.input_blocks:
-                h = module(h, emb)
-                skips.append(h)
-            h = self.middle_block(h, emb)
-            for module in self.output_blocks:
-                h = module(torch.cat([h, skips.pop()], dim=1), emb)
-            return self.out(h).type(x.dtype)
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        if y is not None:
+            emb = emb + self.label_emb(y)
+        skips = []
+        h = x
+        for module in self.input_blocks:
+            h = module(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h).type(x.dtype)

@@ -3,7 +3,7 @@
 
 import sys
 
-from diffiner.evaluate import main
+from diffiner.commands.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

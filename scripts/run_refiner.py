@@ -3,7 +3,7 @@
 
 import sys
 
-from diffiner.run_refiner import main
+from diffiner.commands.refine import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
 
 import sys
 
-from diffiner.sample import main
+from diffiner.commands.sample_prior import main
 
 if __name__ == "__main__":
     sys.exit(main())

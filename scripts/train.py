@@ -3,7 +3,7 @@
 
 import sys
 
-from diffiner.train import main
+from diffiner.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

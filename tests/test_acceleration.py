@@ -2,8 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffiner.acceleration import NetworkRunner, build_runner
-from diffiner.nn import autocast
+from diffiner.acceleration import ExecutionSettings, NetworkRunner, autocast, build_runner
 from diffiner.pipeline import Refiner
 
 from conftest import tiny_model_and_diffusion
@@ -87,7 +86,7 @@ def test_compile_switch_buckets_widths_and_matches_eager():
     model, diffusion = tiny_model_and_diffusion(timestep_respacing="ddim2")
     refiner = Refiner(model, diffusion, compile=True)
     assert refiner.width_bucket == 128 and refiner.padded_width(16000) == 128
-    runner = build_runner(model, compile=True)
+    runner = build_runner(model, ExecutionSettings(compile=True))
     _, x, t = network_io()
     with torch.no_grad():
         eager = NetworkRunner(model)(x, t)

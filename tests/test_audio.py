@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from diffiner import audio
+from diffiner.audio import io as audio
 
 
 def test_load_audio_gives_channels_first_float32(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of the evaluation CLI (diffiner.evaluate.main) on small generated folders."""
+"""Tests of the evaluation command (diffiner.commands.evaluate) on small generated folders."""
 
 import csv
 import json
@@ -10,16 +10,10 @@ from typing import Dict, List
 import numpy as np
 import pytest
 
-from diffiner.audio import resample, save_audio
-from diffiner.evaluate import (
-    ALL_METRICS,
-    METRIC_BACKENDS,
-    EvaluationError,
-    EvaluationSetup,
-    choose_plot_files,
-    main,
-    resolve_metrics,
-)
+from diffiner.audio.io import resample, save_audio
+from diffiner.commands.evaluate import main
+from diffiner.evaluation.run import EvaluationSetup, choose_plot_files
+from diffiner.evaluation.scoring import ALL_METRICS, METRIC_BACKENDS, EvaluationError, resolve_metrics
 
 from conftest import speech_like, with_noise
 
@@ -158,13 +152,6 @@ def test_intrusive_metric_without_clean_is_an_error(corpus, tmp_path, capsys):
     argv += ["--output-dir", str(tmp_path / "r")]
     assert main(argv) == 2
     assert "--clean" in capsys.readouterr().err
-
-
-def test_nisqa_weights_flag_exits_with_explanation(corpus, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(base_args(corpus, tmp_path / "r", "sysA") + ["--nisqa_weights", "nisqa.tar"])
-    assert exit_info.value.code == 2
-    assert "not supported" in capsys.readouterr().err
 
 
 def test_reserved_or_repeated_system_names_are_refused(corpus, tmp_path):

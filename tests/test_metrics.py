@@ -1,4 +1,4 @@
-"""Tests of diffiner.metrics on synthetic, seeded speech-like signals."""
+"""Tests of diffiner.evaluation.metrics on synthetic, seeded speech-like signals."""
 
 import math
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffiner import metrics
+from diffiner.evaluation import metrics
 
 from conftest import speech_like, with_noise
 
@@ -89,14 +89,9 @@ def test_confidence_interval_of_too_few_values_is_nan():
     assert all(math.isnan(v) for v in metrics.confidence_interval([]))
 
 
-def test_nisqa_is_refused_with_an_explanation(clean):
-    with pytest.raises(NotImplementedError, match="not supported"):
-        metrics.nisqa(clean, "nisqa.tar")
-
-
 def test_import_does_not_load_heavy_backends():
     code = (
-        "import sys, diffiner.metrics; "
+        "import sys, diffiner.evaluation.metrics; "
         "heavy = {'pesq', 'pystoi', 'speechmos', 'onnxruntime', 'librosa', 'scipy.stats'}; "
         "print(sorted(heavy & set(sys.modules)))"
     )

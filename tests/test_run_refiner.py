@@ -8,7 +8,8 @@ import pytest
 import soundfile as sf
 import yaml
 
-from diffiner.run_refiner import main, output_folder_name, parse_etas
+from diffiner.commands.refine import main, parse_etas
+from diffiner.corpus import output_folder_name
 
 from conftest import speech_like, tiny_cli_flags, write_wav
 from launchers import REPO, launcher_env, mpiexec_or_skip, torchrun
@@ -140,7 +141,7 @@ def test_two_process_sharded_run_equals_a_single_process_run_bit_for_bit(tmp_pat
 
 
 def test_duration_balanced_sharding():
-    from diffiner.run_refiner import FileJob, shard_jobs
+    from diffiner.corpus import FileJob, shard_jobs
 
     jobs = [FileJob(f"{k}.wav", "", "", "", width=32, seconds=s) for k, s in enumerate([9, 1, 1, 1, 1, 1, 1, 1, 1, 1])]
     shards = [shard_jobs(jobs, rank, 2) for rank in range(2)]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from diffiner.sample import main
+from diffiner.commands.sample_prior import main
 
 from conftest import tiny_cli_flags
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 import yaml
 
-from diffiner import train as train_module
+from diffiner.commands import train as train_module
 from diffiner.logger import MetricsLogger
-from diffiner.nn import autocast
-from diffiner.pipeline import Refiner, load_state_dict
-from diffiner.train import main
+from diffiner.acceleration import autocast
+from diffiner.checkpoints import load_state_dict
+from diffiner.pipeline import Refiner
+from diffiner.commands.train import main
 from diffiner.train_util import DynamicLossScaler, TrainLoop, global_norm
 
 from conftest import speech_like, tiny_cli_flags, tiny_model_and_diffusion, write_wav

@@ -64,7 +64,10 @@ def test_any_width_multiple_of_downsample_factor_and_clear_error_otherwise():
         model(torch.randn(2, 2, 256, 10), t)
 
 
-def test_fp16_flag_keeps_float32_parameters_and_state_dict():
-    model, _ = create_model_and_diffusion(image_size=64, num_channels=32, num_res_blocks=1, use_fp16=True)
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert isinstance(model, UNetModel) and model.use_fp16
+def test_precision_is_not_a_model_setting():
+    # The network never changes precision by itself (the runner decides), so its parameters and
+    # state dict are float32, and use_fp16 is refused as a model setting.
+    model, _ = create_model_and_diffusion(image_size=64, num_channels=32, num_res_blocks=1)
+    assert isinstance(model, UNetModel) and all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(TypeError, match="use_fp16"):
+        create_model_and_diffusion(image_size=64, num_channels=32, num_res_blocks=1, use_fp16=True)

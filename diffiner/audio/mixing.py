@@ -8,24 +8,22 @@ turn over the files sorted by path, so a handful of clips covers every colour an
 noise itself comes from a generator seeded by the seed and the file's path, never from global
 random state, so the result does not depend on the machine, the order of work or anything else.
 
-`python -m diffiner.demo_data CLEAN OUT` runs it from the shell (stage 1 of `run_example.sh --demo`).
+`python -m diffiner.commands.make_noisy_set CLEAN OUT` runs it from the shell (stage 1 of
+`run_example.sh --demo`).
 """
 
-import argparse
 import csv
-import hashlib
 import io
 import logging
 import os
-import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from .audio import write_text_atomic
-from .files import list_audio_files
-from .resample_folder import convert_folder
+from ..seeding import numpy_rng
+from .folders import convert_folder, list_audio_files
+from .io import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +45,6 @@ class Condition:
     colour: str
     snr_db: float
     gain: float = 1.0
-
-
-def file_rng(seed: int, rel: str) -> np.random.Generator:
-    """A generator that depends only on the seed and the file's relative path.
-
-    Python's hash() is salted per process, so a digest is used instead.
-    """
-    digest = hashlib.sha256(f"{seed}\x00{rel}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 def _shaped_noise(rng: np.random.Generator, samples: int, rate: int, exponent: float) -> np.ndarray:
@@ -167,7 +156,7 @@ def make_noisy_set(clean_dir: str, out_dir: str, snrs: Sequence[float] = DEFAULT
 
     def add_noise(rel: str, clean: np.ndarray, rate: int) -> Tuple[np.ndarray, int]:
         cond = conditions[rel]
-        rng = file_rng(seed, rel)
+        rng = numpy_rng(seed, rel)
         noise = np.stack([make_noise(cond.colour, clean.shape[-1], rate, rng) for _ in range(clean.shape[0])])
         try:
             noisy, gain = mix_at_snr(clean, noise, cond.snr_db)
@@ -182,33 +171,3 @@ def make_noisy_set(clean_dir: str, out_dir: str, snrs: Sequence[float] = DEFAULT
     write_text_atomic(os.path.join(out_dir, CONDITIONS_FILE), format_conditions_csv(conditions))
     logger.info("wrote %d noisy file(s) to %s", len(result.written), out_dir)
     return result.written
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m diffiner.demo_data",
-        description="Make the demo's noisy set: one deterministic noise condition per clean file.",
-    )
-    parser.add_argument("clean", metavar="CLEAN", help="folder of clean clips")
-    parser.add_argument("output", metavar="OUT", help="where the noisy clips and conditions.csv go")
-    parser.add_argument("--snrs", type=float, nargs="+", default=list(DEFAULT_SNRS),
-                        help="SNRs in dB (default: %(default)s)")
-    parser.add_argument("--colours", nargs="+", default=list(NOISE_COLOURS), choices=NOISE_COLOURS,
-                        help="noise colours (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: %(default)s)")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        written = make_noisy_set(args.clean, args.output, args.snrs, args.colours, args.seed)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{len(written)} noisy file(s) in {args.output}; conditions in {os.path.join(args.output, CONDITIONS_FILE)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,15 +9,9 @@ import pytest
 import soundfile as sf
 from scipy.signal import welch
 
-from diffiner.demo_data import (
-    CONDITIONS_FILE,
-    NOISE_COLOURS,
-    file_rng,
-    main,
-    make_noise,
-    make_noisy_set,
-    mix_at_snr,
-)
+from diffiner.audio.mixing import CONDITIONS_FILE, NOISE_COLOURS, make_noise, make_noisy_set, mix_at_snr
+from diffiner.commands.make_noisy_set import main
+from diffiner.seeding import numpy_rng
 
 from conftest import speech_like, write_wav
 
@@ -55,8 +49,8 @@ def test_same_input_gives_identical_files(clean_dir, tmp_path):
 
 
 def test_noise_depends_on_the_file_name_only():
-    assert np.array_equal(file_rng(0, "x.wav").standard_normal(4), file_rng(0, "x.wav").standard_normal(4))
-    assert not np.array_equal(file_rng(0, "x.wav").standard_normal(4), file_rng(0, "y.wav").standard_normal(4))
+    assert np.array_equal(numpy_rng(0, "x.wav").standard_normal(4), numpy_rng(0, "x.wav").standard_normal(4))
+    assert not np.array_equal(numpy_rng(0, "x.wav").standard_normal(4), numpy_rng(0, "y.wav").standard_normal(4))
 
 
 def test_files_pair_with_the_clean_ones_at_the_requested_snr(clean_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""Training data: random fixed-length excerpts of clean speech, as spectrograms (spec §1).
+"""Training data: random fixed-length excerpts of clean speech, as spectrograms (guided-diffusion's
+`image_datasets.py` for speech; the front-end is described in docs/method.md).
 
 Every .wav/.flac under a folder is indexed once (headers only). A training example is a
 random `seq_dur`-second excerpt of one file, read from disk alone (not the whole file),
@@ -31,19 +32,12 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .audio import MODEL_SAMPLE_RATE, AudioError, audio_info, resample, to_mono
-from .files import list_audio_files
+from .audio.folders import list_audio_files
+from .audio.io import MODEL_SAMPLE_RATE, AudioError, audio_info, resample, to_mono
+from .seeding import STREAM_EXCERPT, STREAM_FILE_ORDER, stream_rng
 from .spectrogram import wave_to_spec
 
 logger = logging.getLogger(__name__)
-
-# Independent random streams derived from (seed, position): keep the numbers stable, they
-# define which data a seed produces.
-STREAM_FILE_ORDER = 0
-STREAM_EXCERPT = 1
-STREAM_DIFFUSION = 2
-STREAM_SAMPLING = 3
-
 
 @dataclass(frozen=True)
 class AudioFile:
@@ -124,18 +118,6 @@ def fit_frames(spec: torch.Tensor, frames: int) -> torch.Tensor:
     return torch.nn.functional.pad(spec, (0, frames - width))
 
 
-def indexed_generator(seed: int, index: int, stream: int = STREAM_DIFFUSION) -> torch.Generator:
-    """A CPU torch generator that depends only on (seed, stream, index).
-
-    Training draws example `index`'s diffusion noise and timestep from it; sampling draws
-    sample `index`'s noise, so a sample does not depend on the batch it was drawn in.
-    """
-    state = np.random.SeedSequence([seed, stream, index]).generate_state(1, np.uint64)[0]
-    generator = torch.Generator()
-    generator.manual_seed(int(state) >> 1)  # manual_seed takes a signed 64-bit value
-    return generator
-
-
 class ExcerptDataset(Dataset):
     """Example `position` of the stream: a (2, 256, image_size) spectrogram of a random excerpt."""
 
@@ -153,11 +135,11 @@ class ExcerptDataset(Dataset):
         """(file, start sample) of example `position`."""
         epoch, index = divmod(position, len(self.files))
         if epoch != self._order_epoch:
-            rng = np.random.default_rng([self.seed, STREAM_FILE_ORDER, epoch])
+            rng = stream_rng(self.seed, STREAM_FILE_ORDER, epoch)
             self._order, self._order_epoch = rng.permutation(len(self.files)), epoch
         entry = self.files[int(self._order[index])]
         latest_start = entry.samples - source_samples(self.seq_dur, entry.sample_rate)
-        start = int(np.random.default_rng([self.seed, STREAM_EXCERPT, position]).integers(0, latest_start + 1))
+        start = int(stream_rng(self.seed, STREAM_EXCERPT, position).integers(0, latest_start + 1))
         return entry, start
 
     def __getitem__(self, position: int) -> Dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Timestep samplers for training, named as in guided-diffusion.
+"""Timestep samplers for training (guided-diffusion's `resample.py`, renamed: in an audio toolkit
+"resample" means sample-rate conversion).
 
 A sampler draws the diffusion timestep of each training example together with an importance
 weight that keeps the loss an unbiased estimate of the uniform-timestep objective. The
@@ -10,14 +11,13 @@ is checkpointed and restored for an exact resume.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 
 from . import dist_util
-
-Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
+from .seeding import Generators
 
 SAMPLER_NAMES = ("uniform", "loss-second-moment")
 

@@ -6,9 +6,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from diffiner import data
-from diffiner.audio import AudioError
-from diffiner.data import ExcerptDataset, build_index, load_data, read_excerpt, source_samples
+from diffiner import speech_datasets as data
+from diffiner.audio.io import AudioError
+from diffiner.speech_datasets import ExcerptDataset, build_index, load_data, read_excerpt, source_samples
 from diffiner.spectrogram import wave_to_spec
 
 from conftest import speech_like, write_wav
@@ -35,7 +35,7 @@ def test_short_files_are_skipped_with_one_log_line(tmp_path, caplog):
     write_wav(str(tmp_path / "long.wav"), speech_like(1.5), 16000)
     write_wav(str(tmp_path / "a" / "short1.wav"), speech_like(0.5), 16000)
     write_wav(str(tmp_path / "a" / "short2.flac"), speech_like(0.25, 44100), 44100)
-    with caplog.at_level(logging.INFO, logger="diffiner.data"):
+    with caplog.at_level(logging.INFO, logger="diffiner.speech_datasets"):
         files = build_index(str(tmp_path), 1.0)
     assert [os.path.basename(f.path) for f in files] == ["long.wav"]
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped")]

@@ -1,4 +1,4 @@
-"""Training a Diffiner model on clean speech: the engine of `scripts/train.py` / `diffiner-train`.
+"""`diffiner-train` / scripts/train.py: train a Diffiner prior on clean speech.
 
 Runs as one process, or as several under `torchrun` or `mpiexec` (see docs/training.md).
 `--batch_size` is per process: the global batch is batch_size × number of processes.
@@ -10,103 +10,63 @@ import argparse
 import json
 import logging
 import os
-import random
 import sys
 import time
 from typing import Optional, Sequence
 
-import numpy as np
-import torch
 import yaml
 
-from . import dist_util
-from .audio import AudioError, write_text_atomic
-from .data import build_index, load_data
-from .resample import SAMPLER_NAMES, create_named_schedule_sampler
-from .script_util import (
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_and_diffusion,
-    model_and_diffusion_defaults,
-)
-from .train_util import TrainLoop, parse_ema_rates
+from .. import dist_util
+from ..audio.io import AudioError, write_text_atomic
+from ..flags import PRECISION_FLAGS, Flag, command_parser, precision_from_args, values_of
+from ..schedule_sampler import SAMPLER_NAMES, create_named_schedule_sampler
+from ..script_util import MODEL_AND_DIFFUSION_FLAGS, create_model_and_diffusion
+from ..seeding import seed_globals
+from ..speech_datasets import build_index, load_data
+from ..train_util import TrainLoop, parse_ema_rates
+from .common import setup_logging
 
 logger = logging.getLogger(__name__)
 
-# Model settings that do not describe the trained network: precision is chosen at run time,
-# and inference picks its own respacing (run_refiner's --timestep-respacing).
-NOT_MODEL_CONFIG = ("use_fp16", "timestep_respacing")
+# Inference picks its own respacing (diffiner-refine's --timestep-respacing): not part of what
+# describes the trained network.
+NOT_MODEL_CONFIG = ("timestep_respacing",)
 
-
-def training_defaults() -> dict:
-    """Training flags and their defaults (the original's, plus this project's additions)."""
-    return dict(
-        log_dir="",
-        schedule_sampler="uniform",
-        lr=1e-4,
-        weight_decay=0.0,
-        lr_anneal_steps=0,
-        batch_size=1,
-        microbatch=-1,
-        ema_rate="0.9999",
-        log_interval=10,
-        save_interval=10000,
-        resume_checkpoint="",
-        seq_dur=4.2,
-        fp16_scale_growth=1e-3,
-        grad_clip=0.0,
-        max_steps=0,
-        num_workers=2,
-        seed=0,
-    )
-
-
-TRAINING_HELP = {
-    "log_dir": "where checkpoints and logs go (default: $OPENAI_LOGDIR, else the folder of "
-               "--resume_checkpoint, else ./exp_logs_diffiner_train_<timestamp>)",
-    "schedule_sampler": f"timestep sampler: {' or '.join(SAMPLER_NAMES)}",
-    "lr": "AdamW learning rate",
-    "weight_decay": "AdamW weight decay",
-    "lr_anneal_steps": "if > 0, the learning rate falls linearly to 0 at this step, where training stops",
-    "batch_size": "examples per process and step; the global batch is batch_size x number of processes",
-    "microbatch": "examples per forward/backward pass, gradients accumulated (-1: the whole batch)",
-    "ema_rate": "EMA rate(s) of the weights, comma-separated, e.g. 0.999,0.9999",
-    "log_interval": "write metrics every this many steps",
-    "save_interval": "write checkpoints every this many steps (and always at the end)",
-    "resume_checkpoint": "a modelNNNNNN.pt to resume from; its ema_*_NNNNNN.pt and optNNNNNN.pt are found beside it",
-    "seq_dur": "length of the training excerpts in seconds; shorter files are skipped",
-    "fp16_scale_growth": "with --use_fp16: log2 loss-scale increase after each good step",
-    "grad_clip": "clip the global gradient norm to this value (0: off)",
-    "max_steps": "stop when this many steps are done, resumed ones included (0: no limit)",
-    "num_workers": "data-loading worker processes per training process",
-    "seed": "seed of the model initialisation and of the example stream (>= 0)",
-}
+# The original's training flags, plus this project's additions (grad_clip onwards).
+TRAINING_FLAGS = (
+    Flag("root", required=True, help="folder of clean speech (.wav/.flac, searched recursively)", metavar="DIR"),
+    Flag("log_dir", "", "where checkpoints and logs go (empty: $OPENAI_LOGDIR, else the folder of "
+                        "--resume_checkpoint, else ./exp_logs_diffiner_train_<timestamp>)", metavar="DIR"),
+    Flag("schedule_sampler", "uniform", "timestep sampler", choices=SAMPLER_NAMES),
+    Flag("lr", 1e-4, "AdamW learning rate"),
+    Flag("weight_decay", 0.0, "AdamW weight decay"),
+    Flag("lr_anneal_steps", 0, "if > 0, the learning rate falls linearly to 0 at this step, where training stops"),
+    Flag("batch_size", 1, "examples per process and step; the global batch is batch_size x number of processes"),
+    Flag("microbatch", -1, "examples per forward/backward pass, gradients accumulated (-1: the whole batch)"),
+    Flag("ema_rate", "0.9999", "EMA rate(s) of the weights, comma-separated, e.g. 0.999,0.9999"),
+    Flag("log_interval", 10, "write metrics every this many steps"),
+    Flag("save_interval", 10000, "write checkpoints every this many steps (and always at the end)"),
+    Flag("resume_checkpoint", "", "a modelNNNNNN.pt to resume from; its ema_*_NNNNNN.pt and optNNNNNN.pt are "
+                                  "found beside it", metavar="FILE"),
+    Flag("seq_dur", 4.2, "length of the training excerpts in seconds; shorter files are skipped"),
+    Flag("fp16_scale_growth", 1e-3, "with --use_fp16: log2 loss-scale increase after each good step"),
+    Flag("grad_clip", 0.0, "clip the global gradient norm to this value (0: off)"),
+    Flag("max_steps", 0, "stop when this many steps are done, resumed ones included (0: no limit)"),
+    Flag("num_workers", 2, "data-loading worker processes per training process"),
+    Flag("seed", 0, "seed of the model initialisation and of the example stream (>= 0)"),
+)
 
 
 def create_argparser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train a Diffiner diffusion model on clean speech.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--root", required=True, help="folder of clean speech (.wav/.flac, searched recursively)")
-    add_dict_to_argparser(parser.add_argument_group("training"), training_defaults(), TRAINING_HELP)
-    precision = parser.add_argument_group("precision")
-    add_dict_to_argparser(precision, dict(use_fp16=False, bf16=False, channels_last=False),
-                          dict(use_fp16="float16 autocast with dynamic loss scaling",
-                               bf16="bfloat16 autocast (no loss scaling needed)",
-                               channels_last="channels-last memory format for the network"))
-    model_defaults = {k: v for k, v in model_and_diffusion_defaults().items() if k != "use_fp16"}
-    add_dict_to_argparser(parser.add_argument_group("model and diffusion"), model_defaults)
-    return parser
+    return command_parser("Train a Diffiner diffusion model on clean speech.", {
+        "training": TRAINING_FLAGS, "precision": PRECISION_FLAGS,
+        "model and diffusion (default: the published model)": MODEL_AND_DIFFUSION_FLAGS})
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = create_argparser()
     args = parser.parse_args(argv)
-    if args.use_fp16 and args.bf16:
-        parser.error("choose one of --use_fp16 and --bf16")
-    if args.schedule_sampler not in SAMPLER_NAMES:
-        parser.error(f"--schedule_sampler must be one of {', '.join(SAMPLER_NAMES)}")
+    precision_from_args(args, parser)
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1")
     if args.seed < 0:
@@ -138,14 +98,8 @@ def write_settings(log_dir: str, args: argparse.Namespace, world_size: int) -> N
     settings = dict(vars(args), log_dir=log_dir, world_size=world_size,
                     global_batch_size=args.batch_size * world_size)
     write_text_atomic(os.path.join(log_dir, "args.json"), json.dumps(settings, indent=2) + "\n")
-    model_config = {k: getattr(args, k) for k in model_and_diffusion_defaults() if k not in NOT_MODEL_CONFIG}
+    model_config = {k: v for k, v in values_of(args, MODEL_AND_DIFFUSION_FLAGS).items() if k not in NOT_MODEL_CONFIG}
     write_text_atomic(os.path.join(log_dir, "model_config.yml"), yaml.safe_dump(model_config, sort_keys=False))
-
-
-def seed_globals(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def train(args: argparse.Namespace) -> TrainLoop:
@@ -166,9 +120,7 @@ def train(args: argparse.Namespace) -> TrainLoop:
     # The same initial weights on every rank (sync_params makes sure); then per-rank global
     # generators, which only dropout uses.
     seed_globals(args.seed)
-    settings = args_to_dict(args, model_and_diffusion_defaults().keys())
-    settings["use_fp16"] = False  # the loop drives precision; parameters stay float32
-    model, diffusion = create_model_and_diffusion(**settings)
+    model, diffusion = create_model_and_diffusion(**values_of(args, MODEL_AND_DIFFUSION_FLAGS))
     if args.image_size % model.downsample_factor:
         raise ValueError(f"image_size {args.image_size} must be a multiple of {model.downsample_factor} "
                          f"for {len(model.channel_mult)} resolution levels")
@@ -195,7 +147,7 @@ def train(args: argparse.Namespace) -> TrainLoop:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         train(args)
     except (FileNotFoundError, AudioError, ValueError) as exc:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffiner.resample import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
+from diffiner.schedule_sampler import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 from diffiner.script_util import create_gaussian_diffusion
 
 

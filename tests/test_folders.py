@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from diffiner.files import is_inside, list_audio_files, pair_files
+from diffiner.audio.folders import is_inside, list_audio_files, pair_files
 
 
 def touch(path):
@@ -39,7 +39,7 @@ def test_no_common_file_is_an_error(tmp_path):
 
 
 def test_inference_imports_neither_mpi4py_nor_blobfile():
-    code = ("import sys, diffiner.run_refiner, diffiner.pipeline; "
+    code = ("import sys, diffiner.commands.refine, diffiner.pipeline; "
             "print(any(m in sys.modules for m in ('mpi4py', 'blobfile')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

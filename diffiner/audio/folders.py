@@ -1,10 +1,20 @@
-"""Finding audio files and pairing them across folders by relative path."""
+"""Folder trees of audio files: finding them, pairing them across folders by relative path, and
+converting a tree file by file.
+
+`convert_folder` is the one way the package turns an input tree into an output tree (preceding
+enhancers, resampling, demo noise): every audio file under the input folder becomes one file at
+the same relative path under the output folder, written atomically, and outputs that already
+exist are skipped, so an interrupted run is resumed by running it again.
+"""
 
 import logging
 import os
-from typing import Dict, Iterable, List, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Tuple
 
-from .audio import AUDIO_EXTENSIONS
+import numpy as np
+
+from .io import AUDIO_EXTENSIONS, AudioError, load_audio, save_audio
 
 logger = logging.getLogger(__name__)
 
@@ -64,3 +74,45 @@ def is_inside(path: str, folder: str) -> bool:
     """True when `path` is `folder` or lies below it."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([path, folder]) == folder
+
+
+# (relative path, audio (channels, samples), sample rate) -> (audio, sample rate)
+Conversion = Callable[[str, np.ndarray, int], Tuple[np.ndarray, int]]
+
+
+@dataclass
+class FolderResult:
+    """Relative paths written, skipped (output already there) and failed (with the reason)."""
+
+    written: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    failed: Dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"{len(self.written)} written, {len(self.skipped)} already there, {len(self.failed)} failed"
+
+
+def convert_folder(in_root: str, out_root: str, convert: Conversion, overwrite: bool = False,
+                   subtype: str = "PCM_16") -> FolderResult:
+    """Apply `convert` to every audio file under `in_root`, writing the same relative paths
+    under `out_root` (which may lie inside `in_root`: it is never read back as input).
+
+    Unreadable files are recorded in `failed` and the rest go on, so one broken file in a corpus
+    of hundreds does not stop the run. Raises FileNotFoundError when `in_root` is not a folder.
+    """
+    result = FolderResult()
+    for rel in list_audio_files(in_root, exclude=[out_root]):
+        out_path = os.path.join(out_root, rel)
+        if os.path.exists(out_path) and not overwrite:
+            result.skipped.append(rel)
+            continue
+        try:
+            audio, rate = load_audio(os.path.join(in_root, rel))
+        except AudioError as exc:
+            logger.warning("%s", exc)
+            result.failed[rel] = str(exc)
+            continue
+        converted, out_rate = convert(rel, audio, rate)
+        save_audio(out_path, converted, out_rate, subtype=subtype)
+        result.written.append(rel)
+    return result

@@ -11,18 +11,11 @@ from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
-from .audio import MODEL_SAMPLE_RATE
+from ..audio.io import MODEL_SAMPLE_RATE
 
 # Added to both energies of SI-SDR: a perfect estimate then scores a large finite value
 # (above 100 dB for speech at normal level) instead of +inf, which would poison averages.
 SI_SDR_EPS = 1e-8
-
-NISQA_UNSUPPORTED = (
-    "NISQA scoring is not supported yet: diffiner neither ships nor downloads NISQA weights "
-    "(they are licensed for non-commercial use only) and does not implement the NISQA model. "
-    "Score the output folders with the official NISQA tool instead, or leave out --nisqa-weights."
-)
-
 
 class MetricError(ValueError):
     """A signal on which a metric is undefined (e.g. PESQ finds no speech in it)."""
@@ -111,11 +104,6 @@ def dnsmos(signal: np.ndarray) -> Dict[str, float]:
         "OVRL": float(scores["ovrl_mos"]),
         "P808": float(scores["p808_mos"]),
     }
-
-
-def nisqa(signal: np.ndarray, weights_path: str) -> float:
-    """Hook for NISQA scores; always raises, see NISQA_UNSUPPORTED for why and what to do."""
-    raise NotImplementedError(NISQA_UNSUPPORTED)
 
 
 def confidence_interval(values: Sequence[float]) -> Tuple[float, float]:

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from diffiner.baseline import BASELINES, baseline_folder, main, run_baseline
-from diffiner.metrics import si_sdr
+from diffiner.audio.enhancers import ENHANCERS, enhance, enhance_folder
+from diffiner.commands.enhance import main
+from diffiner.evaluation.metrics import si_sdr
 
 from conftest import speech_like, with_noise, write_wav
 
@@ -21,41 +22,41 @@ RATE = 16000
 def test_output_has_the_input_shape_and_dtype():
     for shape in [(1, 16001), (2, 12345), (1, 300)]:
         noisy = np.random.default_rng(0).standard_normal(shape).astype(np.float32) * 0.1
-        out = run_baseline("noisereduce", noisy, RATE)
+        out = enhance("noisereduce", noisy, RATE)
         assert out.shape == noisy.shape and out.dtype == np.float32
-    out = run_baseline("noisereduce", noisy, 48000)
+    out = enhance("noisereduce", noisy, 48000)
     assert out.shape == noisy.shape
 
 
 def test_it_improves_si_sdr_and_removes_noise_energy():
     clean = speech_like(2.0, RATE, seed=3)
     noisy = with_noise(clean, 5.0, seed=4)
-    enhanced = run_baseline("noisereduce", noisy[None], RATE)[0]
+    enhanced = enhance("noisereduce", noisy[None], RATE)[0]
     assert si_sdr(clean, enhanced) > si_sdr(clean, noisy) + 2.0
     noise_only = (noisy - clean)[None]
-    left = run_baseline("noisereduce", noise_only, RATE)
+    left = enhance("noisereduce", noise_only, RATE)
     assert np.sum(left ** 2) < 0.3 * np.sum(noise_only ** 2)  # at least 5 dB less noise
 
 
 def test_it_is_deterministic():
     noisy = with_noise(speech_like(1.0, RATE, seed=1), 0.0, seed=2)[None]
-    assert np.array_equal(run_baseline("noisereduce", noisy, RATE), run_baseline("noisereduce", noisy, RATE))
+    assert np.array_equal(enhance("noisereduce", noisy, RATE), enhance("noisereduce", noisy, RATE))
 
 
 def test_unknown_names_and_shapes_are_refused(tmp_path):
     with pytest.raises(ValueError, match="choose from noisereduce"):
-        run_baseline("wiener", np.zeros((1, 100), np.float32), RATE)
+        enhance("wiener", np.zeros((1, 100), np.float32), RATE)
     with pytest.raises(ValueError, match="choose from noisereduce"):
-        baseline_folder("wiener", str(tmp_path), str(tmp_path / "out"))
+        enhance_folder("wiener", str(tmp_path), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="channels, samples"):
-        run_baseline("noisereduce", np.zeros(100, np.float32), RATE)
-    assert BASELINES == ("noisereduce",)
+        enhance("noisereduce", np.zeros(100, np.float32), RATE)
+    assert ENHANCERS == ("noisereduce",)
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "noisereduce", None)  # makes `import noisereduce` fail
     with pytest.raises(ImportError, match="pip install noisereduce"):
-        run_baseline("noisereduce", np.zeros((1, 1000), np.float32), RATE)
+        enhance("noisereduce", np.zeros((1, 1000), np.float32), RATE)
 
 
 @pytest.fixture
@@ -71,16 +72,16 @@ def noisy_dir(tmp_path):
 
 def test_folder_keeps_paths_rates_and_lengths_and_skips_existing(noisy_dir, tmp_path):
     out = str(tmp_path / "noisereduce")
-    result = baseline_folder("noisereduce", noisy_dir, out)
+    result = enhance_folder("noisereduce", noisy_dir, out)
     assert sorted(result.written) == ["a.wav", "stereo.flac", os.path.join("sub", "b.wav")]
     assert list(result.failed) == ["broken.wav"]
     for rel in result.written:
         src, dst = sf.info(os.path.join(noisy_dir, rel)), sf.info(os.path.join(out, rel))
         expected = (src.samplerate, src.frames, src.channels, "PCM_16")
         assert (dst.samplerate, dst.frames, dst.channels, dst.subtype) == expected
-    again = baseline_folder("noisereduce", noisy_dir, out)
+    again = enhance_folder("noisereduce", noisy_dir, out)
     assert again.written == [] and sorted(again.skipped) == sorted(result.written)
-    assert sorted(baseline_folder("noisereduce", noisy_dir, out, overwrite=True).written) == sorted(result.written)
+    assert sorted(enhance_folder("noisereduce", noisy_dir, out, overwrite=True).written) == sorted(result.written)
 
 
 def test_command_line(noisy_dir, tmp_path, capsys):

@@ -1,0 +1,181 @@
+"""Refining a corpus: two folder trees of paired recordings in, one tree of refined files out.
+
+The engine behind `diffiner-refine` (scripts/run_refiner.py). Noisy and processed files are
+paired by relative path. Files are sorted by the width their spectrogram is padded to, so that
+equal widths share batches, and each finished file is written at once (atomically), so an
+interrupted run loses nothing already written and a rerun picks up where it stopped. Under
+torchrun/mpiexec every process takes its share of the files (`shard_jobs`).
+"""
+
+import itertools
+import logging
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .audio.folders import pair_files
+from .audio.io import MODEL_SAMPLE_RATE, AudioError, audio_info, fit_length, load_audio, resample, save_audio
+from .pipeline import Prepared, Refiner
+
+logger = logging.getLogger(__name__)
+
+LENGTH_TOLERANCE_S = 0.1  # noisy/processed length difference accepted (and fixed) silently
+
+
+def output_folder_name(method: str, etas: Dict[str, float]) -> str:
+    """`diffiner+_etaA=0.4_etaB=0.6_etaC=0.0_etaD=0.6`, as the original named its outputs."""
+    parts = [f"eta{name[-1].upper()}={etas[name]}" for name in ("eta_a", "eta_b", "eta_c", "eta_d") if name in etas]
+    return "_".join([method] + parts)
+
+
+@dataclass
+class FileJob:
+    """One pair of recordings on its way through the refiner."""
+
+    rel: str
+    noisy_path: str
+    processed_path: str
+    output_path: str
+    width: int = 0  # padded spectrogram width of its segments
+    seconds: float = 0.0
+
+
+@dataclass
+class RunSummary:
+    refined: List[str] = field(default_factory=list)
+    skipped: List[str] = field(default_factory=list)
+    failed: Dict[str, str] = field(default_factory=dict)
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    @property
+    def rtf(self) -> float:
+        return self.wall_seconds / self.audio_seconds if self.audio_seconds else float("nan")
+
+    @classmethod
+    def merge(cls, parts: Sequence["RunSummary"], wall_seconds: float) -> "RunSummary":
+        """One summary from every process's: files added up, wall time of the whole run."""
+        merged = cls(wall_seconds=wall_seconds)
+        for part in parts:
+            merged.refined += part.refined
+            merged.skipped = part.skipped  # every process saw the same finished files
+            merged.failed.update(part.failed)
+            merged.audio_seconds += part.audio_seconds
+        return merged
+
+
+def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner, overwrite: bool,
+              summary: RunSummary) -> List[FileJob]:
+    """Pair the files, drop those already refined, and sort the rest by padded width."""
+    rels, _ = pair_files({"noisy": root_noisy, "processed": root_proc}, exclude=[output_dir])
+    jobs = []
+    for rel in rels:
+        job = FileJob(rel, os.path.join(root_noisy, rel), os.path.join(root_proc, rel), os.path.join(output_dir, rel))
+        if os.path.exists(job.output_path) and not overwrite:
+            summary.skipped.append(rel)
+            continue
+        try:
+            samples, rate, _ = audio_info(job.processed_path)
+            audio_info(job.noisy_path)
+        except AudioError as exc:
+            summary.failed[rel] = str(exc)
+            continue
+        job.seconds = samples / rate
+        job.width = refiner.padded_width(int(round(samples * MODEL_SAMPLE_RATE / rate)))
+        jobs.append(job)
+    jobs.sort(key=lambda j: (j.width, j.rel))
+    return jobs
+
+
+def shard_jobs(jobs: Sequence[FileJob], rank: int, world_size: int) -> List[FileJob]:
+    """This rank's share of the jobs, balanced by audio duration rather than file count.
+
+    Longest first, each job goes to the rank with the least audio so far (ties: lowest rank);
+    every rank computes the same assignment from the same sorted list, with no communication.
+    """
+    if world_size == 1:
+        return list(jobs)
+    load = [0.0] * world_size
+    mine = []
+    for job in sorted(jobs, key=lambda j: (-j.seconds, j.rel)):
+        target = min(range(world_size), key=lambda r: (load[r], r))
+        load[target] += job.seconds
+        if target == rank:
+            mine.append(job)
+    return sorted(mine, key=lambda j: (j.width, j.rel))
+
+
+def load_pair(job: FileJob):
+    """Read a pair and bring the noisy side to the processed side's rate and length.
+
+    Returns (noisy, processed, sample_rate). Raises AudioError naming the files on mismatch.
+    """
+    noisy, noisy_rate = load_audio(job.noisy_path)
+    processed, rate = load_audio(job.processed_path)
+    if noisy_rate != rate:
+        noisy = resample(noisy, noisy_rate, rate)
+    diff = abs(noisy.shape[-1] - processed.shape[-1]) / rate
+    if diff > LENGTH_TOLERANCE_S:
+        raise AudioError(
+            f"{job.noisy_path} and {job.processed_path}: lengths differ by {diff:.3f} s "
+            f"(more than {LENGTH_TOLERANCE_S} s); are they the same utterance?"
+        )
+    return fit_length(noisy, processed.shape[-1]), processed, rate
+
+
+def prefetched(pool: ThreadPoolExecutor, items: Sequence, fn: Callable, lookahead: int) -> Iterator[Tuple]:
+    """Yield (item, future of fn(item)) in order, keeping `lookahead` calls running ahead."""
+    items = iter(items)
+    queue = deque((item, pool.submit(fn, item)) for item in itertools.islice(items, lookahead))
+    while queue:
+        item, future = queue.popleft()
+        for nxt in itertools.islice(items, 1):
+            queue.append((nxt, pool.submit(fn, nxt)))
+        yield item, future
+
+
+def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary, *, seed: int,
+                 keep_sample_rate: bool, progress: bool = True, loaders: int = 2) -> None:
+    """Refine the jobs in width order, batching segments of equal width across files.
+
+    Reading and preparing upcoming files (`loaders` threads) and writing finished ones (one
+    thread) overlap the network's work. Results go into `summary`.
+    """
+    bar = tqdm(total=len(jobs), desc="refining", unit="file", disable=not progress)
+
+    def prepare(job: FileJob) -> Prepared:
+        noisy, processed, rate = load_pair(job)
+        return refiner.prepare(noisy, processed, rate, seed=seed, key=job.rel)
+
+    def readable(load_pool: ThreadPoolExecutor) -> Iterator[Tuple[FileJob, Prepared]]:
+        for job, future in prefetched(load_pool, jobs, prepare, lookahead=2 * loaders):
+            try:
+                yield job, future.result()
+            except (AudioError, ValueError) as exc:
+                summary.failed[job.rel] = str(exc)
+                bar.update(1)
+
+    def finish(job: FileJob, prepared: Prepared, waves: List) -> None:
+        rate = prepared.sample_rate if keep_sample_rate else MODEL_SAMPLE_RATE
+        audio = refiner.assemble(prepared, waves, rate)
+        if not np.all(np.isfinite(audio)):
+            summary.failed[job.rel] = f"{job.processed_path}: the refined audio is not finite"
+        else:
+            save_audio(job.output_path, audio, rate)
+            summary.refined.append(job.rel)
+            summary.audio_seconds += job.seconds
+        bar.update(1)
+
+    try:
+        with ThreadPoolExecutor(loaders) as load_pool, ThreadPoolExecutor(1) as write_pool:
+            writes = [write_pool.submit(finish, job, prepared, waves)
+                      for job, prepared, waves in refiner.refine_stream(readable(load_pool))]
+            for write in writes:
+                write.result()  # a failed write (disk full, permissions) stops the run loudly
+    finally:
+        bar.close()

@@ -1,0 +1,128 @@
+"""An evaluation run: pair the folders, check the lengths, score, summarize, write and plot.
+
+Outputs in the output folder: per_file.csv, summary.md, summary.json and spectrograms.png.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..audio.folders import pair_files
+from .plots import ovrl_ranking, plot_spectrograms
+from .report import format_summary_markdown, summarize, write_outputs
+from .scoring import EvaluationError, FileTask, check_lengths, metric_columns, resolve_metrics, score_all
+
+logger = logging.getLogger(__name__)
+
+
+CLEAN = "clean"
+
+NOISY = "noisy"
+
+
+@dataclass(frozen=True)
+class EvaluationSetup:
+    """What to score and where to write it.
+
+    `systems` keeps the command-line order, which decides the table rows and which systems the
+    default spectrogram choice compares. `metrics` None means every metric the inputs allow.
+    """
+
+    systems: Dict[str, str]
+    output_dir: str = "eval_results"
+    clean: Optional[str] = None
+    noisy: Optional[str] = None
+    metrics: Optional[Sequence[str]] = None
+    workers: int = 1
+    plot_files: Optional[Sequence[str]] = None
+    num_plot_files: int = 2
+
+    def scored_systems(self) -> Dict[str, str]:
+        """Every scored folder by name: noisy first (when given), then the systems."""
+        noisy = {NOISY: self.noisy} if self.noisy else {}
+        return {**noisy, **self.systems}
+
+
+@dataclass
+class EvaluationResult:
+    """What a run produced, for the caller to report: paths are relative to the input folders."""
+
+    files: List[str]
+    missing: Dict[str, List[str]]
+    summary: Dict[str, Dict[str, Dict[str, float]]]
+    markdown: str
+    plotted_files: List[str]
+
+
+def _comparison_pair(setup: EvaluationSetup) -> Optional[Tuple[str, str]]:
+    """(baseline, target) for the default spectrogram choice: first vs last system, or noisy
+    vs the only system, since that is the change a refiner is judged by."""
+    names = list(setup.systems)
+    if len(names) >= 2:
+        return names[0], names[-1]
+    if setup.noisy:
+        return NOISY, names[-1]
+    return None
+
+
+def evaluate(setup: EvaluationSetup) -> EvaluationResult:
+    """Pair, check, score, summarize and plot; raises EvaluationError, AudioError or
+    FileNotFoundError (no common file, missing folder) for inputs the user must fix."""
+    metric_names = resolve_metrics(setup.metrics, setup.clean is not None)
+    systems = setup.scored_systems()
+    sources = {**({CLEAN: setup.clean} if setup.clean else {}), **systems}
+    # A system folder may hold another's (the refiner writes inside the processed folder):
+    # listing one folder never descends into another given folder.
+    files, missing = pair_files(sources, exclude=[setup.output_dir, *sources.values()])
+    _validate_plot_files(setup.plot_files, files)
+    if setup.clean:
+        check_lengths(setup.clean, systems, files)
+
+    tasks = [FileTask(f, setup.clean, tuple(systems.items()), metric_names) for f in files]
+    rows = score_all(tasks, max(1, min(setup.workers, len(tasks))))
+    order = {name: index for index, name in enumerate(systems)}
+    rows.sort(key=lambda r: (r["file"], order[r["system"]]))
+
+    columns = metric_columns(metric_names)
+    summary = summarize(rows, list(systems), columns)
+    markdown = format_summary_markdown(summary, columns, len(files))
+    os.makedirs(setup.output_dir, exist_ok=True)
+    write_outputs(setup.output_dir, rows, columns, summary, markdown)
+
+    plotted = choose_plot_files(rows, files, setup)
+    if plotted:
+        plot_spectrograms(os.path.join(setup.output_dir, "spectrograms.png"), plotted, sources)
+    else:
+        logger.info("no file chosen for plotting; spectrograms.png not written")
+    missing = {name: paths for name, paths in missing.items() if paths}
+    return EvaluationResult(files, missing, summary, markdown, plotted)
+
+
+def choose_plot_files(
+    rows: Sequence[Dict[str, object]], files: Sequence[str], setup: EvaluationSetup
+) -> List[str]:
+    """Files to draw: the ones given, else most improved / most degraded by DNSMOS OVRL
+    (alternating), else the first files when there is nothing to rank by."""
+    if setup.plot_files is not None:
+        return list(setup.plot_files)
+    count = setup.num_plot_files
+    pair = _comparison_pair(setup)
+    has_ovrl = bool(rows) and "dnsmos_ovrl" in rows[0]
+    if pair is None or not has_ovrl:
+        return list(files[:count])
+    ranked = ovrl_ranking(rows, *pair)
+    chosen = []
+    for extremes in zip(ranked, reversed(ranked)):
+        chosen.extend(f for f in extremes if f not in chosen)
+    return chosen[:count] or list(files[:count])
+
+
+def _validate_plot_files(plot_files: Optional[Sequence[str]], files: Sequence[str]) -> None:
+    """Fail before scoring when --plot-files names a file that is not scored."""
+    known = set(files)
+    unknown = [f for f in plot_files or () if f not in known]
+    if unknown:
+        raise EvaluationError(
+            f"--plot-files names file(s) not found in every folder: {', '.join(unknown)}"
+        )

@@ -1,0 +1,167 @@
+"""Command-line flags, declared once per setting.
+
+A `Flag` carries everything about one setting: its name, default, type, help and extra spellings.
+Every command builds its parser from such declarations, so a setting taken by several commands
+(the model settings, the precision switches) is declared in one place and reads the same
+everywhere. Each flag is accepted with underscores and with dashes (`--root_noisy` and
+`--root-noisy`), because the original code's documentation used both.
+"""
+
+import argparse
+import dataclasses
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+
+def str2bool(value: Any) -> bool:
+    """Parse a command-line boolean ("true"/"false", "1"/"0", "yes"/"no")."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {value!r}")
+
+
+def flag_spellings(name: str) -> List[str]:
+    """Option strings for a setting: --name_with_underscores and --name-with-dashes."""
+    spellings = [f"--{name}"]
+    if "_" in name:
+        spellings.append(f"--{name.replace('_', '-')}")
+    return spellings
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One command-line setting.
+
+    :param name: the destination, with underscores; also the first spelling.
+    :param default: the value when the flag is absent; a bool default makes a switch that also
+        takes an explicit value (`--use_fp16` or `--use_fp16 true`, as guided-diffusion's flags).
+    :param type: parses the text (each item with nargs); default: the default's type (str for None
+        or a list).
+    :param aliases: further names (underscores), each also spelled with dashes.
+    """
+
+    name: str
+    default: Any = None
+    help: str = ""
+    type: Optional[Callable[[str], Any]] = None
+    required: bool = False
+    choices: Optional[Sequence[Any]] = None
+    metavar: Optional[str] = None
+    nargs: Any = None
+    action: Optional[str] = None  # e.g. "append" for a flag given several times
+    aliases: Tuple[str, ...] = ()
+
+    def with_default(self, default: Any) -> "Flag":
+        """The same flag with another default (e.g. a command's own respacing)."""
+        return dataclasses.replace(self, default=default)
+
+    def add_to(self, parser) -> None:
+        """Add this flag to an argparse parser or argument group."""
+        spellings = flag_spellings(self.name) + [s for alias in self.aliases for s in flag_spellings(alias)]
+        kwargs: Dict[str, Any] = dict(dest=self.name, help=self.help)
+        if self.required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = self.default
+        if isinstance(self.default, bool):
+            kwargs.update(type=str2bool, nargs="?", const=True)
+        else:
+            if self.action is not None:
+                kwargs["action"] = self.action
+            plain = self.default is None or isinstance(self.default, (list, tuple))
+            kwargs["type"] = self.type or (str if plain else type(self.default))
+            if self.metavar is None and self.choices is None and kwargs["type"] in (int, float):
+                kwargs["metavar"] = "N" if kwargs["type"] is int else "X"
+            for key in ("choices", "metavar", "nargs"):
+                if getattr(self, key) is not None:
+                    kwargs[key] = getattr(self, key)
+        parser.add_argument(*spellings, **kwargs)
+
+
+def add_flags(parser, flags: Iterable[Flag]) -> None:
+    """Add every flag to `parser` (an ArgumentParser or an argument group)."""
+    for flag in flags:
+        flag.add_to(parser)
+
+
+def flag_defaults(flags: Iterable[Flag]) -> Dict[str, Any]:
+    """{name: default} of the flags."""
+    return {flag.name: flag.default for flag in flags}
+
+
+def values_of(args: argparse.Namespace, flags: Iterable[Flag]) -> Dict[str, Any]:
+    """{name: parsed value} of the flags."""
+    return {flag.name: getattr(args, flag.name) for flag in flags}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, made for reading.
+
+    - Each flag is shown once, in its dashed spelling; switches without a value placeholder.
+    - "(default: X)" is added where a default means something: never on required flags, switches
+      that are off, or flags without a default.
+    - The usage line lists what must be given, then "[options]".
+    """
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        shorts = [s for s in action.option_strings if not s.startswith("--")]
+        shown = ", ".join(shorts + [next((s for s in longs if "_" not in s), longs[0])] if longs else shorts)
+        if action.nargs == 0 or (action.nargs == "?" and action.const is True):
+            return shown
+        return f"{shown} {self._format_args(action, self._get_default_metavar_for_optional(action))}"
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.required or default is None or default is False or default is argparse.SUPPRESS
+                or "%(default)" in text or not action.option_strings):
+            return text
+        if default == "":
+            return text + " (default: empty)"
+        return text + " (default: %(default)s)"
+
+    def add_usage(self, usage, actions, groups, prefix=None):
+        if usage is None:
+            required = [self._format_action_invocation(a) for a in actions if a.option_strings and a.required]
+            positional = [self._format_args(a, a.dest) for a in actions if not a.option_strings]
+            usage = " ".join(["%(prog)s", *required, "[options]", *positional])
+        super().add_usage(usage, actions, groups, prefix)
+
+
+def command_parser(description: str, groups: Dict[str, Iterable[Flag]], prog: Optional[str] = None
+                   ) -> argparse.ArgumentParser:
+    """An ArgumentParser with the project's help formatter and one argument group per entry of
+    `groups` (title: flags), in the order given: the settings a user changes first, the model
+    settings last."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=HelpFormatter,
+        epilog="Multi-word flags may be written with dashes or underscores (--batch-size = --batch_size).",
+    )
+    for title, flags in groups.items():
+        add_flags(parser.add_argument_group(title), flags)
+    return parser
+
+
+MODEL_GROUP = "model and diffusion (must match the checkpoint; default: the published model)"
+
+
+# ----- settings shared by several commands -----
+
+PRECISION_FLAGS = (
+    Flag("use_fp16", False, "run the network under float16 autocast (training adds dynamic loss scaling)"),
+    Flag("bf16", False, "run the network under bfloat16 autocast"),
+    Flag("channels_last", False, "run the network in channels-last memory format"),
+)
+
+
+def precision_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """"fp16", "bf16" or "fp32" from the precision switches; both switches is a usage error."""
+    if args.use_fp16 and args.bf16:
+        parser.error("choose one of --use_fp16 and --bf16")
+    return "fp16" if args.use_fp16 else "bf16" if args.bf16 else "fp32"

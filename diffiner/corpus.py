@@ -173,8 +173,13 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
 
     try:
         with ThreadPoolExecutor(loaders) as load_pool, ThreadPoolExecutor(1) as write_pool:
-            writes = [write_pool.submit(finish, job, prepared, waves)
-                      for job, prepared, waves in refiner.refine_stream(readable(load_pool))]
+            writes = []
+            for done in refiner.refine_stream(readable(load_pool)):
+                if done.error is not None:
+                    summary.failed[done.item.rel] = f"{done.item.processed_path}: {done.error}"
+                    bar.update(1)
+                else:
+                    writes.append(write_pool.submit(finish, done.item, done.prepared, done.waves))
             for write in writes:
                 write.result()  # a failed write (disk full, permissions) stops the run loudly
     finally:

@@ -134,6 +134,10 @@ class HelpFormatter(argparse.HelpFormatter):
         super().add_usage(usage, actions, groups, prefix)
 
 
+# Every command takes it: errors then show their traceback instead of one line.
+DEBUG_FLAG = Flag("debug", False, "on an error, show the full traceback instead of one line")
+
+
 def command_parser(description: str, groups: Dict[str, Iterable[Flag]], prog: Optional[str] = None
                    ) -> argparse.ArgumentParser:
     """An ArgumentParser with the project's help formatter and one argument group per entry of
@@ -145,7 +149,9 @@ def command_parser(description: str, groups: Dict[str, Iterable[Flag]], prog: Op
     )
     for title, flags in groups.items():
         add_flags(parser.add_argument_group(title), flags)
+    DEBUG_FLAG.add_to(parser)
     return parser
+
 
 
 MODEL_GROUP = "model and diffusion (must match the checkpoint; default: the published model)"

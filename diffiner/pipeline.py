@@ -319,10 +319,9 @@ class Refiner:
             spec_to_wave(spec[k, :, :, :num_frames(seg.samples)], seg.samples) for k, seg in enumerate(batch)
         ]
 
-    def refine_stream(self, recordings: Iterable[Tuple[Any, Prepared]]
-                      ) -> Iterator[Tuple[Any, Prepared, List[torch.Tensor]]]:
-        """Refine prepared recordings as they arrive; yield (item, prepared, waves) for each one as
-        soon as all its segments are done.
+    def refine_stream(self, recordings: Iterable[Tuple[Any, Prepared]]) -> Iterator["Refined"]:
+        """Refine prepared recordings as they arrive; yield a `Refined` for each one as soon as all
+        its segments are done (or as soon as it has failed).
 
         Segments of consecutive recordings of equal width share batches (planned by
         `plan_batches`), so recordings sorted by width fill the batches; a batch runs as soon as it
@@ -337,8 +336,7 @@ class Refiner:
             yield from self._run_pending(pending, flush=False)
         yield from self._run_pending(pending, flush=True)
 
-    def _run_pending(self, pending: List[Tuple["_InProgress", int]], flush: bool
-                     ) -> Iterator[Tuple[Any, Prepared, List[torch.Tensor]]]:
+    def _run_pending(self, pending: List[Tuple["_InProgress", int]], flush: bool) -> Iterator["Refined"]:
         """Run the full batches of `pending` (every batch with `flush`) and drop them from it."""
         segments = [entry.prepared.segments[i] for entry, i in pending]
         done = 0
@@ -350,7 +348,7 @@ class Refiner:
                 entry.waves[i] = wave
                 entry.remaining -= 1
                 if entry.remaining == 0:
-                    yield entry.item, entry.prepared, entry.waves
+                    yield Refined(entry.item, entry.prepared, entry.waves)
             done += len(batch)
         del pending[:done]
 
@@ -382,6 +380,17 @@ class Refiner:
         waves = self.run_segments(prepared.segments, progress=progress)
         out = self.assemble(prepared, waves, output_sample_rate or sample_rate)
         return out[0] if np.ndim(processed) == 1 and np.ndim(noisy) == 1 else out
+
+
+@dataclass
+class Refined:
+    """One recording out of `Refiner.refine_stream`: its waves (16 kHz, one per segment), or the
+    error that stopped it (then `waves` is None)."""
+
+    item: Any
+    prepared: Prepared
+    waves: Optional[List[torch.Tensor]]
+    error: Optional[Exception] = None
 
 
 @dataclass

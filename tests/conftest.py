@@ -71,3 +71,10 @@ def write_wav(path, audio, rate, subtype="PCM_16"):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     data = audio.T if audio.ndim == 2 else audio
     sf.write(path, data, rate, subtype=subtype)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped with a reason when none is present")
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")

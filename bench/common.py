@@ -27,7 +27,9 @@ def voicebank_like_durations(num_files: int = 824, seed: int = 0) -> np.ndarray:
 def machine_description() -> str:
     """CPU or GPU model, core count and library versions, for the record."""
     if torch.cuda.is_available():
-        device = torch.cuda.get_device_name(0)
+        props = torch.cuda.get_device_properties(0)
+        device = (f"GPU: {props.name}, {props.total_memory / 2 ** 30:.0f} GiB, {torch.cuda.device_count()} visible, "
+                  f"CUDA {torch.version.cuda}")
     else:
         device = f"CPU: {_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return (f"{device}; Python {platform.python_version()}, torch {torch.__version__}, "

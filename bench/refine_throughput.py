@@ -7,6 +7,19 @@ the speed-up is measured side by side in one run.
 
 On CUDA it uses the published-size model and ddim200 over all 824 files. On a CPU-only machine
 that would take days, so it uses a small model, a few files and few steps, and says so.
+
+Each configuration's refined audio is compared with fp32's from the same run (relative rms
+difference over all files; the same seeds, so only the arithmetic differs), and the fastest
+configuration within --tolerance of it is printed: the candidate for the default precision.
+
+How long the full CUDA run takes (an ESTIMATE from FLOP counts, not a measurement): the
+published network costs about 665 GFLOP per 256x256 forward, 2.6 GFLOP per frame; the 824 files
+(35.1 min of audio, 131,904 frames) become 1.09 network frames per audio frame, so one ddim200
+pass is 143,776 x 2.6 GFLOP x 200 = 75 PFLOP. At 40% of an H100's dense peak (989 TFLOP/s bf16
+and fp16, 494 TFLOP/s for fp32's TF32 convolutions) that is about 3.2 min per bf16/fp16
+configuration and 6.3 min per fp32 one; the original strategy's 4.80 frames per audio frame
+cost 4.4x as much (about 28 min in fp32). All eight configurations: about 1 hour, twice that at
+20% of the peak. `--configs` and `--num-files` / `--steps` run a part of it.
 """
 
 import argparse
@@ -35,6 +48,19 @@ CONFIGS = {
     "original (768 frames; fp32; batch 8)": dict(precision="fp32", width_bucket=768, batch_size=8,
                                                   max_batch_frames=None),
 }
+
+
+def without_zero_layers(model: torch.nn.Module) -> torch.nn.Module:
+    """Give the layers that a fresh initialisation zeroes (each residual branch's last
+    convolution, the attention projections, the output layer) a default random initialisation.
+
+    With them zero the network outputs exactly zero: speed is the same, but every precision
+    would then refine to the same audio, and the comparison with fp32 would mean nothing.
+    """
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)) and not module.weight.any():
+            module.reset_parameters()
+    return model
 
 
 def peak_tflops(override: float) -> Tuple[float, str]:
@@ -85,6 +111,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def run_config(name: str, settings: Dict, model, diffusion, recordings: List[np.ndarray], args, flop_cache: Dict):
+    """Refine every recording with one configuration; the timing covers the network's work only."""
     options = dict(batch_size=args.batch_size, max_batch_frames=args.max_batch_frames, device=args.device)
     options.update(settings)
     refiner = Refiner(model, diffusion, **options)
@@ -99,13 +126,20 @@ def run_config(name: str, settings: Dict, model, diffusion, recordings: List[np.
             refiner.network(x, torch.zeros(shape[0], dtype=torch.long, device=refiner.device))
     synchronize(refiner.device)
     start = time.perf_counter()
-    refiner.run_segments(segments)
+    waves = refiner.run_segments(segments)
     synchronize(refiner.device)
     wall = time.perf_counter() - start
     steps = diffusion.num_timesteps
     flops = steps * sum(network_flops(refiner, len(b), segments[b[0]].width, flop_cache) for b in batches)
-    return dict(wall=wall, frames=sum(seg.width for seg in segments), flops=flops,
-                batches=len(batches), max_batch=max(len(b) for b in batches))
+    return dict(wall=wall, frames=sum(seg.width for seg in segments), flops=flops, waves=waves,
+                width_bucket=refiner.width_bucket, batches=len(batches), max_batch=max(len(b) for b in batches))
+
+
+def relative_difference(waves: List[torch.Tensor], reference: List[torch.Tensor]) -> float:
+    """rms(waves - reference) / rms(reference) over all segments."""
+    error = sum(float(((a - b) ** 2).sum()) for a, b in zip(waves, reference))
+    energy = sum(float((b ** 2).sum()) for b in reference)
+    return (error / energy) ** 0.5
 
 
 def main() -> None:
@@ -119,6 +153,9 @@ def main() -> None:
     parser.add_argument("--max-batch-frames", type=int, default=None, help="default: auto on CUDA, batch-size on CPU")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak in TFLOP/s (default: data sheet for known GPUs, a measured fp32 matmul on the CPU)")
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="largest relative rms difference from fp32's refined audio for a configuration to count "
+                             "as equivalent (default 0.01: the difference 40 dB below the signal)")
     parser.add_argument("--no-record", action="store_true", help="print only, do not append to BENCHMARKS.md")
     args = parser.parse_args()
 
@@ -134,31 +171,53 @@ def main() -> None:
     audio_seconds = float(sum(durations))
     audio_frames = sum(1 + int(d * 16000) // 256 for d in durations)
     settings = dict(SMALL_MODEL) if args.small else {}
+    torch.manual_seed(0)
     model, diffusion = create_model_and_diffusion(timestep_respacing=f"ddim{args.steps}", **settings)
+    without_zero_layers(model)
     peak, peak_source = peak_tflops(args.peak_tflops)
     flop_cache: Dict = {}
     rows = []
+    reference = None  # fp32's result
+    equivalent = {}  # configuration -> wall seconds, for those within the tolerance of fp32
     for name in names:
         try:
             result = run_config(name, CONFIGS[name], model, diffusion, recordings, args, flop_cache)
         except (ValueError, RuntimeError) as exc:
-            rows.append([name, "unsupported: " + str(exc).splitlines()[0][:80]] + [""] * 6)
+            rows.append([name, "unsupported: " + str(exc).splitlines()[0][:80]] + [""] * 7)
             continue
+        if name == "fp32":
+            reference = result
+        # Only at fp32's widths: a segment's noise is drawn at its padded width, so other widths
+        # (--compile's 128-frame buckets, the original's 768) give other noise, not other arithmetic.
+        comparable = reference is not None and result["width_bucket"] == reference["width_bucket"]
+        difference = relative_difference(result["waves"], reference["waves"]) if comparable else float("nan")
+        if difference <= args.tolerance:
+            equivalent[name] = result["wall"]
         tflops = result["flops"] / result["wall"] / 1e12
         rows.append([
             name, f"{audio_seconds / result['wall']:.2f}", f"{result['wall'] / audio_seconds:.4f}",
             f"{result['wall']:.1f}", f"{result['frames'] / audio_frames:.3f}", result["max_batch"],
             f"{tflops:.2f}", f"{100 * tflops / peak:.1f}%" if peak == peak else "n/a",
+            f"{difference:.1e}" if comparable else "n/a (other widths)",
         ])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
     table = markdown_table(["config", "audio s/s", "RTF", "wall s", "frames per audio frame", "max batch",
-                            "TFLOP/s", "of peak"], rows)
+                            "TFLOP/s", "of peak", "difference from fp32"], rows)
+    if equivalent:
+        fastest = min(equivalent, key=equivalent.get)
+        verdict = (f"Fastest configuration within {args.tolerance:g} of fp32's audio: {fastest} "
+                   f"({audio_seconds / equivalent[fastest]:.2f} audio s/s).")
+    else:
+        verdict = "No configuration could be compared with fp32 (fp32 was not run, or failed)."
+    print(verdict)
     model_desc = ("SMALL model " + str(SMALL_MODEL) + " (a CPU stand-in, not the published size)") if args.small \
         else "published-size model (164.3 M parameters, random weights)"
     notes = (f"Diffiner+ ddim{args.steps}, {len(durations)} files ({audio_seconds:.1f} s of audio), {model_desc}. "
              "Network time only: reading and writing files is overlapped by the CLI's threads and not timed here. "
              "TFLOP/s counts the network's FLOPs (torch.utils.flop_counter) over the timed run; "
-             f"peak: {peak:.3f} TFLOP/s ({peak_source}).")
+             f"peak: {peak:.3f} TFLOP/s ({peak_source}). Difference from fp32: relative rms difference of the "
+             "refined audio from fp32's in this run, same seeds; n/a where the padded widths, and with them the "
+             f"noise drawn, differ. Random weights (none zero). {verdict}")
     record("Refinement throughput", table, notes, save=not args.no_record)
 
 

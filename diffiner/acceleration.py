@@ -1,4 +1,5 @@
-"""How the network is executed: precision, memory format, compilation, batch memory budget.
+"""How the network is executed: precision, memory format, compilation, batch memory budget,
+and recognising (and recovering from) running out of GPU memory.
 
 The one place where precision is decided, for refining, training and sampling alike: the
 network itself always computes in whatever dtype it is handed, and `NetworkRunner` calls it under
@@ -17,6 +18,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# How torch words a failed CUDA allocation: the caching allocator's message (the only form in
+# torch < 1.13, as a plain RuntimeError; later as torch.cuda.OutOfMemoryError) and the CUDA runtime's
+# own error, raised when memory runs out outside the allocator (cuDNN or cuBLAS workspaces).
+_OUT_OF_MEMORY_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory")
 
 
 @dataclass(frozen=True)
@@ -102,22 +107,67 @@ def estimate_max_batch_frames(runner, model: torch.nn.Module, device: torch.devi
                               memory_fraction: float = 0.8) -> Optional[int]:
     """Frames per batch that fit in `memory_fraction` of the free GPU memory; None off CUDA.
 
-    Measures the peak memory of one network call on a (1, C, 256, width) input and scales it:
-    activation memory grows linearly with the frame count when attention runs through
-    memory-efficient kernels.
+    Measures the peak memory of one network call on 1 and on 2 segments of `width` frames and
+    extrapolates (`frames_that_fit`): activation memory grows linearly with the frame count when
+    attention runs through memory-efficient kernels.
     """
     if device.type != "cuda":
         return None
+    peak_one, peak_two = (_peak_memory_of_call(runner, model, device, batch, width) for batch in (1, 2))
+    free, _ = torch.cuda.mem_get_info(device)
+    frames = frames_that_fit(peak_one, peak_two, width, free, memory_fraction)
+    logger.info("memory budget: %.1f MB per frame, %d frames per batch",
+                max(peak_two - peak_one, 1) / width / 2 ** 20, frames)
+    return frames
+
+
+def _peak_memory_of_call(runner, model: torch.nn.Module, device: torch.device, batch: int, width: int) -> int:
+    """Bytes allocated at the peak of one network call on (batch, C, 256, width), beyond what was
+    allocated before it."""
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    x = torch.zeros(1, model.in_channels, 256, width, device=device)
+    x = torch.zeros(batch, model.in_channels, 256, width, device=device)
     with torch.no_grad():
-        runner(x, torch.zeros(1, dtype=torch.long, device=device))
+        runner(x, torch.zeros(batch, dtype=torch.long, device=device))
     torch.cuda.synchronize(device)
-    per_frame = max(torch.cuda.max_memory_allocated(device) - before, 1) / width
-    free, _ = torch.cuda.mem_get_info(device)
-    frames = int(free * memory_fraction / per_frame)
-    logger.info("memory budget: %.1f MB per frame, %d frames per batch", per_frame / 2 ** 20, frames)
-    return max(frames, width)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def frames_that_fit(peak_one: int, peak_two: int, width: int, free: int, memory_fraction: float) -> int:
+    """Frames per batch that fit in `memory_fraction` of `free` bytes, given the peak memory of a
+    network call on one and on two segments of `width` frames (at least one segment's worth).
+
+    Memory is modelled as fixed + frames x per-frame. Dividing the one-segment peak by its frames
+    would count the fixed part (cuDNN workspaces, the model's own buffers) once per frame, which at
+    narrow widths makes the budget several times too small.
+    """
+    per_frame = (peak_two - peak_one) / width
+    if per_frame > 0:
+        fixed = max(peak_one - per_frame * width, 0.0)
+    else:  # the second segment cost nothing measurable: fall back to the one-segment ratio
+        per_frame, fixed = max(peak_one, 1) / width, 0.0
+    return max(int((free * memory_fraction - fixed) / per_frame), width)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc`, or the exception it was raised from (torch.compile wraps errors with
+    `raise ... from`), is a CUDA out-of-memory error in the form of any supported torch version."""
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)  # torch >= 1.13
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if oom_type is not None and isinstance(exc, oom_type):
+            return True
+        if isinstance(exc, RuntimeError) and str(exc).startswith(_OUT_OF_MEMORY_MESSAGES):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Return the blocks the CUDA caching allocator holds to the device, so that a retry after an
+    out-of-memory error starts from unfragmented memory; nothing off CUDA."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,14 +1,16 @@
 """Gaussian diffusion (Ho et al. 2020) with the improvements of Nichol & Dhariwal (2021).
 
-The schedule arithmetic runs in float64 numpy and is cast to the tensors' dtype only when a
-coefficient is applied, so fp16/bf16 networks never degrade the diffusion arithmetic.
+The schedule arithmetic runs in float64 numpy; each schedule array becomes a float32 tensor on a
+device once per process (`GaussianDiffusion.schedule_tensor`), so fp16/bf16 networks never degrade
+the diffusion arithmetic and looking a coefficient up at a sampling step copies nothing from the
+host (a blocking copy would synchronise the GPU at every step).
 Timestep indices `t` are indices into this process's own schedule; `SpacedDiffusion`
 (respace.py) maps them back to the original indices before calling the network.
 """
 
 import enum
 import math
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -74,12 +76,6 @@ def betas_for_alpha_bar(num_diffusion_timesteps: int, alpha_bar: Callable[[float
     return np.array(betas, dtype=np.float64)
 
 
-def extract(arr: np.ndarray, timesteps: torch.Tensor, broadcast_shape) -> torch.Tensor:
-    """arr[timesteps] as float32 on the timesteps' device, shaped to broadcast over a batch."""
-    res = torch.from_numpy(arr).to(device=timesteps.device)[timesteps].float()
-    return res.reshape(res.shape + (1,) * (len(broadcast_shape) - res.ndim))
-
-
 class GaussianDiffusion:
     """Training and sampling utilities for a fixed beta schedule.
 
@@ -123,13 +119,42 @@ class GaussianDiffusion:
         )
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        # Derived arrays the methods below look up, named so that each has a device copy.
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.log_betas = np.log(betas)
+        self.fixed_large_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
+        self.recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
+        self.posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
+        self._device_tables: Dict[Tuple[str, torch.device, Optional[torch.dtype]], torch.Tensor] = {}
+
+    def schedule_tensor(self, name: str, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The schedule array attribute `name` as a tensor on `device`, made once and then reused.
+
+        Floating arrays become float32 unless `dtype` says otherwise; integer arrays (a respaced
+        process's timestep map) keep their type. Subclasses may look up their own arrays here.
+        """
+        device = torch.device(device)
+        key = (name, device, dtype)
+        table = self._device_tables.get(key)
+        if table is None:
+            array = torch.from_numpy(np.ascontiguousarray(getattr(self, name)))
+            if dtype is None and array.is_floating_point():
+                dtype = torch.float32
+            table = self._device_tables[key] = array.to(device=device, dtype=dtype)
+        return table
+
+    def _extract(self, name: str, t: torch.Tensor, broadcast_shape) -> torch.Tensor:
+        """The schedule array `name` at timesteps `t`, float32 on t's device, shaped to broadcast
+        over a batch of `broadcast_shape`."""
+        res = self.schedule_tensor(name, t.device)[t]
+        return res.reshape(res.shape + (1,) * (len(broadcast_shape) - res.ndim))
 
     # ----- forward process -----
     def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
         """Mean, variance and log-variance of q(x_t | x_0)."""
-        mean = extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-        variance = extract(1.0 - self.alphas_cumprod, t, x_start.shape)
-        log_variance = extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        mean = self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+        variance = self._extract("one_minus_alphas_cumprod", t, x_start.shape)
+        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
         return mean, variance, log_variance
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -137,18 +162,18 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x_start)
         return (
-            extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+            self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+            + self._extract("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise
         )
 
     def q_posterior_mean_variance(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
         mean = (
-            extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
-            + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
+            self._extract("posterior_mean_coef1", t, x_t.shape) * x_start
+            + self._extract("posterior_mean_coef2", t, x_t.shape) * x_t
         )
-        variance = extract(self.posterior_variance, t, x_t.shape)
-        log_variance = extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        variance = self._extract("posterior_variance", t, x_t.shape)
+        log_variance = self._extract("posterior_log_variance_clipped", t, x_t.shape)
         return mean, variance, log_variance
 
     # ----- reverse process -----
@@ -195,15 +220,15 @@ class GaussianDiffusion:
         if self.model_var_type == ModelVarType.LEARNED:
             log_variance = out["var_values"]
         elif self.model_var_type == ModelVarType.LEARNED_RANGE:
-            min_log = extract(self.posterior_log_variance_clipped, t, x.shape)
-            max_log = extract(np.log(self.betas), t, x.shape)
+            min_log = self._extract("posterior_log_variance_clipped", t, x.shape)
+            max_log = self._extract("log_betas", t, x.shape)
             frac = (out["var_values"] + 1) / 2  # the network outputs [-1, 1]
             log_variance = frac * max_log + (1 - frac) * min_log
         elif self.model_var_type == ModelVarType.FIXED_LARGE:
             # beta_t, except at t=0 where the posterior variance gives a better decoder.
-            log_variance = extract(np.log(np.append(self.posterior_variance[1], self.betas[1:])), t, x.shape)
+            log_variance = self._extract("fixed_large_log_variance", t, x.shape)
         else:
-            log_variance = extract(self.posterior_log_variance_clipped, t, x.shape)
+            log_variance = self._extract("posterior_log_variance_clipped", t, x.shape)
         log_variance = log_variance.expand(x.shape)
         if self.model_mean_type == ModelMeanType.PREVIOUS_X:
             mean = out["model_output"]
@@ -213,16 +238,16 @@ class GaussianDiffusion:
                 "pred_xstart": out["pred_xstart"], "eps": out["eps"]}
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
-        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+        return (self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
+                - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps)
 
     def _predict_xstart_from_xprev(self, x_t, t, xprev):
-        return (extract(1.0 / self.posterior_mean_coef1, t, x_t.shape) * xprev
-                - extract(self.posterior_mean_coef2 / self.posterior_mean_coef1, t, x_t.shape) * x_t)
+        return (self._extract("recip_posterior_mean_coef1", t, x_t.shape) * xprev
+                - self._extract("posterior_mean_coef2_over_coef1", t, x_t.shape) * x_t)
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return ((extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
-                / extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
+        return ((self._extract("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart)
+                / self._extract("sqrt_recipm1_alphas_cumprod", t, x_t.shape))
 
     def _scale_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         if self.rescale_timesteps:
@@ -249,8 +274,8 @@ class GaussianDiffusion:
         """One DDIM step (Song et al. 2021); eta=0 is deterministic, eta=1 matches DDPM's variance."""
         out = self.predict_start(model, x, t, clip_denoised, denoised_fn, model_kwargs)
         eps = out["eps"]
-        alpha_bar = extract(self.alphas_cumprod, t, x.shape)
-        alpha_bar_prev = extract(self.alphas_cumprod_prev, t, x.shape)
+        alpha_bar = self._extract("alphas_cumprod", t, x.shape)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x.shape)
         sigma = (eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
                  * torch.sqrt(1 - alpha_bar / alpha_bar_prev))
         mean_pred = (out["pred_xstart"] * torch.sqrt(alpha_bar_prev)

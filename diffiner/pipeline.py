@@ -3,12 +3,16 @@
 This is the one code path shared by the Python API, the folder command and the benchmarks:
 
 1. `Refiner.prepare` turns a pair of recordings into segments: per channel, and for long
-   recordings overlapping windows of at most `max_dur` seconds; each segment's spectrogram is
-   padded only to the network's multiple (32 frames for the published model).
+   recordings overlapping windows of at most `max_dur` seconds; each window is followed by
+   silence only up to the network's multiple of frames (32 for the published model), keeping at
+   least one frame past the signal (see `padded_width`). Recordings shorter than the STFT allows
+   are zero-padded first (`MIN_SAMPLES`).
 2. `Refiner.plan_batches` groups segments of equal width into batches, and `Refiner.run_batch`
    refines one batch. Every segment has its own random generator, seeded from the seed and the
    segment's identity, so its result does not depend on which other segments share its batch.
-   `Refiner.refine_stream` does the same for recordings that arrive one by one (a folder).
+   `Refiner.run_segments` and `Refiner.refine_stream` (recordings that arrive one by one, a
+   folder) run the batches; a batch that runs out of GPU memory is halved and retried, and the
+   smaller size is kept for later batches of that width.
 3. `Refiner.assemble` joins segments with a normalised cross-fade and trims to the input length.
 
 In the diffusers sense, `refiner.refine` is the scheduler-and-sampler, the UNet is the model and
@@ -19,17 +23,18 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .acceleration import ExecutionSettings, build_runner, estimate_max_batch_frames
-from .audio.io import MODEL_SAMPLE_RATE, resample
+from .acceleration import (ExecutionSettings, build_runner, estimate_max_batch_frames, is_out_of_memory,
+                           release_cached_memory)
+from .audio.io import MODEL_SAMPLE_RATE, fit_length, resample
 from .checkpoints import load_model
 from .refiner import refine, resolve_etas
 from .seeding import derive_seed, torch_generator
-from .spectrogram import noise_map, num_frames, spec_to_wave, wave_to_spec
+from .spectrogram import HOP_LENGTH, MIN_SAMPLES, noise_map, num_frames, spec_to_wave, wave_to_spec
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +112,9 @@ class RefinerSettings:
 class Segment:
     """One mono window of one recording, ready for the network."""
 
-    noisy: torch.Tensor  # (2, 256, width) spectrogram of the noisy window, zero-padded
+    noisy: torch.Tensor  # (2, 256, width) spectrogram of the noisy window followed by silence
     noise_map: torch.Tensor  # (1, 256, width)
-    samples: int  # length of the window in samples (16 kHz)
+    samples: int  # length of the window in samples (16 kHz; at least MIN_SAMPLES)
     seed: int  # seed of this segment's generator
 
     @property
@@ -124,7 +129,7 @@ class Prepared:
     segments: List[Segment]
     bounds: List[Tuple[int, int]]  # (start, end) sample of each window, the same for every channel
     channels: int
-    samples: int  # length at 16 kHz
+    samples: int  # length at 16 kHz (the windows cover max(samples, MIN_SAMPLES): short ones are padded)
     sample_rate: int  # the caller's sample rate
     input_samples: int  # length at the caller's sample rate
 
@@ -154,9 +159,15 @@ def padded_width(samples: int, multiple: int, max_samples: int) -> int:
     """Spectrogram width the network sees for a recording of `samples` (16 kHz).
 
     Recordings longer than `max_samples` are cut into windows of exactly `max_samples`, so their
-    width is that of one window; the frame count is padded up to the network's `multiple`.
+    width is that of one window; shorter than MIN_SAMPLES, they are padded to it. The width holds
+    at least one frame past the signal's frames, padded up to the network's `multiple`. Why: the
+    signal's last partial hop (up to 255 samples) lies under the last frame's window alone, where
+    the squared window that normalises the overlap-add falls to zero, so inverting only the
+    signal's frames divides any inconsistency of the generated spectrogram by a near-zero weight:
+    a click at the end of the file. With the next frame refined and inverted too, every kept
+    sample has an overlap-add weight of at least 1/2.
     """
-    frames = num_frames(min(samples, max_samples))
+    frames = num_frames(min(max(samples, MIN_SAMPLES), max_samples)) + 1
     return multiple * math.ceil(frames / multiple)
 
 
@@ -211,6 +222,9 @@ class Refiner:
         self.width_bucket = batching.width_bucket or (128 if self.settings.execution.compiled else self.multiple)
         if self.width_bucket % self.multiple:
             raise ValueError(f"width_bucket {self.width_bucket} must be a multiple of {self.multiple}")
+        # Segments per batch known to fit in GPU memory, per width: learned from out-of-memory
+        # errors (see _run_fitting), and kept for the rest of the Refiner's life.
+        self.fitting_batch: Dict[int, int] = {}
 
     @property
     def method(self) -> str:
@@ -236,10 +250,10 @@ class Refiner:
         return padded_width(samples, self.width_bucket, self.max_samples)
 
     def batch_size_for(self, width: int) -> int:
-        """Segments per batch at `width`: from the frame budget when set, else `batch_size`."""
-        if self.max_batch_frames:
-            return max(1, self.max_batch_frames // width)
-        return self.batch_size
+        """Segments per batch at `width`: from the frame budget when set, else `batch_size`, and
+        never more than an out-of-memory error has shown to fit at that width."""
+        size = max(1, self.max_batch_frames // width) if self.max_batch_frames else self.batch_size
+        return min(size, self.fitting_batch.get(width, size))
 
     def auto_max_batch_frames(self, width: int) -> None:
         """Set the frame budget from the free GPU memory, measured at the widest `width`.
@@ -249,7 +263,10 @@ class Refiner:
         try:
             self.max_batch_frames = estimate_max_batch_frames(self.network, self.model, self.device, width)
         except RuntimeError as exc:
-            logger.warning("could not size batches from GPU memory (%s); using batch_size %d", exc, self.batch_size)
+            logger.warning("could not size batches from GPU memory (%s); using batch_size %d",
+                           str(exc).splitlines()[0], self.batch_size)
+            if is_out_of_memory(exc):
+                release_cached_memory(self.device)
 
     # ----- the three stages -----
     def prepare(self, noisy: np.ndarray, processed: np.ndarray, sample_rate: int, seed: int = 0,
@@ -270,19 +287,24 @@ class Refiner:
         noisy16 = resample(noisy2d, sample_rate, MODEL_SAMPLE_RATE)
         processed16 = resample(processed2d, sample_rate, MODEL_SAMPLE_RATE)
         samples = noisy16.shape[-1]
-        bounds = segment_bounds(samples, self.max_samples, self.overlap_samples)
+        # The centred STFT reflects 256 samples at each end, which needs more than 256: shorter
+        # recordings are refined as if followed by silence, and `assemble` trims it away.
+        covered = max(samples, MIN_SAMPLES)
+        noisy16, processed16 = fit_length(noisy16, covered), fit_length(processed16, covered)
+        bounds = segment_bounds(covered, self.max_samples, self.overlap_samples)
         segments = []
         for channel in range(channels):
             y_wave = torch.from_numpy(noisy16[min(channel, noisy16.shape[0] - 1)])
             p_wave = torch.from_numpy(processed16[min(channel, processed16.shape[0] - 1)])
             for index, (start, end) in enumerate(bounds):
-                y_spec = wave_to_spec(y_wave[start:end])
-                sigma = noise_map(y_spec, wave_to_spec(p_wave[start:end]))
-                pad = (0, self.padded_width(end - start) - y_spec.shape[-1])
-                segments.append(Segment(
-                    noisy=torch.nn.functional.pad(y_spec, pad), noise_map=torch.nn.functional.pad(sigma, pad),
-                    samples=end - start, seed=segment_seed(seed, key, channel, index),
-                ))
+                # Silence after the window, up to the shortest length whose STFT has the network's
+                # width: the frames past the signal are those of a signal that ends, so inverting
+                # them all gives the window back (see padded_width).
+                pad = (0, (self.padded_width(end - start) - 1) * HOP_LENGTH - (end - start))
+                y_spec = wave_to_spec(torch.nn.functional.pad(y_wave[start:end], pad))
+                sigma = noise_map(y_spec, wave_to_spec(torch.nn.functional.pad(p_wave[start:end], pad)))
+                segments.append(Segment(noisy=y_spec, noise_map=sigma, samples=end - start,
+                                        seed=segment_seed(seed, key, channel, index)))
         return Prepared(segments, bounds, channels, samples, sample_rate, input_samples)
 
     def plan_batches(self, segments: Sequence[Segment]) -> List[List[int]]:
@@ -297,15 +319,74 @@ class Refiner:
         return batches
 
     def run_segments(self, segments: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:
-        """Refine segments (any widths) and return their waveforms at 16 kHz, in order."""
+        """Refine segments (any widths) and return their waveforms at 16 kHz, in order.
+
+        A batch that runs out of GPU memory is halved and retried (see `_run_fitting`); raises
+        SegmentTooLarge when a single segment does not fit.
+        """
         results: List[Optional[torch.Tensor]] = [None] * len(segments)
-        for batch in self.plan_batches(segments):
-            for i, wave in zip(batch, self.run_batch([segments[i] for i in batch], progress)):
-                results[i] = wave
+        todo = list(range(len(segments)))
+        while todo:
+            # Planned again after every batch: an out-of-memory error may have lowered the size.
+            batch = [todo[k] for k in self.plan_batches([segments[i] for i in todo])[0]]
+            for k, wave in self._run_fitting([segments[i] for i in batch], progress):
+                if isinstance(wave, SegmentTooLarge):
+                    raise wave
+                results[batch[k]] = wave
+            done = set(batch)
+            todo = [i for i in todo if i not in done]
         return results
 
+    def _run_fitting(self, batch: Sequence[Segment], progress: bool = False
+                     ) -> Iterator[Tuple[int, Union[torch.Tensor, "SegmentTooLarge"]]]:
+        """Refine segments of equal width, halving the batch on CUDA out-of-memory errors.
+
+        Yields (index in `batch`, waveform) as parts finish, or (index, SegmentTooLarge) for a
+        segment that does not fit even alone. A smaller size that fits is remembered for the
+        width (`fitting_batch`), so later batches start there; each segment keeps its own
+        generator, so the results equal those of a run that never ran out of memory.
+        """
+        width = batch[0].width
+        parts = [list(range(len(batch)))]
+        while parts:
+            part = parts.pop(0)
+            fits = self.fitting_batch.get(width, len(part))
+            if len(part) > fits:
+                parts[:0] = [part[lo:lo + fits] for lo in range(0, len(part), fits)]
+                continue
+            try:
+                waves = self.run_batch([batch[k] for k in part], progress)
+            except Exception as exc:  # torch raises its out-of-memory errors as several types
+                if not is_out_of_memory(exc):
+                    raise
+                failure = str(exc).splitlines()[0]
+            else:
+                yield from zip(part, waves)
+                continue
+            # Outside the except clause: the error's traceback, and with it the failed attempt's
+            # tensors, is gone before the cached memory is released and the retry allocates.
+            release_cached_memory(self.device)
+            if len(part) == 1:
+                yield part[0], SegmentTooLarge(
+                    f"a segment of {batch[part[0]].samples / MODEL_SAMPLE_RATE:.1f} s ({width} frames) does not "
+                    f"fit in {self.device} memory even alone ({failure}); a shorter --max-dur cuts recordings "
+                    f"into shorter segments")
+                continue
+            half = (len(part) + 1) // 2
+            if width in self.fitting_batch:
+                logger.debug("out of memory again at %d frames: batches of %d", width, half)
+            else:
+                logger.warning("out of %s memory refining %d segments of %d frames: retrying in batches of %d, "
+                               "and no more than that at this width from now on", self.device, len(part), width, half)
+            self.fitting_batch[width] = half
+            parts.insert(0, part)  # split by the new size on the next round
+
     def run_batch(self, batch: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:
-        """Refine segments of equal width in one batch; returns 16 kHz waveforms on the CPU."""
+        """Refine segments of equal width in one batch; returns 16 kHz waveforms on the CPU.
+
+        Every frame is inverted, the padding past the signal included (see `padded_width`), and
+        the waveform is then trimmed to the segment's length.
+        """
         noisy = torch.stack([seg.noisy for seg in batch]).to(self.device)
         sigma = torch.stack([seg.noise_map for seg in batch]).to(self.device)
         generators = [torch_generator(seg.seed, self.device) for seg in batch]
@@ -315,9 +396,7 @@ class Refiner:
             generator=generators, progress=progress, **self.etas,
         )
         spec = spec.float().cpu()
-        return [
-            spec_to_wave(spec[k, :, :, :num_frames(seg.samples)], seg.samples) for k, seg in enumerate(batch)
-        ]
+        return [spec_to_wave(spec[k], seg.samples) for k, seg in enumerate(batch)]
 
     def refine_stream(self, recordings: Iterable[Tuple[Any, Prepared]]) -> Iterator["Refined"]:
         """Refine prepared recordings as they arrive; yield a `Refined` for each one as soon as all
@@ -325,7 +404,9 @@ class Refiner:
 
         Segments of consecutive recordings of equal width share batches (planned by
         `plan_batches`), so recordings sorted by width fill the batches; a batch runs as soon as it
-        is full, so only a batch's worth of segments waits in memory.
+        is full, so only a batch's worth of segments waits in memory. A recording with a segment
+        that does not fit in GPU memory even alone fails alone (its `error` is a SegmentTooLarge);
+        the others go on.
         """
         pending: List[Tuple[_InProgress, int]] = []  # (recording, segment index), all of one width
         for item, prepared in recordings:
@@ -338,19 +419,28 @@ class Refiner:
 
     def _run_pending(self, pending: List[Tuple["_InProgress", int]], flush: bool) -> Iterator["Refined"]:
         """Run the full batches of `pending` (every batch with `flush`) and drop them from it."""
-        segments = [entry.prepared.segments[i] for entry, i in pending]
-        done = 0
-        for batch in self.plan_batches(segments):
+        while True:
+            pending[:] = [(entry, i) for entry, i in pending if not entry.failed]
+            if not pending:
+                return
+            segments = [entry.prepared.segments[i] for entry, i in pending]
+            batch = self.plan_batches(segments)[0]
             if not flush and len(batch) < self.batch_size_for(segments[batch[0]].width):
-                break  # wait for more segments of this width
-            for k, wave in zip(batch, self.run_batch([segments[k] for k in batch])):
-                entry, i = pending[k]
+                return  # wait for more segments of this width
+            for k, wave in self._run_fitting([segments[i] for i in batch]):
+                entry, i = pending[batch[k]]
+                if entry.failed:
+                    continue
+                if isinstance(wave, SegmentTooLarge):
+                    entry.failed = True
+                    yield Refined(entry.item, entry.prepared, None, wave)
+                    continue
                 entry.waves[i] = wave
                 entry.remaining -= 1
                 if entry.remaining == 0:
                     yield Refined(entry.item, entry.prepared, entry.waves)
-            done += len(batch)
-        del pending[:done]
+            done = set(batch)
+            pending[:] = [pair for k, pair in enumerate(pending) if k not in done]
 
     def assemble(self, prepared: Prepared, waves: Sequence[torch.Tensor],
                  output_sample_rate: Optional[int] = None) -> np.ndarray:
@@ -359,13 +449,19 @@ class Refiner:
         At the caller's own sample rate the output has exactly the input's sample count.
         """
         per_channel = len(prepared.bounds)
+        covered = prepared.bounds[-1][1]  # more than prepared.samples when a short recording was padded
         joined = np.stack([
             crossfade_join([w.numpy() for w in waves[c * per_channel:(c + 1) * per_channel]],
-                           prepared.bounds, prepared.samples, self.overlap_samples)
+                           prepared.bounds, covered, self.overlap_samples)
             for c in range(prepared.channels)
         ])
         rate = output_sample_rate or MODEL_SAMPLE_RATE
-        length = prepared.input_samples if rate == prepared.sample_rate else None
+        if rate == prepared.sample_rate:
+            length = prepared.input_samples
+        else:
+            length = int(round(prepared.samples * rate / MODEL_SAMPLE_RATE))
+        # Resampled before trimming: the padding of a short recording gives the resampler its
+        # context, and the trim then gives exactly the input's duration.
         return resample(joined, MODEL_SAMPLE_RATE, rate, length=length)
 
     # ----- the Python API -----
@@ -380,6 +476,10 @@ class Refiner:
         waves = self.run_segments(prepared.segments, progress=progress)
         out = self.assemble(prepared, waves, output_sample_rate or sample_rate)
         return out[0] if np.ndim(processed) == 1 and np.ndim(noisy) == 1 else out
+
+
+class SegmentTooLarge(RuntimeError):
+    """A single segment does not fit in GPU memory: its recording cannot be refined as set up."""
 
 
 @dataclass
@@ -403,6 +503,7 @@ class _InProgress:
 
     def __post_init__(self):
         self.remaining = len(self.waves)
+        self.failed = False
 
 
 def _as_2d(audio: np.ndarray, name: str) -> np.ndarray:

@@ -145,13 +145,16 @@ def refine(model, diffusion: GaussianDiffusion, noisy: torch.Tensor, noise_map: 
     y = noisy.float()
     sigma_y = noise_map.float()
     x = randn(y.shape, y.device, generator)
-    clamped_steps = 0
+    # Counted on the device and read once after the loop (Diffiner+ only): reading a GPU tensor
+    # from Python at every step would make the host wait for the GPU to finish the step, leaving
+    # the GPU idle while Python queues the next one. Nothing in the loop reads a tensor's value.
+    clamped_steps = torch.zeros((), dtype=torch.long, device=y.device)
     steps = list(range(diffusion.num_timesteps))[::-1]
     for i in tqdm(steps, disable=not progress, desc=method, leave=False):
         t = torch.full((y.shape[0],), i, device=y.device, dtype=torch.long)
         with torch.no_grad():
             out = diffusion.predict_start(model, x, t, clip_denoised=clip_denoised)
-        alpha_bar_prev = float(diffusion.alphas_cumprod_prev[i])
+        alpha_bar_prev = float(diffusion.alphas_cumprod_prev[i])  # a numpy float64: no device access
         a, s = math.sqrt(alpha_bar_prev), math.sqrt(1.0 - alpha_bar_prev)
         # The last step adds no noise (s = 0): skip the draw, it would be multiplied by zero.
         z = randn(y.shape, y.device, generator) if s > 0 else torch.zeros_like(y)
@@ -162,10 +165,12 @@ def refine(model, diffusion: GaussianDiffusion, noisy: torch.Tensor, noise_map: 
                 out["pred_xstart"], out["eps"], y, sigma_y, a, s, z, etas["eta_a"], etas["eta_b"],
                 etas["eta_c"], etas["eta_d"], inpaint_mask,
             )
-            clamped_steps += int((variance < 0).any())
-    if clamped_steps:
-        logger.warning(
-            "Diffiner+: eta_a^2 + eta_c^2 + 2 eta_a eta_c rho exceeded 1 at %d of %d steps; "
-            "the fresh-noise variance was clamped to 0 there", clamped_steps, len(steps),
-        )
+            clamped_steps += (variance < 0).any()
+    if method == "diffiner+":
+        clamped = int(clamped_steps)
+        if clamped:
+            logger.warning(
+                "Diffiner+: eta_a^2 + eta_c^2 + 2 eta_a eta_c rho exceeded 1 at %d of %d steps; "
+                "the fresh-noise variance was clamped to 0 there", clamped, len(steps),
+            )
     return x

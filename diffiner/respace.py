@@ -20,15 +20,19 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]
     `section_counts` is either "ddimN" — every k-th step for the smallest stride k that
     gives exactly N steps, as DDIM does — or a comma list / sequence of counts: the T steps are
     cut into that many equal sections and each section keeps that many evenly spaced steps.
+    Raises ValueError, naming the value, for anything else, counts below 1 included.
     """
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+            desired = _count(section_counts[len("ddim"):], section_counts)
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return set(range(0, num_timesteps, stride))
-            raise ValueError(f"cannot take exactly {desired} steps from {num_timesteps} with an integer stride")
-        section_counts = [int(x) for x in section_counts.split(",")]
+            raise ValueError(f"{section_counts!r}: cannot take exactly {desired} steps from {num_timesteps} "
+                             "with an integer stride")
+        section_counts = [_count(x, section_counts) for x in section_counts.split(",")]
+    if not section_counts or any(count < 1 for count in section_counts):
+        raise ValueError(f"every section must keep at least one step, got {list(section_counts)}")
     size_per, extra = divmod(num_timesteps, len(section_counts))
     start = 0
     kept: List[int] = []
@@ -43,6 +47,17 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]
             position += frac_stride
         start += size
     return set(kept)
+
+
+def _count(text: str, spec: str) -> int:
+    """A positive step count from `text`, part of the respacing `spec`; ValueError naming both."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise ValueError(f"{spec!r} is not 'ddimN' or a comma list of step counts") from None
+    if count < 1:
+        raise ValueError(f"{spec!r}: a step count must be at least 1, got {count}")
+    return count
 
 
 class SpacedDiffusion(GaussianDiffusion):
@@ -60,7 +75,7 @@ class SpacedDiffusion(GaussianDiffusion):
 
     def original_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The base-process index of respaced index `t`."""
-        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+        return self.schedule_tensor("timestep_map", t.device)[t]
 
     def predict_start(self, model, *args, **kwargs):
         return super().predict_start(self._wrap_model(model), *args, **kwargs)

@@ -12,6 +12,9 @@ N_FFT = 512
 HOP_LENGTH = 256
 WIN_LENGTH = 512
 NUM_BINS = N_FFT // 2  # after dropping DC
+# The shortest waveform the centred STFT accepts: its reflect padding of N_FFT // 2 samples at
+# each end needs more input samples than that.
+MIN_SAMPLES = N_FFT // 2 + 1
 
 
 def _window(device, dtype=torch.float32) -> torch.Tensor:
@@ -24,7 +27,7 @@ def num_frames(num_samples: int) -> int:
 
 
 def wave_to_spec(wave: torch.Tensor) -> torch.Tensor:
-    """Waveform (..., samples) -> spectrogram (..., 2, 256, frames)."""
+    """Waveform (..., samples) -> spectrogram (..., 2, 256, frames); samples >= MIN_SAMPLES."""
     lead = wave.shape[:-1]
     stft = torch.stft(
         wave.reshape(-1, wave.shape[-1]).float(), n_fft=N_FFT, hop_length=HOP_LENGTH,
@@ -36,7 +39,13 @@ def wave_to_spec(wave: torch.Tensor) -> torch.Tensor:
 
 
 def spec_to_wave(spec: torch.Tensor, length: int) -> torch.Tensor:
-    """Spectrogram (..., 2, 256, frames) -> waveform (..., length); DC is restored as zero."""
+    """Spectrogram (..., 2, 256, frames) -> waveform (..., length); DC is restored as zero.
+
+    Frames past `length` are inverted too and then trimmed away. For a generated spectrogram,
+    pass at least num_frames(length) + 1 frames: the last partial hop of a signal is otherwise
+    covered by one frame alone, whose squared window is near zero there, so the overlap-add's
+    normalisation would amplify any inconsistency between frames into a click.
+    """
     lead = spec.shape[:-3]
     flat = spec.reshape((-1,) + spec.shape[-3:]).float()
     stft = torch.complex(flat[:, 0], flat[:, 1])

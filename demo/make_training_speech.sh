@@ -43,6 +43,6 @@ mkdir -p "$tmp/wav"
 while IFS=$'\t' read -r name voice speed pitch sentence; do
     espeak-ng -v "$voice" -s "$speed" -p "$pitch" -w "$tmp/wav/$name.wav" "$sentence"
 done <"$tmp/script.tsv"
-PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}" "$python_path" -m diffiner.resample_folder "$tmp/wav" "$out" --rate 16000
+PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}" "$python_path" -m diffiner.commands.resample_audio "$tmp/wav" "$out" --rate 16000
 cp "$tmp/script.tsv" "$out/sentences.tsv"
 echo "wrote $count utterances to $out"

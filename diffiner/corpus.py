@@ -5,20 +5,25 @@ paired by relative path. Files are sorted by the width their spectrogram is padd
 equal widths share batches, and each finished file is written at once (atomically), so an
 interrupted run loses nothing already written and a rerun picks up where it stopped. Under
 torchrun/mpiexec every process takes its share of the files (`shard_jobs`).
+
+Whatever goes wrong with one file (unreadable, too different from its partner, an error of the
+model on it) is recorded in the run's summary under that file's name and the others go on
+(`audio.folders.file_errors`, the one per-file error boundary); a write that fails (disk full)
+stops the run, since every file after it would fail the same way.
 """
 
 import itertools
 import logging
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .audio.folders import pair_files
+from .audio.folders import describe_failure, file_errors, output_path, pair_folders
 from .audio.io import MODEL_SAMPLE_RATE, AudioError, audio_info, fit_length, load_audio, resample, save_audio
 from .pipeline import Prepared, Refiner
 
@@ -71,23 +76,28 @@ class RunSummary:
 
 def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner, overwrite: bool,
               summary: RunSummary) -> List[FileJob]:
-    """Pair the files, drop those already refined, and sort the rest by padded width."""
-    rels, _ = pair_files({"noisy": root_noisy, "processed": root_proc}, exclude=[output_dir])
+    """Pair the files, drop those already refined, and sort the rest by padded width.
+
+    Neither root is read below the other one or below the output folder. Folders that cannot be
+    listed and files whose header cannot be read go into `summary.failed`. Raises
+    FileNotFoundError when no file pairs.
+    """
+    pairing = pair_folders({"noisy": root_noisy, "processed": root_proc},
+                           exclude=[output_dir, root_noisy, root_proc])
+    summary.failed.update(pairing.unreadable)
     jobs = []
-    for rel in rels:
+    for rel in pairing.common:
         job = FileJob(rel, os.path.join(root_noisy, rel), os.path.join(root_proc, rel), os.path.join(output_dir, rel))
         if os.path.exists(job.output_path) and not overwrite:
             summary.skipped.append(rel)
             continue
-        try:
+        with file_errors(summary.failed, rel, job.processed_path):
+            job.output_path = output_path(output_dir, rel)  # refuses a link leading out of output_dir
             samples, rate, _ = audio_info(job.processed_path)
             audio_info(job.noisy_path)
-        except AudioError as exc:
-            summary.failed[rel] = str(exc)
-            continue
-        job.seconds = samples / rate
-        job.width = refiner.padded_width(int(round(samples * MODEL_SAMPLE_RATE / rate)))
-        jobs.append(job)
+            job.seconds = samples / rate
+            job.width = refiner.padded_width(int(round(samples * MODEL_SAMPLE_RATE / rate)))
+            jobs.append(job)
     jobs.sort(key=lambda j: (j.width, j.rel))
     return jobs
 
@@ -144,7 +154,8 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
     """Refine the jobs in width order, batching segments of equal width across files.
 
     Reading and preparing upcoming files (`loaders` threads) and writing finished ones (one
-    thread) overlap the network's work. Results go into `summary`.
+    thread) overlap the network's work. Results go into `summary`; a file that fails is recorded
+    there and the others go on. Raises OutputError as soon as a write fails.
     """
     bar = tqdm(total=len(jobs), desc="refining", unit="file", disable=not progress)
 
@@ -154,18 +165,20 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
 
     def readable(load_pool: ThreadPoolExecutor) -> Iterator[Tuple[FileJob, Prepared]]:
         for job, future in prefetched(load_pool, jobs, prepare, lookahead=2 * loaders):
-            try:
-                yield job, future.result()
-            except (AudioError, ValueError) as exc:
-                summary.failed[job.rel] = str(exc)
+            prepared = None
+            with file_errors(summary.failed, job.rel, job.processed_path):
+                prepared = future.result()
+            if prepared is None:
                 bar.update(1)
+                continue
+            yield job, prepared
 
     def finish(job: FileJob, prepared: Prepared, waves: List) -> None:
-        rate = prepared.sample_rate if keep_sample_rate else MODEL_SAMPLE_RATE
-        audio = refiner.assemble(prepared, waves, rate)
-        if not np.all(np.isfinite(audio)):
-            summary.failed[job.rel] = f"{job.processed_path}: the refined audio is not finite"
-        else:
+        with file_errors(summary.failed, job.rel, job.processed_path):
+            rate = prepared.sample_rate if keep_sample_rate else MODEL_SAMPLE_RATE
+            audio = refiner.assemble(prepared, waves, rate)
+            if not np.all(np.isfinite(audio)):
+                raise ValueError("the refined audio is not finite")
             save_audio(job.output_path, audio, rate)
             summary.refined.append(job.rel)
             summary.audio_seconds += job.seconds
@@ -173,14 +186,16 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
 
     try:
         with ThreadPoolExecutor(loaders) as load_pool, ThreadPoolExecutor(1) as write_pool:
-            writes = []
+            writes: "deque[Future]" = deque()
             for done in refiner.refine_stream(readable(load_pool)):
                 if done.error is not None:
-                    summary.failed[done.item.rel] = f"{done.item.processed_path}: {done.error}"
+                    summary.failed[done.item.rel] = describe_failure(done.item.processed_path, done.error)
                     bar.update(1)
                 else:
                     writes.append(write_pool.submit(finish, done.item, done.prepared, done.waves))
+                while writes and writes[0].done():
+                    writes.popleft().result()  # a failed write (disk full) stops the run here
             for write in writes:
-                write.result()  # a failed write (disk full, permissions) stops the run loudly
+                write.result()
     finally:
         bar.close()

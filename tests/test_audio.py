@@ -62,3 +62,38 @@ def test_written_files_have_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_wav_cut_short_is_read_at_its_length_with_a_warning(tmp_path, caplog):
+    whole, cut = str(tmp_path / "whole.wav"), str(tmp_path / "cut.wav")
+    sf.write(whole, np.full(1000, 0.25), 16000, subtype="PCM_16")
+    with open(whole, "rb") as f:
+        data = f.read()
+    with open(cut, "wb") as f:
+        f.write(data[:-600])  # 300 of the 1000 samples gone, header unchanged
+    assert audio.wav_header_samples(whole) == 1000 and audio.wav_header_samples(cut) == 1000
+    audio.load_audio(whole)
+    assert not caplog.records
+    samples, _ = audio.load_audio(cut)
+    assert samples.shape == (1, 700)
+    assert len(caplog.records) == 1 and all(s in caplog.text for s in (cut, "1000", "700"))
+    flac = str(tmp_path / "a.flac")
+    sf.write(flac, np.zeros(10), 16000)
+    assert audio.wav_header_samples(flac) is None
+
+
+def test_a_failed_write_is_an_output_error_naming_the_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "out.wav")
+
+    def full(*args, **kwargs):
+        raise sf.LibsndfileError(2, prefix="Error opening: ")
+
+    monkeypatch.setattr(audio.sf, "write", full)
+    with pytest.raises(audio.OutputError, match=f"{path}: cannot write .*System error.*MB free") as raised:
+        audio.save_audio(path, np.zeros(10), 16000)
+    assert isinstance(raised.value, OSError)
+    assert os.listdir(tmp_path) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(audio.OutputError, match=str(blocker)):
+        audio.write_text_atomic(str(blocker / "x.txt"), "text")

@@ -2,9 +2,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import yaml
 
-from diffiner.audio.folders import is_inside, list_audio_files, pair_files
+from diffiner.audio.folders import (RUN_RECORD, FolderError, check_write_rules, convert_folder, is_inside,
+                                    list_audio_files, pair_files, pair_folders, scan_audio_files)
+from diffiner.audio.io import OutputError
+
+from conftest import write_wav
+from fs_helpers import deadline, deny_listing, fill_disk, tree_digest
 
 
 def touch(path):
@@ -43,3 +50,171 @@ def test_inference_imports_neither_mpi4py_nor_blobfile():
             "print(any(m in sys.modules for m in ('mpi4py', 'blobfile')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ----- one walker: links, loops, odd files, unreadable folders (issue 11, part 3) -----
+
+def test_a_link_to_the_parent_folder_ends_and_lists_each_file_once(tmp_path):
+    touch(str(tmp_path / "a.wav"))
+    touch(str(tmp_path / "sub" / "b.wav"))
+    os.symlink("..", str(tmp_path / "sub" / "loop"))
+    with deadline(20):
+        assert list_audio_files(str(tmp_path)) == ["a.wav", os.path.join("sub", "b.wav")]
+
+
+def test_a_link_to_its_own_folder_adds_no_duplicates(tmp_path):
+    touch(str(tmp_path / "a.wav"))
+    touch(str(tmp_path / "sub" / "b.wav"))
+    os.symlink(".", str(tmp_path / "loop"))
+    with deadline(20):
+        assert list_audio_files(str(tmp_path)) == ["a.wav", os.path.join("sub", "b.wav")]
+
+
+def test_links_to_folders_outside_are_followed_and_folders_inside_are_listed_once(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    touch(str(root / "real" / "x.wav"))
+    touch(str(outside / "y.wav"))
+    touch(str(outside / "z.wav"))
+    os.symlink(str(root / "real"), str(root / "alias"))  # sorts before "real": still listed as real/
+    os.symlink(str(outside), str(root / "ext"))
+    os.symlink(str(outside / "z.wav"), str(root / "linked.wav"))
+    with deadline(20):
+        found = list_audio_files(str(root))
+    assert found == [os.path.join("ext", "y.wav"), os.path.join("ext", "z.wav"), "linked.wav",
+                     os.path.join("real", "x.wav")]
+
+
+def test_fifos_and_broken_links_are_skipped_with_a_warning(tmp_path, caplog):
+    touch(str(tmp_path / "a.wav"))
+    os.mkfifo(str(tmp_path / "z.wav"))
+    os.symlink(str(tmp_path / "gone.wav"), str(tmp_path / "broken.wav"))
+    with deadline(20):
+        assert list_audio_files(str(tmp_path)) == ["a.wav"]
+    assert "z.wav" in caplog.text and "not a regular file" in caplog.text
+    assert "broken.wav" in caplog.text
+
+
+def test_an_unreadable_folder_is_reported_not_passed_over(tmp_path, monkeypatch):
+    touch(str(tmp_path / "a.wav"))
+    touch(str(tmp_path / "locked" / "b.wav"))
+    deny_listing(monkeypatch, str(tmp_path / "locked"))
+    listing = scan_audio_files(str(tmp_path))
+    assert listing.files == ["a.wav"]
+    assert list(listing.unreadable) == [str(tmp_path / "locked")]
+    assert "Permission denied" in listing.unreadable[str(tmp_path / "locked")]
+
+
+def test_unreadable_folders_are_failures_of_the_pairing_not_missing_counterparts(tmp_path, monkeypatch):
+    for side in ("noisy", "proc"):
+        touch(str(tmp_path / side / "a.wav"))
+        touch(str(tmp_path / side / "locked" / "b.wav"))
+    deny_listing(monkeypatch, str(tmp_path / "proc" / "locked"))
+    pairing = pair_folders({"noisy": str(tmp_path / "noisy"), "processed": str(tmp_path / "proc")})
+    assert pairing.common == ["a.wav"]
+    assert pairing.missing == {"noisy": [], "processed": []}
+    assert list(pairing.unreadable) == [str(tmp_path / "proc" / "locked")]
+
+
+def test_an_unreadable_root_is_an_error_naming_it(tmp_path, monkeypatch):
+    deny_listing(monkeypatch, str(tmp_path))
+    with pytest.raises(FolderError, match=f"{tmp_path}.*Permission denied"):
+        scan_audio_files(str(tmp_path))
+
+
+def test_folders_holding_a_previous_refinement_are_not_inputs(tmp_path):
+    touch(str(tmp_path / "a.wav"))
+    refined = tmp_path / "diffiner+_etaA=0.4_etaB=0.6_etaC=0.0_etaD=0.6"
+    touch(str(refined / "a.wav"))
+    (refined / RUN_RECORD).write_text(yaml.safe_dump({"diffiner_version": "0.1.0", "refiner": {"method": "x"}}))
+    # Someone else's config.yml does not hide a folder.
+    touch(str(tmp_path / "theirs" / "c.wav"))
+    (tmp_path / "theirs" / RUN_RECORD).write_text("learning_rate: 0.1\n")
+    assert list_audio_files(str(tmp_path)) == ["a.wav", os.path.join("theirs", "c.wav")]
+    # Given as the root itself, a refinement is read: refining a refinement is allowed.
+    assert list_audio_files(str(refined)) == ["a.wav"]
+
+
+# ----- the write rules every writer follows (issue 11, part 1) -----
+
+def test_write_rules(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    os.makedirs(a)
+    os.makedirs(b)
+    check_write_rules({"IN": a}, os.path.join(a, "out"))  # an output folder inside an input: allowed
+    check_write_rules({"NOISY": a, "PROC": b}, os.path.join(b, "refined"))
+    with pytest.raises(FolderError, match="is the input folder IN"):
+        check_write_rules({"IN": a}, a)
+    with pytest.raises(FolderError, match="contains the input folder IN"):
+        check_write_rules({"IN": a}, str(tmp_path))
+    with pytest.raises(FolderError, match="NOISY and PROC are the same folder"):
+        check_write_rules({"NOISY": a, "PROC": os.path.join(a, ".")}, None)
+    os.symlink(a, str(tmp_path / "link"))
+    with pytest.raises(FolderError, match="is the input folder IN"):
+        check_write_rules({"IN": a}, str(tmp_path / "link"))
+
+
+def test_an_output_subfolder_linking_into_the_input_is_not_written_through(tmp_path):
+    write_wav(str(tmp_path / "in" / "sub" / "x.wav"), np.full(100, 0.25, dtype=np.float32), 16000)
+    os.makedirs(str(tmp_path / "out"))
+    os.symlink(str(tmp_path / "in" / "sub"), str(tmp_path / "out" / "sub"))
+    before = tree_digest(str(tmp_path / "in"))
+    result = convert_folder(str(tmp_path / "in"), str(tmp_path / "out"), lambda rel, a, sr: (a * 0, sr),
+                            overwrite=True, progress=False)
+    assert tree_digest(str(tmp_path / "in")) == before
+    assert list(result.failed) == [os.path.join("sub", "x.wav")]
+    assert "leads out of the output folder" in result.failed[os.path.join("sub", "x.wav")]
+
+
+# ----- convert_folder: one error boundary per file, progress, resumable (issue 11, part 2) -----
+
+@pytest.fixture
+def three_files(tmp_path):
+    for k, rel in enumerate(["a.wav", "b.wav", os.path.join("sub", "c.wav")]):
+        write_wav(str(tmp_path / "in" / rel), np.full(200 + k, 0.1, dtype=np.float32), 16000)
+    return str(tmp_path / "in"), str(tmp_path / "out")
+
+
+def test_one_failing_file_is_named_and_the_others_are_written(three_files):
+    in_root, out_root = three_files
+
+    def convert(rel, audio, rate):
+        if rel == "b.wav":
+            raise RuntimeError("padding size should be less than the input dimension")
+        return audio, rate
+
+    result = convert_folder(in_root, out_root, convert, progress=False)
+    assert result.written == ["a.wav", os.path.join("sub", "c.wav")]
+    assert list(result.failed) == ["b.wav"]
+    reason = result.failed["b.wav"]
+    assert os.path.join(in_root, "b.wav") in reason and "RuntimeError" in reason and "padding" in reason
+    assert sorted(os.listdir(out_root)) == ["a.wav", "sub"]
+
+
+def test_an_interruption_is_not_swallowed_and_a_rerun_resumes(three_files):
+    in_root, out_root = three_files
+
+    def interrupted(rel, audio, rate):
+        if rel == "b.wav":
+            raise KeyboardInterrupt
+        return audio, rate
+
+    with pytest.raises(KeyboardInterrupt):
+        convert_folder(in_root, out_root, interrupted, progress=False)
+    assert os.listdir(out_root) == ["a.wav"]  # written whole, nothing half-written beside it
+    result = convert_folder(in_root, out_root, lambda rel, a, sr: (a, sr), progress=False)
+    assert result.skipped == ["a.wav"] and result.written == ["b.wav", os.path.join("sub", "c.wav")]
+
+
+def test_a_failed_write_stops_the_run_with_the_file_named(three_files, monkeypatch):
+    in_root, out_root = three_files
+    fill_disk(monkeypatch, after=1)
+    with pytest.raises(OutputError, match="b.wav.*System error"):
+        convert_folder(in_root, out_root, lambda rel, a, sr: (a, sr), progress=False)
+    assert os.listdir(out_root) == ["a.wav"]
+
+
+def test_progress_bar_counts_files(three_files, capsys):
+    in_root, out_root = three_files
+    convert_folder(in_root, out_root, lambda rel, a, sr: (a, sr), progress=True, desc="copying")
+    err = capsys.readouterr().err
+    assert "copying" in err and "3/3" in err

@@ -36,8 +36,8 @@ def read_conditions(folder):
 
 
 def test_same_input_gives_identical_files(clean_dir, tmp_path):
-    first = make_noisy_set(clean_dir, str(tmp_path / "one"))
-    second = make_noisy_set(clean_dir, str(tmp_path / "two"))
+    first = make_noisy_set(clean_dir, str(tmp_path / "one")).written
+    second = make_noisy_set(clean_dir, str(tmp_path / "two")).written
     assert first == second == ["a.wav", "b.wav", "d.wav", "rate22k.wav", "stereo.wav", os.path.join("sub", "c.wav")]
     for rel in first + [CONDITIONS_FILE]:
         with open(tmp_path / "one" / rel, "rb") as a, open(tmp_path / "two" / rel, "rb") as b:
@@ -55,7 +55,7 @@ def test_noise_depends_on_the_file_name_only():
 
 def test_files_pair_with_the_clean_ones_at_the_requested_snr(clean_dir, tmp_path):
     out = str(tmp_path / "noisy")
-    written = make_noisy_set(clean_dir, out, snrs=(0.0, 5.0, 10.0))
+    written = make_noisy_set(clean_dir, out, snrs=(0.0, 5.0, 10.0)).written
     conditions = read_conditions(out)
     assert sorted(conditions) == sorted(written)
     assert {c["colour"] for c in conditions.values()} == set(NOISE_COLOURS)
@@ -117,15 +117,19 @@ def test_bad_requests_are_refused(clean_dir, tmp_path):
         make_noisy_set(clean_dir, str(tmp_path / "x"), colours=("purple",))
     with pytest.raises(ValueError):
         make_noisy_set(clean_dir, str(tmp_path / "x"), snrs=())
+    # A silent clean file cannot be set to an SNR: it fails alone, named, and is not in the table.
     write_wav(str(tmp_path / "silent" / "s.wav"), np.zeros(RATE, dtype=np.float32), RATE)
-    with pytest.raises(ValueError, match="silent"):
-        make_noisy_set(str(tmp_path / "silent"), str(tmp_path / "y"))
+    write_wav(str(tmp_path / "silent" / "t.wav"), speech_like(0.5, RATE), RATE)
+    result = make_noisy_set(str(tmp_path / "silent"), str(tmp_path / "y"))
+    assert result.written == ["t.wav"] and list(result.failed) == ["s.wav"]
+    assert str(tmp_path / "silent" / "s.wav") in result.failed["s.wav"] and "silent" in result.failed["s.wav"]
+    assert list(read_conditions(str(tmp_path / "y"))) == ["t.wav"]
 
 
 def test_command_line(clean_dir, tmp_path, capsys):
     out = str(tmp_path / "noisy")
     assert main([clean_dir, out, "--snrs", "3", "--colours", "pink"]) == 0
-    assert "6 noisy file(s)" in capsys.readouterr().out
+    assert "6 written" in capsys.readouterr().out
     assert {(c["colour"], c["snr_db"]) for c in read_conditions(out).values()} == {("pink", "3")}
     assert main([str(tmp_path / "nowhere"), out]) == 2
 

@@ -1,4 +1,6 @@
+import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -6,12 +8,14 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 import yaml
 
+from diffiner import __version__
 from diffiner.commands.refine import main, parse_etas
 from diffiner.corpus import output_folder_name
 
-from conftest import speech_like, tiny_cli_flags, write_wav
+from conftest import speech_like, tiny_cli_flags, tiny_model_and_diffusion, write_wav
 from launchers import REPO, launcher_env, mpiexec_or_skip, torchrun
 
 
@@ -162,3 +166,80 @@ def test_baseline_makes_the_processed_files_and_refines_them(tmp_path, tiny_chec
     for rel in ["a.wav", "sub/b.wav"]:
         assert sf.info(os.path.join(base, rel)).frames == sf.info(os.path.join(str(tmp_path), "noisy", rel)).frames
         assert os.path.exists(os.path.join(refined, rel))
+
+
+# ----- config.yml describes the files beside it (issue 11, part 4) -----
+
+def test_a_rerun_with_other_settings_is_refused_and_overwrite_redoes_every_file(tmp_path, tiny_checkpoint, capsys):
+    root = str(tmp_path)
+    for k in range(3):
+        make_pair(root, f"f{k}.wav", 0.4 + 0.1 * k, 16000, seed=k)
+    out = str(tmp_path / "out")
+    assert run(root, tiny_checkpoint, "--output-dir", out) == 0
+    config_path = os.path.join(out, "config.yml")
+    config = yaml.safe_load(open(config_path))
+    assert config["model_sha256"] == hashlib.sha256(open(tiny_checkpoint, "rb").read()).hexdigest()
+    assert config["diffiner_version"] == __version__ and config["seed"] == 0
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    capsys.readouterr()
+
+    other_model = str(tmp_path / "other.pt")
+    torch.save(tiny_model_and_diffusion(seed=1)[0].state_dict(), other_model)
+    for extra, named in [(["--seed", "1"], "seed"), (["--timestep-respacing", "ddim3"], "timestep_respacing"),
+                         (["--simple-diffiner"], "method"), (["--etas", "0.5"], "eta_a"),
+                         (["--keep-sample-rate"], "output_sample_rate"), (["--bf16"], "dtype"),
+                         (["--model-path", other_model], "model_sha256")]:
+        code = main(["--root-noisy", os.path.join(root, "noisy"), "--root-proc", os.path.join(root, "proc"),
+                     "--model-path", tiny_checkpoint, "--no-gpu", "--no-progress", *tiny_cli_flags(),
+                     "--output-dir", out, *extra])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and named in errors[0] and out in errors[0], (extra, err)
+        assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before, extra
+
+    # The same settings resume; another batch size is no reason to refuse. A run with nothing to
+    # do leaves the record as it was; one that adds files adds itself to the runs.
+    assert run(root, tiny_checkpoint, "--output-dir", out, "--batch-size", "1") == 0
+    assert "3 already done" in capsys.readouterr().out
+    assert len(yaml.safe_load(open(config_path))["runs"]) == 1
+    os.remove(os.path.join(out, "f1.wav"))
+    assert run(root, tiny_checkpoint, "--output-dir", out, "--batch-size", "1") == 0
+    assert "1 file(s) to refine, 2 already done" in capsys.readouterr().out
+    runs = yaml.safe_load(open(config_path))["runs"]
+    assert [r["files"] for r in runs] == [3, 1] and runs[1]["device"] == "cpu"
+
+    # --overwrite with other settings redoes every file, drops files of the old settings that the
+    # new run does not make, and config.yml then records the new settings only.
+    with open(os.path.join(out, "stale.wav"), "wb") as f:
+        f.write(before["f0.wav"])
+    assert run(root, tiny_checkpoint, "--output-dir", out, "--seed", "1", "--overwrite") == 0
+    assert "refined 3 file(s)" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, "stale.wav"))
+    config = yaml.safe_load(open(config_path))
+    assert config["seed"] == 1 and len(config["runs"]) == 1
+    assert all(open(os.path.join(out, f"f{k}.wav"), "rb").read() != before[f"f{k}.wav"] for k in range(3))
+
+
+def test_a_folder_of_audio_that_no_run_recorded_is_not_written_into(tmp_path, tiny_checkpoint, capsys):
+    make_pair(str(tmp_path), "a.wav", 0.4, 16000)
+    out = tmp_path / "out"
+    write_wav(str(out / "a.wav"), speech_like(0.4), 16000)
+    before = (out / "a.wav").read_bytes()
+    for extra in ([], ["--overwrite"]):  # not even --overwrite: they are not ours to replace
+        assert run(str(tmp_path), tiny_checkpoint, "--output-dir", str(out), *extra) == 2
+        assert "no refinement recorded" in capsys.readouterr().err
+        assert os.listdir(out) == ["a.wav"] and (out / "a.wav").read_bytes() == before
+
+
+# ----- a previous refinement nested in the processed folder is not input (issue 11, part 9) -----
+
+def test_the_second_method_does_not_list_the_first_ones_outputs(corpus, tiny_checkpoint, capsys, caplog):
+    os.remove(os.path.join(corpus, "proc", "broken.wav"))
+    os.remove(os.path.join(corpus, "proc", "only_proc.wav"))
+    assert run(corpus, tiny_checkpoint) == 0
+    caplog.clear()
+    capsys.readouterr()
+    assert run(corpus, tiny_checkpoint, "--simple-diffiner") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings and not any("diffiner+_eta" in w for w in warnings), warnings
+    assert "refined 5 file(s), skipped 0, failed 0" in capsys.readouterr().out

@@ -40,5 +40,5 @@ def test_wrong_model_settings_are_a_clear_error(tmp_path, tiny_checkpoint, capsy
     assert main(["--model_path", tiny_checkpoint, "--output_dir", str(tmp_path), "--device", "cpu",
                  "--num_samples", "1", "--seconds", "0.1"]) == 2
     assert "do not fit the model settings" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--model_path", str(tmp_path / "missing.pt")])
+    assert main(["--model_path", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt: no such checkpoint file" in capsys.readouterr().err

@@ -2,23 +2,40 @@
 
 Everything the rest of the package touches is float32 numpy of shape (channels, samples).
 Writes are atomic: a temporary file in the destination folder is renamed into place, so an
-interrupted run never leaves a truncated file behind.
+interrupted run never leaves a truncated file behind. A write that fails (full disk, read-only
+folder) raises `OutputError` naming the file: the caller cannot go on writing, unlike a bad input,
+which concerns one file only (`AudioError`).
 """
 
 import contextlib
+import logging
 import os
+import shutil
+import struct
 import uuid
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import soundfile as sf
 
 MODEL_SAMPLE_RATE = 16000
 AUDIO_EXTENSIONS = (".wav", ".flac")
+# What libsndfile raises for a failed write (soundfile < 0.11 raised a plain RuntimeError).
+_SOUNDFILE_ERROR = getattr(sf, "LibsndfileError", RuntimeError)
+
+
+logger = logging.getLogger(__name__)
 
 
 class AudioError(Exception):
     """A file that cannot be used as audio input; the message names the file and the problem."""
+
+
+class OutputError(OSError):
+    """A file that cannot be written (disk full, folder read-only); the message names the file.
+
+    An OSError, so that code handling failed writes in general handles it too.
+    """
 
 
 def audio_info(path: str) -> Tuple[int, int, int]:
@@ -33,7 +50,9 @@ def audio_info(path: str) -> Tuple[int, int, int]:
 def load_audio(path: str) -> Tuple[np.ndarray, int]:
     """Read a file as float32 (channels, samples) in [-1, 1] and its sample rate.
 
-    Raises AudioError for unreadable or empty files and for non-finite samples.
+    Raises AudioError for unreadable or empty files and for non-finite samples. A WAV file cut
+    short (its header promises more samples than it holds) is read at the length it holds, with a
+    warning naming both lengths.
     """
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=True)
@@ -43,7 +62,42 @@ def load_audio(path: str) -> Tuple[np.ndarray, int]:
         raise AudioError(f"{path}: file has zero length")
     if not np.all(np.isfinite(data)):
         raise AudioError(f"{path}: file contains NaN or infinite samples")
+    promised = wav_header_samples(path)
+    if promised is not None and promised > data.shape[0]:
+        # libsndfile silently clamps the length to what the file holds: a truncated copy would
+        # otherwise pass for a complete recording.
+        logger.warning("%s: the header promises %d samples but the file holds %d (truncated?); using %d",
+                       path, promised, data.shape[0], data.shape[0])
     return np.ascontiguousarray(data.T), sr
+
+
+def wav_header_samples(path: str) -> Optional[int]:
+    """The sample count a RIFF/WAVE file's header promises (data chunk size / block size), or
+    None for other containers, streamed WAVs of unknown length and headers that cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            riff = f.read(12)
+            if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+                return None
+            block_align = None
+            while True:
+                header = f.read(8)
+                if len(header) < 8:
+                    return None
+                chunk_id, size = header[:4], struct.unpack("<I", header[4:])[0]
+                if chunk_id == b"fmt ":
+                    fmt = f.read(size + (size & 1))
+                    if len(fmt) < 14:
+                        return None
+                    block_align = struct.unpack("<H", fmt[12:14])[0]
+                elif chunk_id == b"data":
+                    if not block_align or size in (0, 0xFFFFFFFF):  # 0/~0: length left to the reader
+                        return None
+                    return size // block_align
+                else:
+                    f.seek(size + (size & 1), os.SEEK_CUR)
+    except OSError:
+        return None
 
 
 def resample(audio: np.ndarray, sr_in: int, sr_out: int, length: int = None) -> np.ndarray:
@@ -107,16 +161,39 @@ def atomic_output(path: str) -> Iterator[str]:
     """Yield a temporary path beside `path`; on success it is renamed to `path`.
 
     On any error or interruption the temporary file is removed and `path` is untouched, so a
-    reader never sees a half-written file.
+    reader never sees a half-written file. Failures of the file system (creating the folder,
+    writing, renaming; libsndfile's errors included) raise OutputError naming `path`.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
     tmp = _temporary_path(path)
     try:
+        os.makedirs(folder, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except (OSError, _SOUNDFILE_ERROR) as exc:
+        if isinstance(exc, OutputError):
+            raise
+        # libsndfile reports a full disk only as "System error.": the free space tells.
+        hint = _free_space(folder) if isinstance(exc, _SOUNDFILE_ERROR) else ""
+        raise OutputError(f"{path}: cannot write ({error_text(exc)}{hint})") from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def error_text(exc: BaseException) -> str:
+    """The message of an exception on one line (its type name when it has none)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _free_space(folder: str) -> str:
+    """"; N MB free on that disk", or nothing where that cannot be told."""
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        return f"; {shutil.disk_usage(folder).free / 1e6:.0f} MB free on that disk"
+    except OSError:
+        return ""
 
 
 def _temporary_path(path: str) -> str:

@@ -17,12 +17,12 @@ import io
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
 from ..seeding import numpy_rng
-from .folders import convert_folder, list_audio_files
+from .folders import FolderResult, convert_folder, list_audio_files
 from .io import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -140,13 +140,15 @@ def format_conditions_csv(conditions: Dict[str, Condition]) -> str:
 
 
 def make_noisy_set(clean_dir: str, out_dir: str, snrs: Sequence[float] = DEFAULT_SNRS,
-                   colours: Sequence[str] = NOISE_COLOURS, seed: int = 0) -> List[str]:
+                   colours: Sequence[str] = NOISE_COLOURS, seed: int = 0, progress: bool = True) -> FolderResult:
     """Write a noisy copy of every clean file (16-bit WAV at the clean file's rate and channels)
-    plus `conditions.csv` (file, colour, snr_db, gain) to `out_dir`; return the relative paths.
+    plus `conditions.csv` (file, colour, snr_db, gain; one row per file written) to `out_dir`.
 
     Every file is rewritten on each call: the output is fully determined by the inputs, and a
-    call with other SNRs or colours must not leave stale files behind. Raises ValueError for
-    unknown colours, an empty SNR or colour list, or an unreadable or silent clean file.
+    call with other SNRs or colours must not leave stale files behind. A clean file that cannot
+    be read or is silent is recorded in the result's `failed`, and the others are still written.
+    Raises ValueError for unknown colours or an empty SNR or colour list, FileNotFoundError for a
+    missing folder, FolderError when `out_dir` is `clean_dir` or contains it.
     """
     unknown = [c for c in colours if c not in _GENERATORS]
     if unknown or not colours or not snrs:
@@ -158,16 +160,12 @@ def make_noisy_set(clean_dir: str, out_dir: str, snrs: Sequence[float] = DEFAULT
         cond = conditions[rel]
         rng = numpy_rng(seed, rel)
         noise = np.stack([make_noise(cond.colour, clean.shape[-1], rate, rng) for _ in range(clean.shape[0])])
-        try:
-            noisy, gain = mix_at_snr(clean, noise, cond.snr_db)
-        except ValueError as exc:
-            raise ValueError(f"{os.path.join(clean_dir, rel)}: {exc}") from exc
+        noisy, gain = mix_at_snr(clean, noise, cond.snr_db)
         conditions[rel] = Condition(cond.colour, cond.snr_db, gain)
         return noisy, rate
 
-    result = convert_folder(clean_dir, out_dir, add_noise, overwrite=True)
-    if result.failed:
-        raise ValueError("; ".join(result.failed.values()))
-    write_text_atomic(os.path.join(out_dir, CONDITIONS_FILE), format_conditions_csv(conditions))
+    result = convert_folder(clean_dir, out_dir, add_noise, overwrite=True, progress=progress, desc="adding noise")
+    written = {rel: conditions[rel] for rel in result.written}
+    write_text_atomic(os.path.join(out_dir, CONDITIONS_FILE), format_conditions_csv(written))
     logger.info("wrote %d noisy file(s) to %s", len(result.written), out_dir)
-    return result.written
+    return result

@@ -1,17 +1,22 @@
-"""What every command does the same way: logging, the error boundary, and folder-run reports.
+"""What every command does the same way: logging, the error boundary, checks of the flags that
+several commands share, and folder-run reports.
 
 The error boundary is the contract of every command: an error is one line on stderr naming the
 problem (and the file), never a traceback (`--debug` shows it); exit status 2 for a problem with
-what was asked (flags, folders, checkpoints: `UsageError`), 1 for a run that failed or had failed
-files, 130 for Ctrl-C.
+what was asked (flags, folders, checkpoints: `UsageError`, and a folder layout or output folder
+refused by `audio.folders`: `FolderError`), 1 for a run that failed or had failed files, 130 for
+Ctrl-C.
 """
 
+import contextlib
 import logging
+import math
 import sys
 import traceback
-from typing import Callable
+from typing import Callable, Iterator, Optional, Type
 
-from ..audio.folders import FolderResult
+from ..audio.folders import FolderError, FolderResult
+from ..audio.io import OutputError, error_text
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -20,9 +25,66 @@ class UsageError(Exception):
     """A problem with what the user asked for (a flag, a folder, a checkpoint): exit status 2."""
 
 
-def setup_logging() -> None:
-    """INFO-level log lines on stderr, naming the module they come from."""
+def setup_logging(debug: bool = False) -> None:
+    """INFO-level log lines on stderr, naming the module they come from; with `debug`, the
+    package's DEBUG lines too (among them the traceback of every file that failed)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("diffiner").setLevel(logging.DEBUG if debug else logging.NOTSET)
+
+
+@contextlib.contextmanager
+def usage_errors(*types: Type[BaseException]) -> Iterator[None]:
+    """Turn the given exception types, raised inside the block, into UsageError (exit status 2):
+    for calls whose errors are, at that point, about what the user asked for."""
+    try:
+        yield
+    except types as exc:
+        raise UsageError(error_text(exc)) from exc
+
+
+def check_number(flag: str, value: float, minimum: float, *, strict: bool = False) -> None:
+    """UsageError unless `value` is finite and >= `minimum` (> with `strict`)."""
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise UsageError(f"{flag} must be a finite number {bound}, got {value}")
+
+
+def check_respacing(respacing: str, diffusion_steps: int) -> None:
+    """UsageError unless `respacing` (a --timestep-respacing value) can be taken from
+    `diffusion_steps` steps; checked before any model is built."""
+    from ..respace import space_timesteps  # imported here: the folder commands need no torch
+
+    check_number("--diffusion-steps", diffusion_steps, 1)
+    if respacing:
+        try:
+            space_timesteps(diffusion_steps, respacing)
+        except ValueError as exc:
+            raise UsageError(f"--timestep-respacing {exc}") from exc  # the message names the value
+
+
+def resolve_device(requested: Optional[str], no_gpu: bool = False) -> str:
+    """The torch device to run on: `requested`, checked to exist and work here, else cuda when
+    available, else cpu. UsageError for a name torch does not know or a device that is absent."""
+    import torch  # imported here: the folder commands need no torch
+
+    if no_gpu:
+        return "cpu"
+    if not requested:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {requested}: not a torch device (e.g. cpu, cuda, cuda:1)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {requested}: CUDA is not available here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    try:
+        torch.empty(1, device=device)
+    except Exception as exc:  # torch raises RuntimeError or AssertionError, by backend
+        raise UsageError(f"--device {requested}: not usable here ({error_text(exc)})") from exc
+    return requested
 
 
 def run_command(body: Callable[[], int], debug: bool = False) -> int:
@@ -37,17 +99,23 @@ def run_command(body: Callable[[], int], debug: bool = False) -> int:
             raise
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except UsageError as exc:
+    except (UsageError, FolderError) as exc:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputError as exc:  # names the file and the reason already
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as exc:  # the boundary: whatever went wrong, one line, not a traceback
         if debug:
             raise
         where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
         origin = f" (in {where.name}, {where.filename.rsplit('/', 1)[-1]}:{where.lineno})" if where else ""
-        print(f"error: {type(exc).__name__}: {exc}{origin}; rerun with --debug for the traceback", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {error_text(exc)}{origin}; rerun with --debug for the traceback",
+              file=sys.stderr)
         return EXIT_FAILED
 
 

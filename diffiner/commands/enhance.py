@@ -1,34 +1,39 @@
-"""`diffiner-enhance NOISY OUT --name noisereduce`: make a processed folder from a noisy one."""
+"""`diffiner-enhance NOISY OUT --enhancer noisereduce`: make a processed folder from a noisy one."""
 
 import sys
 from typing import Optional, Sequence
 
 from ..audio.enhancers import ENHANCERS, enhance_folder
 from ..flags import Flag, command_parser
-from .common import report_folder
+from .common import report_folder, run_command, setup_logging, usage_errors
 
 
 def build_parser():
     parser = command_parser(
         "Enhance every .wav/.flac file under NOISY with a preceding SE method, writing the same relative paths "
         "under OUT; existing outputs are skipped.", {"settings": [
-            Flag("name", ENHANCERS[0], "enhancer", choices=ENHANCERS),
+            Flag("enhancer", ENHANCERS[0], "the SE method", choices=ENHANCERS, aliases=("name",)),
             Flag("overwrite", False, "rewrite outputs that already exist"),
+            Flag("no_progress", False, "no progress bar"),
         ]}, prog="diffiner-enhance")
     parser.add_argument("noisy", metavar="NOISY", help="folder of noisy recordings (searched recursively)")
-    parser.add_argument("output", metavar="OUT", help="output folder")
+    parser.add_argument("output", metavar="OUT", help="output folder (not NOISY; inside it is allowed)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns 1 when some file could not be read, 2 for unusable arguments."""
+    """Entry point; returns 1 when some file failed, 2 for unusable arguments (a missing folder,
+    OUT onto NOISY, the enhancer's package not installed)."""
     args = build_parser().parse_args(argv)
-    try:
-        result = enhance_folder(args.name, args.noisy, args.output, args.overwrite)
-    except (ImportError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return report_folder(result, f"{args.name} outputs in {args.output}")
+
+    def body() -> int:
+        setup_logging(args.debug)
+        with usage_errors(ImportError, FileNotFoundError):
+            result = enhance_folder(args.enhancer, args.noisy, args.output, args.overwrite,
+                                   progress=not args.no_progress)
+        return report_folder(result, f"{args.enhancer} outputs in {args.output}")
+
+    return run_command(body, args.debug)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 from ..audio.mixing import CONDITIONS_FILE, DEFAULT_SNRS, NOISE_COLOURS, make_noisy_set
 from ..flags import Flag, command_parser
+from .common import report_folder, run_command, setup_logging, usage_errors
 
 
 def build_parser():
@@ -17,19 +18,22 @@ def build_parser():
             Flag("seed", 0, "seed of the noise"),
         ]}, prog="python -m diffiner.commands.make_noisy_set")
     parser.add_argument("clean", metavar="CLEAN", help="folder of clean clips")
-    parser.add_argument("output", metavar="OUT", help="where the noisy clips and conditions.csv go")
+    parser.add_argument("output", metavar="OUT", help="where the noisy clips and conditions.csv go (not CLEAN)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns 1 when some clean file could not be used, 2 for unusable arguments."""
     args = build_parser().parse_args(argv)
-    try:
-        written = make_noisy_set(args.clean, args.output, args.snrs, args.colours, args.seed)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{len(written)} noisy file(s) in {args.output}; conditions in {os.path.join(args.output, CONDITIONS_FILE)}")
-    return 0
+
+    def body() -> int:
+        setup_logging(args.debug)
+        with usage_errors(ValueError, FileNotFoundError):
+            result = make_noisy_set(args.clean, args.output, args.snrs, args.colours, args.seed)
+        return report_folder(result, f"noisy files in {args.output} (conditions in "
+                                     f"{os.path.join(args.output, CONDITIONS_FILE)})")
+
+    return run_command(body, args.debug)
 
 
 if __name__ == "__main__":

@@ -1,32 +1,39 @@
 """`diffiner-refine` / scripts/run_refiner.py: refine a folder of SE outputs against the noisy
 recordings they came from.
 
-The command validates its flags, joins the process group under torchrun/mpiexec, makes the
-processed folder with a preceding enhancer when asked (`--baseline`), builds a `Refiner`, and hands
-the files to `diffiner.corpus`; then it records the settings (`config.yml`) and the outcome
-(`summary.json`) beside the outputs.
+The command checks its flags and folders before any work, joins the process group under
+torchrun/mpiexec, builds a `Refiner`, makes the processed folder with a preceding enhancer when
+asked (`--baseline`), and hands the files to `diffiner.corpus`; it records the settings
+(`config.yml`) and the outcome (`summary.json`) beside the outputs.
+
+`config.yml` always describes the files beside it: a run into a folder whose config.yml records
+other settings (anything that changes the audio: model file, model, method, etas, seed,
+respacing, precision, ...) is refused, unless --overwrite, which then redoes every file.
 """
 
 import argparse
+import datetime
+import hashlib
 import json
 import os
 import sys
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
 
 from .. import __version__, dist_util, spectrogram
 from ..audio.enhancers import ENHANCERS, enhance_folder
-from ..audio.folders import is_inside
+from ..audio.folders import RUN_RECORD, check_write_rules, holds_refinement, prepare_output_folder, scan_audio_files
 from ..audio.io import MODEL_SAMPLE_RATE, write_text_atomic
 from ..corpus import RunSummary, output_folder_name, plan_jobs, refine_files, shard_jobs
 from ..flags import MODEL_GROUP, PRECISION_FLAGS, Flag, command_parser, precision_from_args, values_of
 from ..pipeline import Refiner
-from ..refiner import DEFAULT_ETAS
+from ..refiner import DEFAULT_ETAS, resolve_etas
 from ..script_util import model_and_diffusion_flags
-from .common import report_folder, setup_logging
+from .common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, check_number, check_respacing,
+                     resolve_device, run_command, setup_logging, usage_errors)
 
 INPUT_FLAGS = (
     Flag("root_noisy", required=True, help="folder of noisy recordings (searched recursively)", metavar="DIR"),
@@ -59,12 +66,19 @@ RUN_FLAGS = (
     Flag("cuda_graphs", False, "capture each step's network call as a CUDA graph (torch.compile mode "
                                "reduce-overhead)"),
     Flag("keep_sample_rate", False, "write outputs at the processed file's sample rate instead of 16 kHz"),
-    Flag("overwrite", False, "refine files whose output already exists"),
+    Flag("overwrite", False, "refine files whose output already exists; into a folder refined with other "
+                             "settings: redo every file"),
     Flag("loaders", 2, "threads reading and preparing upcoming files"),
     Flag("dist_timeout", 7200.0, "seconds a rank waits for the others at the end of a torchrun/mpiexec run"),
     Flag("no_progress", False, "no progress bar"),
 )
 MODEL_FLAGS = model_and_diffusion_flags(timestep_respacing="ddim200")
+
+# config.yml keys (dotted) that say how a run went, not what the files are: they may differ
+# between the runs that filled a folder. Every other key must match for a run to add files.
+EXECUTION_KEYS = ("diffiner_version", "torch_version", "model_path", "data.output_dir", "device", "processes",
+                  "acceleration", "runs")
+SUMMARY_FILE = "summary.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,87 +96,204 @@ def parse_etas(method: str, values: Optional[Sequence[float]]) -> Dict[str, Opti
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """Parse and check the flags; usage errors exit with status 2. Adds `method`, `etas_given`
-    and `precision`."""
+    """Parse the flags (argparse's own errors exit with status 2). Adds `method` and `precision`."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args.method = "diffiner" if args.simple_diffiner else "diffiner+"
     args.precision = precision_from_args(args, parser)
-    if args.max_batch_frames not in (None, "auto") and not args.max_batch_frames.isdigit():
-        parser.error(f"--max-batch-frames takes a number of frames or 'auto', got {args.max_batch_frames!r}")
-    try:
-        args.etas_given = parse_etas(args.method, args.etas)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if not os.path.isdir(args.root_noisy):
-        parser.error(f"{args.root_noisy}: not a folder")
-    if args.root_proc is None and args.baseline is None:
-        parser.error("give --root-proc (the SE outputs) or --baseline to make them")
-    if args.root_proc is not None and args.baseline is None and not os.path.isdir(args.root_proc):
-        parser.error(f"{args.root_proc}: not a folder")
-    if not os.path.isfile(args.model_path):
-        parser.error(f"{args.model_path}: no such checkpoint file")
     return args
 
 
-def resolve_device(args: argparse.Namespace) -> str:
-    if args.no_gpu:
-        return "cpu"
-    if args.device:
-        return args.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def check_args(args: argparse.Namespace) -> None:
+    """Check every flag and folder before any work; UsageError (or FolderError, for a layout the
+    write rules refuse) naming the problem. Adds `etas_given` and `etas` (those the method uses)
+    and fills in the default `root_proc` (with --baseline) and `output_dir`."""
+    frames = args.max_batch_frames
+    if frames not in (None, "auto") and (not frames.isdigit() or int(frames) < 1):
+        raise UsageError(f"--max-batch-frames takes a number of frames >= 1 or 'auto', got {frames!r}")
+    with usage_errors(ValueError):
+        args.etas_given = parse_etas(args.method, args.etas)
+        args.etas = resolve_etas(args.method, **args.etas_given)
+    check_number("--max-dur", args.max_dur, 0, strict=True)
+    check_number("--segment-overlap", args.segment_overlap, 0)
+    if args.segment_overlap >= args.max_dur:
+        raise UsageError(f"--segment-overlap ({args.segment_overlap} s) must be shorter than --max-dur "
+                         f"({args.max_dur} s)")
+    check_number("--batch-size", args.batch_size, 1)
+    check_number("--loaders", args.loaders, 1)
+    check_number("--dist-timeout", args.dist_timeout, 0, strict=True)
+    check_respacing(args.timestep_respacing, args.diffusion_steps)
+    if not os.path.isdir(args.root_noisy):
+        raise UsageError(f"--root-noisy {args.root_noisy}: not a folder")
+    if args.root_proc is None and args.baseline is None:
+        raise UsageError("give --root-proc (the SE outputs) or --baseline to make them")
+    args.root_proc = args.root_proc or f"diffiner_{args.baseline}"
+    if args.baseline is None and not os.path.isdir(args.root_proc):
+        raise UsageError(f"--root-proc {args.root_proc}: not a folder")
+    if not os.path.isfile(args.model_path):
+        raise UsageError(f"--model-path {args.model_path}: no such checkpoint file")
+    args.output_dir = args.output_dir or os.path.join(args.root_proc, output_folder_name(args.method, args.etas))
+    inputs = {"--root-noisy": args.root_noisy, "--root-proc": args.root_proc}
+    check_write_rules(inputs, args.output_dir)
+    if args.baseline is not None:
+        check_write_rules({"--root-noisy": args.root_noisy}, args.root_proc)
 
 
 def build_refiner(args: argparse.Namespace, device: str) -> Tuple[Refiner, Dict]:
-    """The refiner the flags describe, and the model settings to record in config.yml."""
+    """The refiner the flags describe, and the model settings to record in config.yml; UsageError
+    for a checkpoint that cannot be read or does not fit the model settings."""
     model_settings = values_of(args, MODEL_FLAGS)
-    refiner = Refiner.from_checkpoint(
-        args.model_path, device=device, timestep_respacing=model_settings["timestep_respacing"],
-        model_settings={k: v for k, v in model_settings.items() if k != "timestep_respacing"},
-        method=args.method, clip_denoised=args.clip_denoised, max_dur=args.max_dur,
-        segment_overlap=args.segment_overlap, batch_size=args.batch_size,
-        max_batch_frames=None if args.max_batch_frames in (None, "auto") else int(args.max_batch_frames),
-        precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-        cuda_graphs=args.cuda_graphs, **args.etas_given,
-    )
+    with usage_errors(ValueError):
+        refiner = Refiner.from_checkpoint(
+            args.model_path, device=device, timestep_respacing=model_settings["timestep_respacing"],
+            model_settings={k: v for k, v in model_settings.items() if k != "timestep_respacing"},
+            method=args.method, clip_denoised=args.clip_denoised, max_dur=args.max_dur,
+            segment_overlap=args.segment_overlap, batch_size=args.batch_size,
+            max_batch_frames=None if args.max_batch_frames in (None, "auto") else int(args.max_batch_frames),
+            precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+            cuda_graphs=args.cuda_graphs, **args.etas_given,
+        )
     return refiner, model_settings
 
 
-def write_config(path: str, args: argparse.Namespace, refiner: Refiner, model_settings: Dict, device: str,
-                 processes: int) -> None:
-    """config.yml: every setting that shaped the files beside it."""
-    config = {
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoints are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_settings(args: argparse.Namespace, refiner: Refiner, model_settings: Dict, model_sha256: str,
+                      device: str, processes: int) -> Dict[str, Any]:
+    """config.yml without its run history: every setting that shaped the files beside it, then
+    how this run went (the EXECUTION_KEYS)."""
+    return {
         "diffiner_version": __version__,
         "torch_version": str(torch.__version__),
         "model_path": os.path.abspath(args.model_path),
+        "model_sha256": model_sha256,
         "model": model_settings,
         "data": {"root_noisy": os.path.abspath(args.root_noisy), "root_proc": os.path.abspath(args.root_proc),
-                 "output_dir": os.path.abspath(os.path.dirname(path))},
+                 "output_dir": os.path.abspath(args.output_dir)},
         "stft": {"sample_rate": MODEL_SAMPLE_RATE, "n_fft": spectrogram.N_FFT, "win_length": spectrogram.WIN_LENGTH,
                  "hop_length": spectrogram.HOP_LENGTH, "window": "hann (periodic)", "center": True,
                  "pad_mode": "reflect", "dc_bin": "dropped"},
-        "refiner": {"method": refiner.method, **refiner.etas, "timestep_respacing": model_settings["timestep_respacing"],
-                    "clip_denoised": args.clip_denoised, "max_dur": args.max_dur,
-                    "segment_overlap": args.segment_overlap, "batch_size": args.batch_size,
-                    "baseline": args.baseline},
+        # The width bucket sets the padding, hence the noise drawn: it changes the audio.
+        "refiner": {"method": refiner.method, **refiner.etas, "clip_denoised": args.clip_denoised,
+                    "max_dur": args.max_dur, "segment_overlap": args.segment_overlap,
+                    "width_bucket": refiner.width_bucket},
         "seed": args.seed,
+        "dtype": refiner.precision,
+        "output_sample_rate": "input" if args.keep_sample_rate else MODEL_SAMPLE_RATE,
         "device": device,
         "processes": processes,
-        "dtype": refiner.precision,
-        "acceleration": {"channels_last": args.channels_last, "compile": args.compile,
-                         "cuda_graphs": args.cuda_graphs, "max_batch_frames": refiner.max_batch_frames,
-                         "width_bucket": refiner.width_bucket},
-        "output_sample_rate": "input" if args.keep_sample_rate else MODEL_SAMPLE_RATE,
+        # The result for a file does not depend on its batch (up to float rounding).
+        "acceleration": {"batch_size": args.batch_size, "max_batch_frames": refiner.max_batch_frames,
+                         "channels_last": args.channels_last, "compile": args.compile,
+                         "cuda_graphs": args.cuda_graphs},
     }
-    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
 
 
-def make_processed(args: argparse.Namespace, rank: int) -> None:
-    """With --baseline: write the enhancer's outputs to --root-proc (process 0; the others wait)."""
-    args.root_proc = args.root_proc or f"diffiner_{args.baseline}"
+def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _shown(value: Any) -> str:
+    text = "(none)" if value is None else str(value)
+    return text if len(text) <= 24 else text[:12] + "..."
+
+
+def setting_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """"key: recorded -> current" for every setting, outside the EXECUTION_KEYS, in which the
+    two configs differ."""
+    def settings(config: Dict[str, Any]) -> Dict[str, Any]:
+        return {k: v for k, v in _flatten(config).items()
+                if not any(k == e or k.startswith(e + ".") for e in EXECUTION_KEYS)}
+
+    old, new = settings(recorded), settings(yaml.safe_load(yaml.safe_dump(current)))
+    return [f"{key}: {_shown(old.get(key))} -> {_shown(new.get(key))}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+def read_record(output_dir: str) -> Optional[Dict[str, Any]]:
+    """The config.yml of an earlier run into `output_dir`, or None for a folder without audio
+    files and without one. UsageError for a folder whose audio no run of ours recorded, or
+    whose config.yml is not ours: its files would pass for refined ones."""
+    path = os.path.join(output_dir, RUN_RECORD)
+    if holds_refinement(output_dir):
+        with open(path) as f:
+            return yaml.safe_load(f)
+    if os.path.exists(path):
+        raise UsageError(f"{path} was not written by diffiner-refine; choose another --output-dir")
+    if os.path.isdir(output_dir) and scan_audio_files(output_dir).files:
+        raise UsageError(f"{output_dir} holds audio files that no refinement recorded (it has no {RUN_RECORD}); "
+                         "move them away or choose another --output-dir")
+    return None
+
+
+def check_record(args: argparse.Namespace, settings: Dict[str, Any]) -> Tuple[Optional[Dict[str, Any]], List[str]]:
+    """(the output folder's earlier record, the settings in which it differs from this run's).
+
+    The record is None when there is none; differing settings are refused with a UsageError
+    naming them, unless --overwrite (then they are returned, and the record is to be replaced).
+    """
+    recorded = read_record(args.output_dir)
+    differences = setting_differences(recorded, settings) if recorded is not None else []
+    if differences and not args.overwrite:
+        shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
+        raise UsageError(f"{args.output_dir} holds files refined with other settings ({shown}); rerun with "
+                         "--overwrite to redo them all, or choose another --output-dir")
+    return recorded, differences
+
+
+def remove_previous_outputs(output_dir: str, differences: List[str]) -> None:
+    """Delete the audio files (and summary) of an earlier run with other settings, so that no
+    file of it survives under a config.yml that does not describe it."""
+    listing = scan_audio_files(output_dir)
+    for rel in listing.files:
+        os.remove(os.path.join(output_dir, rel))
+    if os.path.exists(os.path.join(output_dir, SUMMARY_FILE)):
+        os.remove(os.path.join(output_dir, SUMMARY_FILE))
+    print(f"--overwrite: removed {len(listing.files)} file(s) refined with other settings "
+          f"({'; '.join(differences[:3])}{' ...' if len(differences) > 3 else ''})")
+
+
+def write_record(output_dir: str, settings: Dict[str, Any], recorded: Optional[Dict[str, Any]],
+                 args: argparse.Namespace, jobs: int) -> None:
+    """config.yml: the settings, and the history of the runs that wrote files here. A run with
+    nothing to do changes nothing but the file's time (run_example.sh finds the latest folder by
+    it)."""
+    runs = list(recorded.get("runs", [])) if recorded else []
+    if recorded and not jobs:
+        record = recorded
+    else:
+        record = dict(settings)
+        runs.append({"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                     "files": jobs, "device": settings["device"], "processes": settings["processes"],
+                     "baseline": args.baseline, "diffiner_version": __version__,
+                     "torch_version": settings["torch_version"]})
+    record["runs"] = runs
+    write_text_atomic(os.path.join(output_dir, RUN_RECORD), yaml.safe_dump(record, sort_keys=False))
+
+
+def make_processed(args: argparse.Namespace, rank: int, summary: RunSummary) -> None:
+    """With --baseline: write the enhancer's outputs to --root-proc (process 0; the others wait).
+    Files the baseline could not make are failures of the run."""
     if rank == 0:
-        made = enhance_folder(args.baseline, args.root_noisy, args.root_proc, overwrite=args.overwrite)
-        report_folder(made, f"baseline {args.baseline} in {args.root_proc}")
+        with usage_errors(ImportError):  # the enhancer's package is not installed
+            made = enhance_folder(args.baseline, args.root_noisy, args.root_proc, overwrite=args.overwrite,
+                                  progress=not args.no_progress)
+        for rel, reason in made.failed.items():
+            summary.failed[rel] = f"baseline {args.baseline}: {reason}"
+        print(f"baseline {args.baseline} in {args.root_proc}: {made.describe()}")
     dist_util.barrier()
 
 
@@ -175,40 +306,37 @@ def report(summary: RunSummary, output_dir: str, world_size: int) -> None:
     record = {"refined": len(summary.refined), "skipped": len(summary.skipped), "failed": summary.failed,
               "audio_seconds": summary.audio_seconds, "wall_seconds": summary.wall_seconds,
               "real_time_factor": summary.rtf, "processes": world_size}
-    write_text_atomic(os.path.join(output_dir, "summary.json"), json.dumps(record, indent=2) + "\n")
+    write_text_atomic(os.path.join(output_dir, SUMMARY_FILE), json.dumps(record, indent=2) + "\n")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    setup_logging()
-    device = resolve_device(args)
+def refine_corpus(args: argparse.Namespace) -> int:
+    """The command's work, inside the error boundary; returns the exit status."""
+    check_args(args)
+    setup_logging(args.debug)
+    device = resolve_device(args.device, args.no_gpu)
     rank, world_size = 0, 1
     if dist_util.launched_by_torchrun() or dist_util.launched_by_mpi():
-        info = dist_util.setup_dist(device=torch.device(device).type, timeout_s=args.dist_timeout)
+        with usage_errors(ValueError):
+            info = dist_util.setup_dist(device=torch.device(device).type, timeout_s=args.dist_timeout)
         device, rank, world_size = str(info.device), info.rank, info.world_size
-    if args.baseline is not None:
-        make_processed(args, rank)
-    try:
-        refiner, model_settings = build_refiner(args, device)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    output_dir = args.output_dir or os.path.join(args.root_proc, output_folder_name(args.method, refiner.etas))
-    if is_inside(args.root_noisy, output_dir) or is_inside(args.root_proc, output_dir):
-        print(f"error: --output-dir {output_dir} contains an input folder; choose another", file=sys.stderr)
-        return 2
-
+    refiner, model_settings = build_refiner(args, device)
+    prepare_output_folder(args.output_dir)
+    settings = describe_settings(args, refiner, model_settings, file_sha256(args.model_path), device, world_size)
+    recorded, differences = check_record(args, settings)
     summary = RunSummary()
     start = time.time()
-    try:
-        jobs = plan_jobs(args.root_noisy, args.root_proc, output_dir, refiner, args.overwrite, summary)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if args.baseline is not None:
+        make_processed(args, rank, summary)
+    with usage_errors(FileNotFoundError):
+        jobs = plan_jobs(args.root_noisy, args.root_proc, args.output_dir, refiner, args.overwrite, summary)
     if rank == 0:
-        write_config(os.path.join(output_dir, "config.yml"), args, refiner, model_settings, device, world_size)
+        if differences:
+            remove_previous_outputs(args.output_dir, differences)
+            recorded = None
+        write_record(args.output_dir, settings, recorded, args, len(jobs))
         print(f"{len(jobs)} file(s) to refine, {len(summary.skipped)} already done, "
-              f"{len(summary.failed)} unreadable; output: {output_dir}")
+              f"{len(summary.failed)} unreadable; output: {args.output_dir}")
+    dist_util.barrier()
     jobs = shard_jobs(jobs, rank, world_size)
     if args.max_batch_frames == "auto" and jobs:
         refiner.auto_max_batch_frames(max(job.width for job in jobs))
@@ -217,14 +345,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      progress=not args.no_progress and rank == 0, loaders=args.loaders)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {len(summary.refined)} file(s) written; rerun to finish the rest", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     if world_size > 1:
         print(f"rank {rank}: refined {len(summary.refined)} file(s), {summary.audio_seconds:.1f} s of audio")
     total = RunSummary.merge(dist_util.all_gather_objects(summary), time.time() - start)
     if rank == 0:
-        report(total, output_dir, world_size)
+        report(total, args.output_dir, world_size)
     dist_util.cleanup()
-    return 1 if total.failed else 0
+    return EXIT_FAILED if total.failed else EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    return run_command(lambda: refine_corpus(args), args.debug)
 
 
 if __name__ == "__main__":

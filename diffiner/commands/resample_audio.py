@@ -11,17 +11,18 @@ from typing import Optional, Sequence
 from ..audio.folders import FolderResult, convert_folder
 from ..audio.io import MODEL_SAMPLE_RATE, resample
 from ..flags import Flag, command_parser
-from .common import report_folder, setup_logging
+from .common import check_number, report_folder, run_command, setup_logging, usage_errors
 
 
 def resample_folder(in_root: str, out_root: str, rate: int = MODEL_SAMPLE_RATE,
-                    overwrite: bool = False) -> FolderResult:
+                    overwrite: bool = False, progress: bool = True) -> FolderResult:
     """Write every file under `in_root` at `rate` Hz (same channels, 16-bit PCM) under `out_root`.
 
     16-bit because that is what the corpora this is used on (VoiceBank+DEMAND) store, and what
     sox wrote in the original script.
     """
-    return convert_folder(in_root, out_root, lambda rel, audio, sr: (resample(audio, sr, rate), rate), overwrite)
+    return convert_folder(in_root, out_root, lambda rel, audio, sr: (resample(audio, sr, rate), rate), overwrite,
+                          progress=progress, desc=f"resampling to {rate} Hz")
 
 
 def build_parser():
@@ -30,25 +31,26 @@ def build_parser():
         {"settings": [
             Flag("rate", MODEL_SAMPLE_RATE, "target sample rate in Hz"),
             Flag("overwrite", False, "rewrite outputs that already exist"),
+            Flag("no_progress", False, "no progress bar"),
         ]}, prog="diffiner-resample")
     parser.add_argument("input", metavar="IN", help="folder searched recursively (OUT inside it is ignored)")
-    parser.add_argument("output", metavar="OUT", help="output folder")
+    parser.add_argument("output", metavar="OUT", help="output folder (not IN, nor a folder containing it)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns 1 when some file could not be read, 2 when IN is not a folder."""
+    """Entry point; returns 1 when some file failed, 2 for unusable arguments (IN not a folder,
+    OUT onto IN)."""
     args = build_parser().parse_args(argv)
-    setup_logging()
-    if args.rate <= 0:
-        print(f"error: --rate must be positive, got {args.rate}", file=sys.stderr)
-        return 2
-    try:
-        result = resample_folder(args.input, args.output, args.rate, args.overwrite)
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return report_folder(result, f"resampled to {args.rate} Hz in {args.output}")
+
+    def body() -> int:
+        setup_logging(args.debug)
+        check_number("--rate", args.rate, 1)
+        with usage_errors(FileNotFoundError):
+            result = resample_folder(args.input, args.output, args.rate, args.overwrite, not args.no_progress)
+        return report_folder(result, f"resampled to {args.rate} Hz in {args.output}")
+
+    return run_command(body, args.debug)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,15 @@ from tqdm.auto import tqdm
 
 from .. import dist_util
 from ..acceleration import NetworkRunner
+from ..audio.folders import prepare_output_folder
 from ..audio.io import MODEL_SAMPLE_RATE, save_audio
 from ..checkpoints import load_model
 from ..flags import MODEL_GROUP, PRECISION_FLAGS, Flag, command_parser, precision_from_args, values_of
 from ..pipeline import padded_width
 from ..script_util import model_and_diffusion_flags
 from ..seeding import STREAM_SAMPLING, stream_generator
-from ..spectrogram import NUM_BINS, num_frames, spec_to_wave
-from .common import setup_logging
+from ..spectrogram import NUM_BINS, spec_to_wave
+from .common import UsageError, check_number, check_respacing, resolve_device, run_command, setup_logging, usage_errors
 
 logger = logging.getLogger(__name__)
 
@@ -56,30 +57,29 @@ def sample_spectrograms(network, diffusion, indices: Sequence[int], shape: Seque
     return loop(network, (len(indices), *shape), device=device, generator=generators)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = create_argparser()
-    args = parser.parse_args(argv)
-    setup_logging()
-    precision = precision_from_args(args, parser)
+def check_args(args: argparse.Namespace) -> None:
+    """Check the flags before any work; UsageError naming the problem."""
     if not os.path.isfile(args.model_path):
-        parser.error(f"--model_path {args.model_path!r}: no such checkpoint file")
-    if args.seconds <= 0 or args.num_samples < 1 or args.batch_size < 1:
-        parser.error("--seconds, --num_samples and --batch_size must be positive")
-    if args.seed < 0:
-        parser.error("--seed must be >= 0")
+        raise UsageError(f"--model-path {args.model_path}: no such checkpoint file")
+    check_number("--seconds", args.seconds, 0, strict=True)
+    check_number("--num-samples", args.num_samples, 1)
+    check_number("--batch-size", args.batch_size, 1)
+    check_number("--seed", args.seed, 0)
+    check_respacing(args.timestep_respacing, args.diffusion_steps)
 
+
+def sample(args: argparse.Namespace, precision: str) -> int:
+    """The command's work, inside the error boundary."""
+    check_args(args)
+    setup_logging(args.debug)
+    requested = resolve_device(args.device)
+    with usage_errors(ValueError):
+        info = dist_util.setup_dist(device=torch.device(requested).type)
+    device = torch.device(requested) if not info.distributed else info.device
     try:
-        info = dist_util.setup_dist(device=args.device or None)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    device = torch.device(args.device) if args.device and not info.distributed else info.device
-    try:
-        try:
+        with usage_errors(ValueError):
             model, diffusion = load_model(args.model_path, values_of(args, MODEL_FLAGS))
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        prepare_output_folder(args.output_dir)
         network = NetworkRunner(model.to(device).eval(), precision, args.channels_last)
 
         samples = int(round(args.seconds * MODEL_SAMPLE_RATE))
@@ -89,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for indices in tqdm(batches, desc="sampling", unit="batch", disable=not dist_util.is_main()):
             spec = sample_spectrograms(network, diffusion, indices, shape, seed=args.seed, use_ddim=args.use_ddim,
                                        device=device)
-            waves = spec_to_wave(spec[..., :num_frames(samples)].float().cpu(), samples)
+            waves = spec_to_wave(spec.float().cpu(), samples)  # every frame, then trim: no end click
             for index, wave in zip(indices, waves):
                 save_audio(os.path.join(args.output_dir, f"sample_{index:03d}.wav"), wave.numpy(), MODEL_SAMPLE_RATE)
         dist_util.barrier()
@@ -98,6 +98,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         dist_util.cleanup()
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = create_argparser()
+    args = parser.parse_args(argv)
+    precision = precision_from_args(args, parser)
+    return run_command(lambda: sample(args, precision), args.debug)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""Helpers for the folder-walking and writer tests: a deadline for code that used to hang, digests
+of whole trees (to prove that inputs stay byte for byte the same), and stand-ins for failures that
+a root user cannot provoke with chmod (unreadable folders, full disks)."""
+
+import builtins
+import contextlib
+import hashlib
+import os
+import signal
+from typing import Dict, Iterator
+
+import soundfile as sf
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the main thread when the block runs longer than `seconds`."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def tree_digest(root: str) -> Dict[str, str]:
+    """{relative path: SHA-256} of every regular file under `root`, links to files included,
+    without following links to folders (a loop must not make this hang)."""
+    digests = {}
+    for folder, dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    digests[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
+def deny_listing(monkeypatch, *folders: str) -> None:
+    """Make os.scandir fail with 'Permission denied' on `folders`, as for a folder without read
+    permission (which chmod cannot provoke for root, who runs these tests in CI)."""
+    real = os.scandir
+    denied = {os.path.realpath(f) for f in folders}
+
+    def scandir(path="."):
+        if os.path.realpath(path) in denied:
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def fill_disk(monkeypatch, after: int = 0) -> None:
+    """Make soundfile.write fail as libsndfile does on a full disk ("System error.") once `after`
+    files have been written."""
+    real = sf.write
+    written = [0]
+
+    def write(file, *args, **kwargs):
+        if written[0] >= after:
+            raise sf.LibsndfileError(2, prefix=f"Error opening {file!r}: ")
+        written[0] += 1
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(sf, "write", write)
+
+
+def deny_writing(monkeypatch, folder: str) -> None:
+    """Make opening a file for writing below `folder` fail with 'Permission denied', as in a
+    read-only folder (which chmod cannot provoke for root)."""
+    real = builtins.open
+
+    def opener(path, mode="r", *args, **kwargs):
+        if str(path).startswith(folder) and any(m in mode for m in "wax+"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", opener)

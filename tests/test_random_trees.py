@@ -1,0 +1,177 @@
+"""A property of the refiner over random folder trees: whatever the tree holds (nested folders,
+links to files and folders, link loops, odd names, FIFOs, folders that cannot be listed, empty and
+broken files, 0-2000 samples at 8-48 kHz, mono and stereo), the run ends, changes no input byte,
+refines every readable pair at its exact length, names everything else, and says by its exit
+status whether anything failed.
+
+Twenty trees from a seeded generator (each a new seed), with the tiny model and two steps.
+"""
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Dict, List, Set, Tuple
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from diffiner.commands import refine
+
+from conftest import tiny_cli_flags, tiny_model_and_diffusion
+from fs_helpers import deadline, deny_listing, tree_digest
+
+TREES = 20
+RATES = (8000, 16000, 22050, 44100, 48000)
+FOLDER_NAMES = ("sub", "a b", "ünïcödé", "日本語", "x.wav", "..dots", "-dash", "v1.2")
+FILE_STEMS = ("f", "a b", "ñ", "音", ".hidden", "x.y", "-d", "UPPER")
+EXTENSIONS = (".wav", ".flac", ".WAV")
+KINDS = ("good",) * 6 + ("empty", "garbage", "header only", "only noisy", "only processed")
+
+
+@dataclass
+class Tree:
+    """What a run over the tree must do."""
+
+    refined: Dict[str, Tuple[int, int, int]] = field(default_factory=dict)  # rel: (frames, rate, channels)
+    failed: Set[str] = field(default_factory=set)  # rels and folder paths named as failures
+    lonely: Set[str] = field(default_factory=set)  # rels on one side only: named in a warning
+    skipped: Set[str] = field(default_factory=set)  # paths that are not regular files: named in a warning
+    folders: List[str] = field(default_factory=list)  # relative folders holding files on both sides
+    denied: List[str] = field(default_factory=list)  # folder paths that cannot be listed
+
+
+def write(path: str, frames: int, rate: int, channels: int, rng: np.random.Generator, scale: float = 1.0) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    audio = (0.3 * scale * rng.standard_normal((frames, channels))).astype(np.float32)
+    fmt = "FLAC" if path.lower().endswith(".flac") else "WAV"
+    sf.write(path, audio, rate, format=fmt, subtype="PCM_16")
+
+
+def build(base: str, seed: int) -> Tree:
+    """A random pair of trees under base/noisy and base/proc (and base/outside, reached by links)."""
+    rnd = random.Random(seed)
+    rng = np.random.default_rng(seed)
+    noisy, proc, outside = (os.path.join(base, name) for name in ("noisy", "proc", "outside"))
+    os.makedirs(noisy)
+    os.makedirs(proc)
+    tree = Tree()
+    for i in range(rnd.randint(3, 7)):
+        folder = os.path.join("", *[rnd.choice(FOLDER_NAMES) for _ in range(rnd.randint(0, 3))])
+        rel = os.path.join(folder, f"{rnd.choice(FILE_STEMS)}{i}{rnd.choice(EXTENSIONS)}")
+        kind = rnd.choice(KINDS)
+        frames, rate, channels = rnd.randint(1, 2000), rnd.choice(RATES), rnd.randint(1, 2)
+        if kind == "only processed":
+            write(os.path.join(proc, rel), frames, rate, channels, rng)
+            tree.lonely.add(rel)
+            continue
+        write(os.path.join(noisy, rel), 0 if kind == "empty" else frames, rate, channels, rng)
+        if kind == "only noisy":
+            tree.lonely.add(rel)
+            continue
+        out = os.path.join(proc, rel)
+        write(out, 0 if kind == "empty" else frames, rate, channels, rng, scale=0.5)
+        if kind == "garbage":
+            with open(out, "wb") as f:
+                f.write(b"RIFF" + bytes(rng.integers(0, 256, 60, dtype=np.uint8)))
+        elif kind == "header only":
+            with open(out, "r+b") as f:
+                f.truncate(44 if fmt_of(out) == "WAV" else 30)
+        if kind == "good":
+            tree.refined[rel] = (frames, rate, channels)
+            if folder:
+                tree.folders.append(folder)
+        else:
+            tree.failed.add(rel)
+
+    good = sorted(tree.refined)
+    if good and rnd.random() < 0.5:  # a link to a file, on both sides: a pair of its own
+        target = rnd.choice(good)
+        for side in (noisy, proc):
+            os.symlink(os.path.join(side, target), os.path.join(side, "linked.wav"))
+        tree.refined["linked.wav"] = tree.refined[target]
+    if tree.folders and rnd.random() < 0.5:  # a second way into a folder: listed once
+        target = rnd.choice(tree.folders).split(os.sep)[0]
+        for side in (noisy, proc):
+            os.symlink(target, os.path.join(side, "alias"))
+    if rnd.random() < 0.6:  # loops: to the parent and to the folder itself
+        for side in (noisy, proc):
+            os.symlink(".", os.path.join(side, "self"))
+            for folder in tree.folders[:1]:
+                os.symlink("..", os.path.join(side, folder, "up"))
+    if rnd.random() < 0.4:  # folders outside the tree, reached by links
+        frames, rate, channels = rnd.randint(1, 2000), rnd.choice(RATES), rnd.randint(1, 2)
+        for side, scale in ((noisy, 1.0), (proc, 0.5)):
+            target = os.path.join(outside, os.path.basename(side))
+            write(os.path.join(target, "o.flac"), frames, rate, channels, rng, scale)
+            os.symlink(target, os.path.join(side, "ext"))
+        tree.refined[os.path.join("ext", "o.flac")] = (frames, rate, channels)
+    if rnd.random() < 0.4:  # a FIFO where a processed file should be
+        write(os.path.join(noisy, "z.wav"), 500, 16000, 1, rng)
+        os.mkfifo(os.path.join(proc, "z.wav"))
+        tree.lonely.add("z.wav")
+        tree.skipped.add(os.path.join(proc, "z.wav"))
+    if rnd.random() < 0.3:  # a link to nothing
+        os.symlink(os.path.join(base, "gone.wav"), os.path.join(noisy, "broken.wav"))
+        tree.skipped.add(os.path.join(noisy, "broken.wav"))
+    if tree.folders and rnd.random() < 0.3:  # a processed folder that cannot be listed
+        top = rnd.choice(tree.folders).split(os.sep)[0]
+        tree.denied.append(os.path.join(proc, top))
+        tree.failed.add(os.path.join(proc, top))
+        for rel in list(tree.refined) + list(tree.failed) + list(tree.lonely):
+            if rel.startswith(top + os.sep):
+                tree.refined.pop(rel, None)
+                tree.failed.discard(rel)
+                tree.lonely.discard(rel)
+        # Reached through a link instead, the folder is listed: keep the tree simple.
+        for side in (noisy, proc):
+            if os.path.islink(os.path.join(side, "alias")):
+                os.remove(os.path.join(side, "alias"))
+    return tree
+
+
+def fmt_of(path: str) -> str:
+    return "FLAC" if path.lower().endswith(".flac") else "WAV"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("model") / "tiny.pt")
+    torch.save(tiny_model_and_diffusion()[0].state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("seed", range(TREES))
+def test_random_tree(tmp_path, checkpoint, monkeypatch, caplog, capsys, seed):
+    tree = build(str(tmp_path), seed)
+    inputs = {side: tree_digest(str(tmp_path / side)) for side in ("noisy", "proc", "outside")}
+    out = str(tmp_path / "proc" / "diffiner+_etaA=0.4_etaB=0.6_etaC=0.0_etaD=0.6")
+    caplog.set_level(logging.INFO)
+    with monkeypatch.context() as patch:
+        if tree.denied:
+            deny_listing(patch, *tree.denied)
+        with deadline(90):
+            code = refine.main(["--root-noisy", str(tmp_path / "noisy"), "--root-proc", str(tmp_path / "proc"),
+                                "--model-path", checkpoint, "--no-gpu", "--no-progress", "--keep-sample-rate",
+                                *tiny_cli_flags("ddim2")])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    after = {side: tree_digest(str(tmp_path / side)) for side in ("noisy", "proc", "outside")}
+    after["proc"] = {rel: d for rel, d in after["proc"].items() if not rel.startswith(os.path.basename(out))}
+    assert after == inputs, "an input file changed"
+
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    for rel, (frames, rate, channels) in tree.refined.items():
+        assert os.path.isfile(os.path.join(out, rel)), (rel, summary["failed"].get(rel))
+        info = sf.info(os.path.join(out, rel))
+        assert (info.frames, info.samplerate, info.channels) == (frames, rate, channels), rel
+    written = set(tree_digest(out)) - {"config.yml", "summary.json"}
+    assert written == set(tree.refined)
+    assert set(summary["failed"]) == tree.failed
+    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    for name in tree.lonely | tree.skipped:
+        assert name in warnings, name
+    assert code == (1 if tree.failed else 0)

@@ -1,0 +1,157 @@
+"""One rule for every writer (refiner, enhancers, resampler, demo data): never onto an input, never
+into a root it reads except into its own output folder, never reading an output as input; and a
+write that fails (full disk, read-only folder) is one line naming the file, not a traceback."""
+
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from diffiner.commands import enhance, make_noisy_set, refine, resample_audio
+
+from conftest import speech_like, tiny_cli_flags, write_wav
+from fs_helpers import deny_writing, fill_disk, tree_digest
+
+
+@pytest.fixture
+def originals(tmp_path):
+    """96 kHz / 24-bit originals, the case that was turned into 16 kHz / 16-bit in place."""
+    root = tmp_path / "orig"
+    write_wav(str(root / "a.wav"), speech_like(0.3, 96000, seed=1), 96000, subtype="PCM_24")
+    write_wav(str(root / "sub" / "b.wav"), speech_like(0.2, 96000, seed=2), 96000, subtype="PCM_24")
+    return str(root)
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+def test_resampling_a_folder_onto_itself_is_refused(originals, capsys):
+    before = tree_digest(originals)
+    assert resample_audio.main([originals, originals, "--overwrite"]) == 2
+    assert "is the input folder" in one_error_line(capsys.readouterr().err)
+    assert tree_digest(originals) == before
+
+
+def test_resampling_into_a_folder_that_contains_the_input_is_refused(originals, capsys):
+    before = tree_digest(originals)
+    assert resample_audio.main([originals, os.path.dirname(originals), "--overwrite"]) == 2
+    assert "contains the input folder" in one_error_line(capsys.readouterr().err)
+    assert tree_digest(originals) == before
+
+
+def test_an_output_folder_inside_the_input_is_written_and_never_read_back(originals, capsys):
+    out = os.path.join(originals, "16kHz")
+    before = tree_digest(originals)
+    assert resample_audio.main([originals, out, "--no-progress"]) == 0
+    assert sf.info(os.path.join(out, "sub", "b.wav")).samplerate == 16000
+    assert resample_audio.main([originals, out, "--no-progress"]) == 0
+    assert "0 written, 2 already there, 0 failed" in capsys.readouterr().out
+    assert {rel: d for rel, d in tree_digest(originals).items() if not rel.startswith("16kHz")} == before
+
+
+def test_enhancing_a_folder_onto_itself_is_refused(originals, capsys):
+    pytest.importorskip("noisereduce")
+    before = tree_digest(originals)
+    assert enhance.main([originals, originals, "--enhancer", "noisereduce", "--overwrite"]) == 2
+    assert "is the input folder" in one_error_line(capsys.readouterr().err)
+    assert tree_digest(originals) == before
+
+
+def test_enhancer_flag_and_its_old_spelling(originals, tmp_path):
+    pytest.importorskip("noisereduce")
+    assert enhance.main([originals, str(tmp_path / "a"), "--enhancer", "noisereduce"]) == 0
+    assert enhance.main([originals, str(tmp_path / "b"), "--name", "noisereduce"]) == 0
+    assert sorted(tree_digest(str(tmp_path / "a"))) == sorted(tree_digest(str(tmp_path / "b"))) == \
+        ["a.wav", os.path.join("sub", "b.wav")]
+
+
+def test_demo_noise_onto_the_clean_folder_is_refused(originals, capsys):
+    before = tree_digest(originals)
+    assert make_noisy_set.main([originals, originals]) == 2
+    assert "is the input folder" in one_error_line(capsys.readouterr().err)
+    assert tree_digest(originals) == before
+
+
+def refine_args(noisy, proc, checkpoint, *extra):
+    return ["--root-noisy", noisy, "--root-proc", proc, "--model-path", checkpoint, "--no-gpu", "--no-progress",
+            *tiny_cli_flags(), *extra]
+
+
+def test_a_baseline_written_onto_the_noisy_folder_is_refused(originals, tiny_checkpoint, capsys):
+    before = tree_digest(originals)
+    code = refine.main(refine_args(originals, originals, tiny_checkpoint, "--baseline", "noisereduce",
+                                   "--overwrite"))
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--root-noisy" in line and "--root-proc" in line and "same folder" in line
+    assert tree_digest(originals) == before
+
+
+def test_noisy_and_processed_the_same_folder_is_refused(originals, tiny_checkpoint, capsys):
+    before = tree_digest(originals)
+    assert refine.main(refine_args(originals, originals, tiny_checkpoint)) == 2
+    assert "same folder" in one_error_line(capsys.readouterr().err)
+    assert tree_digest(originals) == before
+
+
+@pytest.mark.parametrize("where", ["noisy", "proc", "parent"])
+def test_a_refined_folder_onto_or_around_an_input_is_refused(tmp_path, tiny_checkpoint, capsys, where):
+    for side in ("noisy", "proc"):
+        write_wav(str(tmp_path / side / "a.wav"), speech_like(0.3, 16000), 16000)
+    before = tree_digest(str(tmp_path))
+    out = {"noisy": tmp_path / "noisy", "proc": tmp_path / "proc", "parent": tmp_path}[where]
+    code = refine.main(refine_args(str(tmp_path / "noisy"), str(tmp_path / "proc"), tiny_checkpoint,
+                                   "--output-dir", str(out)))
+    assert code == 2
+    one_error_line(capsys.readouterr().err)
+    assert tree_digest(str(tmp_path)) == before
+
+
+def test_a_full_disk_is_one_line_naming_the_file(originals, tmp_path, monkeypatch, capsys):
+    fill_disk(monkeypatch, after=1)
+    out = str(tmp_path / "out")
+    assert resample_audio.main([originals, out, "--no-progress"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "b.wav" in line and "System error" in line and "free" in line
+    assert tree_digest(out).keys() == {"a.wav"}  # the file before it is whole, no temporary left
+
+
+def test_a_read_only_output_folder_is_refused_before_any_work(originals, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "out")
+    deny_writing(monkeypatch, out)
+    assert resample_audio.main([originals, out, "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert out in line and "Permission denied" in line
+    assert tree_digest(out) == {}
+
+
+def test_an_output_path_below_a_file_is_one_line(originals, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert resample_audio.main([originals, str(blocker / "out"), "--no-progress"]) == 2
+    assert str(blocker) in one_error_line(capsys.readouterr().err)
+
+
+def test_every_command_takes_debug_and_then_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception) as raised:
+        resample_audio.main([str(tmp_path / "nowhere"), str(tmp_path / "out"), "--debug"])
+    assert "nowhere" in str(raised.value)
+
+
+@pytest.mark.parametrize("command, extra", [(resample_audio, []), (enhance, ["--enhancer", "none"]),
+                                            (make_noisy_set, [])])
+def test_a_missing_input_folder_is_one_line_with_status_2(command, extra, tmp_path, capsys):
+    assert command.main([str(tmp_path / "nowhere"), str(tmp_path / "out"), *extra]) == 2
+    assert "nowhere" in one_error_line(capsys.readouterr().err)
+
+
+def test_silent_clean_file_in_the_demo_set_is_one_line(tmp_path, capsys):
+    write_wav(str(tmp_path / "clean" / "s.wav"), np.zeros(1600, dtype=np.float32), 16000)
+    assert make_noisy_set.main([str(tmp_path / "clean"), str(tmp_path / "noisy")]) == 1
+    assert "s.wav" in capsys.readouterr().err

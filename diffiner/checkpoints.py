@@ -1,49 +1,136 @@
-"""Reading weights: the one place where refining, training and sampling load a checkpoint.
+"""Checkpoint files: the one place where refining, training and sampling read weights, and where
+training writes the files of a step as one set.
 
 A checkpoint is a plain state dict of the UNet, as published (`pretrained_diffiner_onVB.pt`) or as
 written by training (`modelNNNNNN.pt`, `ema_<rate>_NNNNNN.pt`). The network is built from its
 settings first, then the weights are loaded strictly, so settings that do not match the file are
-reported instead of silently ignored.
+reported instead of silently ignored. A file that cannot be read at all (empty, not a checkpoint,
+truncated, corrupt) is reported as such, naming it: `load_state_dict` diagnoses every file read.
+
+Training writes, for step NNNNNN (the number of steps done), a *checkpoint set*:
+`modelNNNNNN.pt`, one `ema_<rate>_NNNNNN.pt` per EMA rate and `optNNNNNN.pt`. The files of a
+set become visible together: all are written under temporary names first, then renamed, the
+model file last (`save_checkpoint_set`). Hence the rule that holds at every instant, whatever
+kills the process: **a model file present implies that its whole set, from the same save, is
+present**. A kill leaves at most temporary files (removed by `remove_interrupted_saves`) and
+optimizer or EMA files of a step without its model file (ignored, and replaced when that step is
+saved again).
 """
 
-from typing import Any, Dict, Optional, Tuple
+import contextlib
+import inspect
+import logging
+import os
+import re
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .audio.io import atomic_output
 from .respace import SpacedDiffusion
 from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from .unet import UNetModel
 
+logger = logging.getLogger(__name__)
+
 DDP_PREFIX = "module."  # what DistributedDataParallel prepends to every key
 
+# How torch.save's files begin: its zip archive (torch >= 1.6), or the legacy format's pickle
+# protocol marker.
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MARKER = b"\x80"
+# The zip "end of central directory" record: the last thing written, so a truncated archive lacks it.
+ZIP_END_MAGIC = b"PK\x05\x06"
+ZIP_END_SEARCH = 65536 + 22  # the record, plus the longest comment a zip may have
 
+# Only tensors and plain values are unpickled where torch can tell (>= 1.13).
+SAFE_LOAD = {"weights_only": True} if "weights_only" in inspect.signature(torch.load).parameters else {}
+
+MODEL_FILE = re.compile(r"model(\d+)\.pt")
+SET_FILE = re.compile(r"(?:model|opt)(\d+)\.pt|ema_[^_]+_(\d+)\.pt")
+# audio.io.atomic_output's temporary names (".tmp-<id>-<final name>") of checkpoint files.
+INTERRUPTED_SAVE = re.compile(r"\.tmp-[0-9a-f]+-(?:(?:model|opt)\d+|ema_[^_]+_\d+)\.pt")
+
+
+# ----- reading -----
 def load_state_dict(path: str) -> Dict[str, Any]:
     """A dict saved with torch.save, read onto the CPU; DDP's "module." prefix is removed.
 
-    Raises ValueError naming the file when it does not hold a dict.
+    Raises FileNotFoundError when `path` does not exist, and ValueError naming the file and the
+    problem when it is not a readable checkpoint (empty, a folder, not written by torch.save,
+    truncated, corrupt) or does not hold a dict.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except TypeError:  # torch < 1.13 has no weights_only
-        state = torch.load(path, map_location="cpu")
+    state = _load(path)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
     return {k[len(DDP_PREFIX):] if k.startswith(DDP_PREFIX) else k: v for k, v in state.items()}
 
 
+def _load(path: str) -> Any:
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder, not a checkpoint file")
+    with open(path, "rb") as f:  # FileNotFoundError names the file
+        head = f.read(len(ZIP_MAGIC))
+    if not head:
+        raise ValueError(f"{path}: the file is empty (0 bytes), not a checkpoint (an interrupted copy or save?)")
+    if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MARKER)):
+        raise ValueError(f"{path}: not a PyTorch checkpoint ({_describe_content(path)})")
+    try:
+        return torch.load(path, map_location="cpu", **SAFE_LOAD)
+    except Exception as exc:  # torch raises many types (RuntimeError, EOFError, UnpicklingError, ...)
+        raise ValueError(f"{path}: {_diagnose(path, head, exc)}") from exc
+
+
+def _describe_content(path: str) -> str:
+    with open(path, "rb") as f:
+        start = f.read(512)
+    try:
+        start.decode("utf-8")
+    except UnicodeDecodeError:
+        return "it was not written by torch.save"
+    return "it holds text"
+
+
+def _diagnose(path: str, head: bytes, exc: Exception) -> str:
+    """Why torch could not read a file that begins like a checkpoint, in a few words."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    size = os.path.getsize(path)
+    if "weights only load failed" in reason.lower():
+        return f"holds Python objects besides tensors and plain values, which are not loaded for safety ({reason})"
+    if head.startswith(ZIP_MAGIC):
+        with open(path, "rb") as f:
+            f.seek(max(0, size - ZIP_END_SEARCH))
+            complete = ZIP_END_MAGIC in f.read()
+        if not complete:
+            return f"the checkpoint is truncated ({size} bytes, its end is missing: an interrupted save or copy?)"
+    elif isinstance(exc, EOFError):
+        return f"the checkpoint is truncated ({size} bytes: an interrupted save or copy?)"
+    return f"the checkpoint is corrupt ({size} bytes; torch: {reason})"
+
+
 def load_weights(model: torch.nn.Module, path: str, settings: Optional[Dict[str, Any]] = None) -> None:
     """Load the state dict at `path` into `model` strictly.
 
-    Raises ValueError naming the file (and the main `settings`, when given) when they do not fit.
+    Raises ValueError naming the file when it cannot be read (see `load_state_dict`), or when its
+    weights do not fit the model (naming the main `settings`, when given).
     """
+    state = load_state_dict(path)
     try:
-        model.load_state_dict(load_state_dict(path), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         described = ""
         if settings:
             described = (f" (image_size={settings['image_size']}, num_channels={settings['num_channels']}, "
                          f"num_res_blocks={settings['num_res_blocks']}, ...)")
-        raise ValueError(f"{path}: the weights do not fit the model settings{described}: {exc}") from exc
+        raise ValueError(f"{path}: the weights do not fit the model settings{described}: "
+                         f"{_summarise_mismatch(exc)}") from exc
+
+
+def _summarise_mismatch(exc: RuntimeError) -> str:
+    """torch's many-line "Error(s) in loading state_dict" as one line: its first problem and a count."""
+    problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc).strip()]
+    first = problems[0] if len(problems[0]) <= 300 else problems[0][:300] + "..."
+    return first + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
 def load_model(model_path: str, model_settings: Optional[Dict[str, Any]] = None
@@ -55,3 +142,128 @@ def load_model(model_path: str, model_settings: Optional[Dict[str, Any]] = None
     model, diffusion = create_model_and_diffusion(**settings)
     load_weights(model, model_path, settings)
     return model, diffusion
+
+
+# ----- training's checkpoint sets -----
+def model_filename(step: int) -> str:
+    return f"model{step:06d}.pt"
+
+
+def opt_filename(step: int) -> str:
+    return f"opt{step:06d}.pt"
+
+
+def ema_filename(rate: float, step: int) -> str:
+    return f"ema_{rate}_{step:06d}.pt"
+
+
+def checkpoint_step(path: str) -> int:
+    """NNNNNN of a `modelNNNNNN.pt` path; ValueError for any other name."""
+    match = MODEL_FILE.fullmatch(os.path.basename(path))
+    if not match:
+        raise ValueError(f"{path}: not a modelNNNNNN.pt file written by training")
+    return int(match.group(1))
+
+
+def missing_set_files(folder: str, step: int, rates: Optional[List[float]] = None) -> List[str]:
+    """The files of the set of `step` (optimizer state, and the EMAs of `rates`) absent from `folder`."""
+    names = [opt_filename(step)] + [ema_filename(rate, step) for rate in rates or []]
+    return [name for name in names if not os.path.exists(os.path.join(folder, name))]
+
+
+def saved_steps(folder: str) -> List[int]:
+    """The steps that have a model file in `folder`, in increasing order."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(m.group(1)) for m in map(MODEL_FILE.fullmatch, os.listdir(folder)) if m)
+
+
+def newest_complete_step(folder: str) -> Optional[int]:
+    """The newest step of `folder` whose set is complete (model and optimizer files), or None.
+
+    Sets written by `save_checkpoint_set` are always complete; an incomplete one was written by
+    an older version of this code or had files removed, and is skipped with a warning.
+    """
+    steps = saved_steps(folder)
+    for step in reversed(steps):
+        missing = missing_set_files(folder, step)
+        if not missing:
+            return step
+        logger.warning("%s: %s has no %s beside it: not resumable, skipped", folder, model_filename(step),
+                       " or ".join(missing))
+    return None
+
+
+def save_checkpoint_set(folder: str, step: int, model_state: Dict[str, torch.Tensor],
+                        ema_states: Dict[float, Dict[str, torch.Tensor]], training_state: Dict[str, Any]) -> str:
+    """Write the checkpoint set of `step` into `folder` so that its files become visible together;
+    returns the model file's path.
+
+    Every file is written and flushed to disk under a temporary name first. Then the files of any
+    earlier save of the same step are removed, the model file first, so that no model file ever
+    sits beside the files of another save; then the temporary files are renamed, the model file
+    last, with the folder synced to disk between the steps. An error leaves no temporary file; a
+    kill leaves temporary files (see `remove_interrupted_saves`) and perhaps set files without
+    their model file, never a model file without its set.
+    """
+    files = [(model_filename(step), model_state)]
+    files += [(ema_filename(rate, step), state) for rate, state in ema_states.items()]
+    files.append((opt_filename(step), training_state))
+    with contextlib.ExitStack() as renames:
+        # atomic_output renames its temporary file when its context exits, and ExitStack exits
+        # in reverse order: the optimizer file, the EMA files, the folder synced (so that after
+        # a power cut too, the model file is never on disk without them), the model file. An
+        # exception exits them all without renaming and removes the temporary files.
+        for index, (name, state) in enumerate(files):
+            tmp = renames.enter_context(atomic_output(os.path.join(folder, name)))
+            if index == 0:
+                renames.callback(_fsync_folder, folder)
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        earlier = _set_files_of_step(folder, step)
+        for name in earlier:
+            os.remove(os.path.join(folder, name))
+        if earlier:
+            _fsync_folder(folder)  # gone for good before any new file of the step appears
+    _fsync_folder(folder)
+    return os.path.join(folder, model_filename(step))
+
+
+def _set_files_of_step(folder: str, step: int) -> List[str]:
+    """The files of `step`'s set in `folder`, the model file first."""
+    names = []
+    for name in os.listdir(folder):
+        match = SET_FILE.fullmatch(name)
+        if match and int(match.group(1) or match.group(2)) == step:
+            names.append(name)
+    return sorted(names, key=lambda name: not name.startswith("model"))
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # a system where folders cannot be opened (Windows): renames are durable there
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def remove_interrupted_saves(folder: str) -> List[str]:
+    """Remove the temporary checkpoint files that a killed save left in `folder`; returns their names.
+
+    Call it only while no save is running in `folder` (when training starts).
+    """
+    if not os.path.isdir(folder):
+        return []
+    removed = sorted(name for name in os.listdir(folder) if INTERRUPTED_SAVE.fullmatch(name))
+    for name in removed:
+        os.remove(os.path.join(folder, name))
+    if removed:
+        logger.info("removed %d temporary file(s) of an interrupted checkpoint save in %s", len(removed), folder)
+    return removed

@@ -5,9 +5,11 @@ and written by `dump`: a table on stdout, `progress.csv` and `progress.jsonl` in
 folder, and TensorBoard events when the tensorboard package is installed. Means are taken
 over all ranks of a distributed job; only rank 0 writes anything.
 
-The CSV and JSON-lines files are appended to, so a resumed run continues the same files.
-When a key appears that the CSV header lacks, the file is rewritten with the wider header
-(earlier rows get empty cells), as guided-diffusion's logger does.
+The CSV and JSON-lines files are appended to, so a resumed run continues the same files; the
+rows of steps after the resumed one (logged by the interrupted run after its last checkpoint,
+and about to be trained again) are dropped first, so every step has one row. When a key appears
+that the CSV header lacks, the file is rewritten with the wider header (earlier rows get empty
+cells), as guided-diffusion's logger does. Rewrites are atomic.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 from typing import Dict, List, Optional, Sequence, TextIO, Union
 
 from . import dist_util
+from .audio.io import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +37,11 @@ class MetricsLogger:
     :param columns: keys expected in every row, in this order; they fix the CSV header up
         front so that it rarely needs rewriting.
     :param enabled: whether this process writes; default: only rank 0.
+    :param resume_step: the step a resumed run continues from: rows of later steps are dropped.
     """
 
     def __init__(self, log_dir: Optional[str], columns: Sequence[str] = (), enabled: Optional[bool] = None,
-                 stdout: Optional[TextIO] = None, tensorboard: bool = True):
+                 stdout: Optional[TextIO] = None, tensorboard: bool = True, resume_step: Optional[int] = None):
         self.enabled = dist_util.is_main() if enabled is None else enabled
         self._latest: Dict[str, Number] = {}
         self._sums: Dict[str, float] = {}
@@ -48,10 +52,10 @@ class MetricsLogger:
         self._writers.append(TableWriter(stdout or sys.stdout))
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
-            self._writers.append(CSVWriter(os.path.join(log_dir, "progress.csv"), columns))
-            self._writers.append(JSONLinesWriter(os.path.join(log_dir, "progress.jsonl")))
+            self._writers.append(CSVWriter(os.path.join(log_dir, "progress.csv"), columns, resume_step))
+            self._writers.append(JSONLinesWriter(os.path.join(log_dir, "progress.jsonl"), resume_step))
             if tensorboard:
-                writer = TensorBoardWriter.create(log_dir)
+                writer = TensorBoardWriter.create(log_dir, resume_step)
                 if writer is not None:
                     self._writers.append(writer)
 
@@ -118,15 +122,29 @@ class TableWriter:
         """The stream belongs to the caller."""
 
 
+def _after(row_step, resume_step: Optional[int]) -> bool:
+    """Whether a row of `row_step` (a number, text, or None) was logged after `resume_step`."""
+    if resume_step is None or row_step in (None, ""):
+        return False
+    try:
+        return int(row_step) > resume_step
+    except (TypeError, ValueError):
+        return False
+
+
 class CSVWriter:
     """progress.csv: one row per dump, header widened (file rewritten) when new keys appear."""
 
-    def __init__(self, path: str, columns: Sequence[str] = ()):
+    def __init__(self, path: str, columns: Sequence[str] = (), resume_step: Optional[int] = None):
         self.path = path
         self.columns: List[str] = []
         if os.path.exists(path) and os.path.getsize(path):
             with open(path, newline="") as f:
                 self.columns = next(csv.reader(f), [])
+            with open(path, newline="") as f:
+                later = any(_after(row.get("step"), resume_step) for row in csv.DictReader(f))
+            if later:
+                self._rewrite(self.columns, lambda row: not _after(row.get("step"), resume_step))
         wanted = [c for c in columns if c not in self.columns]
         if wanted:
             self._widen(wanted)
@@ -139,17 +157,19 @@ class CSVWriter:
             csv.DictWriter(f, fieldnames=self.columns, restval="").writerow(values)
 
     def _widen(self, new_columns: List[str]) -> None:
+        self.columns = self.columns + new_columns
+        self._rewrite(self.columns)
+
+    def _rewrite(self, columns: List[str], keep=lambda row: True) -> None:
+        """Rewrite the file with the header `columns` and the rows that `keep` accepts."""
         rows = []
         if os.path.exists(self.path):
             with open(self.path, newline="") as f:
-                rows = list(csv.DictReader(f))
-        self.columns = self.columns + new_columns
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
+                rows = [row for row in csv.DictReader(f) if keep(row)]
+        with atomic_output(self.path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, restval="")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.path)
 
     def close(self) -> None:
         """Every write opens and closes the file: nothing is held open."""
@@ -158,7 +178,16 @@ class CSVWriter:
 class JSONLinesWriter:
     """progress.jsonl: one JSON object per dump; non-finite numbers become null (strict JSON)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, resume_step: Optional[int] = None):
+        if resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                lines = f.readlines()
+            # A line that does not parse was cut by a kill: dropped too.
+            kept = [line for line in lines if _json_step(line) is not None
+                    and not _after(_json_step(line), resume_step)]
+            if len(kept) < len(lines):
+                with atomic_output(path) as tmp, open(tmp, "w") as f:
+                    f.writelines(kept)
         self.file = open(path, "a")
 
     def write(self, step: int, values: Dict[str, Number]) -> None:
@@ -170,6 +199,15 @@ class JSONLinesWriter:
         self.file.close()
 
 
+def _json_step(line: str) -> Optional[int]:
+    """The step of a progress.jsonl line; None when it is not a whole JSON object with a step."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 class TensorBoardWriter:
     """Scalars for TensorBoard, available only when the tensorboard package is installed."""
 
@@ -177,13 +215,14 @@ class TensorBoardWriter:
         self.summary_writer = summary_writer
 
     @classmethod
-    def create(cls, log_dir: str) -> Optional["TensorBoardWriter"]:
+    def create(cls, log_dir: str, resume_step: Optional[int] = None) -> Optional["TensorBoardWriter"]:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except Exception as exc:  # ImportError, or a tensorboard/protobuf mismatch failing on import
             logger.info("TensorBoard logging off (%s: %s)", type(exc).__name__, exc)
             return None
-        return cls(SummaryWriter(log_dir=os.path.join(log_dir, "tb")))
+        purge = None if resume_step is None else resume_step + 1  # TensorBoard hides later events
+        return cls(SummaryWriter(log_dir=os.path.join(log_dir, "tb"), purge_step=purge))
 
     def write(self, step: int, values: Dict[str, Number]) -> None:
         for key, value in values.items():

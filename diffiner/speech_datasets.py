@@ -17,6 +17,10 @@ seeded with (seed, position) alone. Consequences:
 
 Files are visited in a fresh random order every epoch (each file once per epoch), like a
 shuffled sampler, and each visit takes a new random excerpt.
+
+A file whose samples cannot be read raises AudioError naming it from the batch iterator, in the
+training process, whichever DataLoader worker read it. The workers leave SIGINT, and SIGTERM
+from any other process, to the training process (it stops at a step boundary and saves).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -31,6 +37,7 @@ import numpy as np
 import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.dataloader import default_collate
 
 from .audio.folders import list_audio_files
 from .audio.io import MODEL_SAMPLE_RATE, AudioError, audio_info, resample, to_mono
@@ -142,10 +149,53 @@ class ExcerptDataset(Dataset):
         start = int(stream_rng(self.seed, STREAM_EXCERPT, position).integers(0, latest_start + 1))
         return entry, start
 
-    def __getitem__(self, position: int) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, position: int) -> Dict:
+        """{"spec", "position"}, or {"error": the AudioError's message, "position"} when the
+        excerpt cannot be read (see `collate_examples`)."""
         entry, start = self.choose(position)
-        wave = torch.from_numpy(read_excerpt(entry, start, self.seq_dur))
+        try:
+            wave = torch.from_numpy(read_excerpt(entry, start, self.seq_dur))
+        except AudioError as exc:
+            return {"error": str(exc), "position": position}
         return {"spec": fit_frames(wave_to_spec(wave), self.image_size), "position": position}
+
+
+def collate_examples(examples: List[Dict]) -> Dict:
+    """A batch of examples, or {"error": message} when one could not be read.
+
+    The error travels as data because an exception raised in a DataLoader worker reaches the
+    training process wrapped in the worker's traceback (and its type rebuilt from that text);
+    `load_data` raises it there with its own message.
+    """
+    errors = [example["error"] for example in examples if "error" in example]
+    if errors:
+        return {"error": errors[0]}
+    return default_collate(examples)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker start: leave SIGINT and SIGTERM to the training process.
+
+    Ctrl-C reaches every process of the terminal's foreground group and a scheduler's SIGTERM
+    every process of the job; a worker that died of it would make the training process fail
+    on its next batch instead of finishing the step and saving. A SIGTERM from the training
+    process itself still ends the worker: that is how the DataLoader and multiprocessing end
+    workers that did not stop on their own (torch's own handler makes the same distinction).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # not on macOS or Windows: torch's handler stays
+        return
+    parent = os.getppid()
+    # A Python handler cannot tell who sent a signal; sigwaitinfo can. Blocked here, SIGTERM is
+    # blocked in every thread started later too, so only this waiter receives it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def end_when_the_parent_asks() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=end_when_the_parent_asks, name="sigterm-from-parent", daemon=True).start()
 
 
 class StreamSampler(Sampler):
@@ -172,11 +222,20 @@ def load_data(files: List[AudioFile], *, batch_size: int, image_size: int, seq_d
     """An endless iterator of this rank's batches: {"spec": (B, 2, 256, image_size), "position": (B,)}.
 
     `start_position` is the number of examples the whole job has consumed so far (0 for a
-    fresh run); `batch_size` is per rank.
+    fresh run); `batch_size` is per rank. Raises AudioError naming the file when an excerpt
+    cannot be read.
     """
     dataset = ExcerptDataset(files, seq_dur, image_size, seed)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=StreamSampler(start_position, batch_size, rank, world_size),
-        num_workers=num_workers, pin_memory=pin_memory,
+        num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_examples,
+        worker_init_fn=ignore_stop_signals if num_workers else None,
     )
-    return iter(loader)
+    return _raise_errors(iter(loader))
+
+
+def _raise_errors(batches: Iterator[Dict]) -> Iterator[Dict[str, torch.Tensor]]:
+    for batch in batches:
+        if "error" in batch:
+            raise AudioError(batch["error"])
+        yield batch

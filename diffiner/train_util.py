@@ -1,4 +1,5 @@
-"""The training loop: guided-diffusion's TrainLoop, with an exact resume and its fp16 fix.
+"""The training loop: guided-diffusion's TrainLoop, with an exact resume, its fp16 fix, and a stop
+that never loses the steps done.
 
 One training step consumes one batch per rank: a timestep and a noise tensor are drawn for
 every example from a generator seeded by (seed, the example's global position), the loss is
@@ -7,10 +8,16 @@ then AdamW steps and every EMA follows. Since nothing random depends on the rank
 process-global generators, W ranks with batch B compute what one process with batch W*B
 computes, and a resumed run continues exactly as an uninterrupted one.
 
-Checkpoints, in the log folder, NNNNNN being the number of training steps done:
+Checkpoints, in the log folder, NNNNNN being the number of training steps done, written as one
+set whose files appear together (see diffiner/checkpoints.py):
 - `modelNNNNNN.pt`: the model's state dict;
 - `ema_<rate>_NNNNNN.pt`: the state dict of each EMA (what a user refines with);
 - `optNNNNNN.pt`: the optimizer state and everything else needed to resume exactly.
+
+Stopping early: SIGINT (Ctrl-C) and SIGTERM (what a cluster scheduler sends before pre-emption)
+and a training file that cannot be read end the run at the next step boundary, after saving
+the set of the steps done. The ranks of a distributed job agree on it at every boundary, so they
+all stop at the same step and take part in the save even when only one of them was signalled.
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ import logging
 import math
 import os
 import random
-import re
+import signal
+import threading
 import time
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,8 +40,9 @@ from tqdm.auto import tqdm
 
 from . import dist_util
 from .acceleration import NetworkRunner
-from .audio.io import atomic_output
-from .checkpoints import load_state_dict, load_weights
+from .audio.io import AudioError
+from .checkpoints import (checkpoint_step, ema_filename, load_state_dict, load_weights, missing_set_files,
+                          model_filename, opt_filename, remove_interrupted_saves, save_checkpoint_set)
 from .logger import MetricsLogger
 from .schedule_sampler import LossAwareSampler, ScheduleSampler, UniformSampler
 from .seeding import STREAM_DIFFUSION, stream_generator
@@ -87,22 +96,58 @@ def parse_ema_rates(ema_rate) -> List[float]:
     return rates
 
 
-def checkpoint_step(path: str) -> int:
-    """NNNNNN of a `modelNNNNNN.pt` path."""
-    match = re.fullmatch(r"model(\d+)\.pt", os.path.basename(path))
-    if not match:
-        raise ValueError(f"{path}: resume_checkpoint must name a modelNNNNNN.pt file written by training")
-    return int(match.group(1))
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped at a step boundary on SIGINT or SIGTERM, after saving that step's set.
+
+    A KeyboardInterrupt, so that code which does not know it treats it as Ctrl-C.
+
+    :param signum: the signal (the highest one any rank received).
+    :param step: the training steps done.
+    :param checkpoint: the model file of the newest checkpoint set (of `step`), or None when
+        nothing had been trained or saved yet.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[str]):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
-def ema_filename(rate: float, step: int) -> str:
-    return f"ema_{rate}_{step:06d}.pt"
+class StopSignals:
+    """While entered: SIGINT and SIGTERM set `received` instead of ending the process, so that
+    training can stop at the next step boundary with its checkpoint saved.
 
+    A second signal means "now": the original handlers come back and the signal is raised
+    again (Ctrl-C twice: KeyboardInterrupt at once, without saving). Outside the main thread,
+    where Python cannot set handlers, nothing is changed.
+    """
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save through a temporary file in the same folder, so no reader sees half a file."""
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous: Dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        logger.warning("%s received: stopping after the step in progress and saving a checkpoint "
+                       "(send it again to stop at once without saving)", signal.Signals(signum).name)
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> float:
@@ -149,13 +194,17 @@ class TrainLoop:
         training stops.
     :param grad_clip: clip the global gradient norm to this (0: no clipping).
     :param max_steps: stop when this many steps are done, resumed ones included (0: never).
+    :param resume_checkpoint: a modelNNNNNN.pt whose set (EMA and optimizer files beside it) to
+        continue from. An incomplete set is refused (ValueError) unless `allow_fresh_optimizer`,
+        which starts the missing optimizer state and EMAs afresh.
     :param seed: the seed of the example stream (per-example timesteps and noise).
     """
 
     def __init__(
         self, *, model: torch.nn.Module, diffusion, batch_size: int, lr: float, log_dir: str,
         microbatch: int = -1, ema_rate="0.9999", log_interval: int = 10, save_interval: int = 10000,
-        resume_checkpoint: str = "", use_fp16: bool = False, bf16: bool = False, fp16_scale_growth: float = 1e-3,
+        resume_checkpoint: str = "", allow_fresh_optimizer: bool = False, use_fp16: bool = False,
+        bf16: bool = False, fp16_scale_growth: float = 1e-3,
         initial_lg_loss_scale: float = INITIAL_LG_LOSS_SCALE, schedule_sampler: Optional[ScheduleSampler] = None,
         weight_decay: float = 0.0, lr_anneal_steps: int = 0, grad_clip: float = 0.0, max_steps: int = 0,
         seed: int = 0, metrics: Optional[MetricsLogger] = None, channels_last: bool = False,
@@ -185,10 +234,13 @@ class TrainLoop:
         self.params = list(self.model.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
         self.ema_params: List[List[torch.Tensor]] = []
+        self.last_checkpoint: Optional[str] = None  # the model file of the newest complete set
         if resume_checkpoint:
-            self._resume(resume_checkpoint)
+            self._resume(resume_checkpoint, allow_fresh_optimizer)
         else:
             self.ema_params = [self._copy_params() for _ in self.ema_rates]
+        if dist_util.is_main():
+            remove_interrupted_saves(log_dir)
         dist_util.sync_params(self.model.parameters())
         for ema in self.ema_params:
             dist_util.sync_params(ema)
@@ -204,7 +256,9 @@ class TrainLoop:
         self.network = NetworkRunner(self.ddp_model, self.precision, channels_last)
         columns = ["step", "samples", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm",
                    "param_norm", "samples_per_sec", "lr"] + (["lg_loss_scale"] if self.scaler else [])
-        self.metrics = MetricsLogger(log_dir, columns=columns) if metrics is None else metrics
+        if metrics is None:
+            metrics = MetricsLogger(log_dir, columns=columns, resume_step=self.step if resume_checkpoint else None)
+        self.metrics = metrics
         self._interval_start = (time.time(), self.data_position)
 
     # ----- the loop -----
@@ -215,16 +269,35 @@ class TrainLoop:
         return min(limits) if limits else None
 
     def run_loop(self, data: Iterator[Dict[str, torch.Tensor]]) -> None:
-        """Train on `data` (this rank's batches) until the stop step; save at the end."""
+        """Train on `data` (this rank's batches) until the stop step; save at the end.
+
+        Stops early, at a step boundary and after saving the set of the steps done, on SIGINT
+        or SIGTERM (raises TrainingInterrupted) and when a batch cannot be read (raises
+        AudioError naming the file). Every rank must call it.
+        """
         stop = self.stop_step
         if stop is not None and self.step >= stop:
             logger.info("step %d already reaches the stop step %d: nothing to train", self.step, stop)
             return
         last_saved = self.step
-        with tqdm(total=stop, initial=self.step, desc="training", unit="step",
-                  disable=not dist_util.is_main()) as bar:
+        with StopSignals() as signals, tqdm(total=stop, initial=self.step, desc="training", unit="step",
+                                            disable=not dist_util.is_main()) as bar:
             while stop is None or self.step < stop:
-                self.run_step(next(data))
+                batch, data_error = self._next_batch(data)
+                signum, data_errors = self._agree_to_stop(signals.received, data_error)
+                if signum or data_errors:
+                    if self.step % self.log_interval:
+                        self.dump_metrics()
+                    if self.step != last_saved:
+                        self.save()
+                    # No rank leaves before rank 0 has written the set: a launcher ends the
+                    # other ranks as soon as one exits.
+                    dist_util.barrier()
+                    if data_errors:
+                        raise AudioError(f"{data_errors[0]} (training stopped at step {self.step}; "
+                                         f"{self._where_saved()})")
+                    raise TrainingInterrupted(signum, self.step, self.last_checkpoint)
+                self.run_step(batch)
                 bar.update(1)
                 if self.step % self.log_interval == 0:
                     self.dump_metrics()
@@ -235,6 +308,30 @@ class TrainLoop:
             self.dump_metrics()
         if self.step != last_saved:
             self.save()
+
+    @staticmethod
+    def _next_batch(data: Iterator[Dict[str, torch.Tensor]]) -> Tuple[Optional[Dict[str, torch.Tensor]], str]:
+        """(batch, "") or, when a training file cannot be read, (None, the error naming it)."""
+        try:
+            return next(data), ""
+        except AudioError as exc:
+            return None, str(exc)
+
+    def _agree_to_stop(self, signum: Optional[int], data_error: str) -> Tuple[int, List[str]]:
+        """What every rank must do at this step boundary: (the highest signal any rank received,
+        0 if none; the data errors of all ranks). A collective in a distributed job, so that all
+        ranks stop at the same step and save together even if only one was signalled."""
+        if not dist_util.is_distributed():
+            return signum or 0, [data_error] if data_error else []
+        flags = torch.tensor([[signum or 0, int(bool(data_error))]], dtype=torch.int64, device=dist_util.dev())
+        flags = dist_util.all_gather_cat(flags).max(dim=0).values.tolist()
+        errors = [e for e in dist_util.all_gather_objects(data_error) if e] if flags[1] else []
+        return int(flags[0]), errors
+
+    def _where_saved(self) -> str:
+        if self.last_checkpoint is None:
+            return "no step was done, nothing was saved"
+        return f"its checkpoint set is saved: resume with --resume_checkpoint {os.path.dirname(self.last_checkpoint)}"
 
     def run_step(self, batch: Dict[str, torch.Tensor]) -> bool:
         """One training step on this rank's batch; returns whether the optimizer stepped."""
@@ -347,22 +444,34 @@ class TrainLoop:
         }
 
     def save(self) -> None:
-        """Write the three kinds of checkpoint for the current step (rank 0; all ranks call it)."""
+        """Write the checkpoint set of the current step (rank 0; all ranks call it)."""
         state = self._training_state()  # a collective: every rank takes part
         if dist_util.is_main():
-            os.makedirs(self.log_dir, exist_ok=True)
-            save_atomic({k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                        os.path.join(self.log_dir, f"model{self.step:06d}.pt"))
-            for rate, ema in zip(self.ema_rates, self.ema_params):
-                save_atomic(self._ema_state_dict(ema), os.path.join(self.log_dir, ema_filename(rate, self.step)))
-            save_atomic(state, os.path.join(self.log_dir, f"opt{self.step:06d}.pt"))
-            logger.info("saved checkpoints of step %d in %s", self.step, self.log_dir)
+            self.last_checkpoint = save_checkpoint_set(
+                self.log_dir, self.step, {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                {rate: self._ema_state_dict(ema) for rate, ema in zip(self.ema_rates, self.ema_params)}, state)
+            logger.info("saved the checkpoint set of step %d in %s", self.step, self.log_dir)
+        else:
+            self.last_checkpoint = os.path.join(self.log_dir, model_filename(self.step))
 
-    def _resume(self, path: str) -> None:
-        """Load the model, EMA and training state of `path` (a modelNNNNNN.pt) and its siblings."""
-        self.step = checkpoint_step(path)
+    def _resume(self, path: str, allow_fresh_optimizer: bool) -> None:
+        """Load the model, EMA and training state of `path` (a modelNNNNNN.pt) and its set.
+
+        Every file is checked to be there before any is read; an incomplete set is refused
+        unless `allow_fresh_optimizer`.
+        """
+        step = checkpoint_step(path)
         folder = os.path.dirname(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint")
+        missing = missing_set_files(folder, step, self.ema_rates)
+        if missing and not allow_fresh_optimizer:
+            raise ValueError(
+                f"{path}: its checkpoint set is incomplete ({', '.join(missing)} missing beside it); resuming "
+                f"would not continue the interrupted run. Resume from a complete set (give the folder to take "
+                f"its newest) or accept fresh optimizer/EMA states with --allow-fresh-optimizer")
         load_weights(self.model, path)
+        self.step = step
         logger.info("resuming from %s at step %d", path, self.step)
         for rate in self.ema_rates:
             ema_path = os.path.join(folder, ema_filename(rate, self.step))
@@ -373,18 +482,29 @@ class TrainLoop:
             else:
                 logger.warning("%s not found: the EMA with rate %s starts from the model", ema_path, rate)
                 self.ema_params.append(self._copy_params())
-        opt_path = os.path.join(folder, f"opt{self.step:06d}.pt")
+        opt_path = os.path.join(folder, opt_filename(self.step))
         if not os.path.exists(opt_path):
             logger.warning("%s not found: fresh optimizer state; the data stream continues at step %d",
                            opt_path, self.step)
             self.data_position = self.step * self.global_batch
             return
         state = load_state_dict(opt_path)
-        self.opt.load_state_dict(state["optimizer"])
+        missing_keys = [k for k in ("optimizer", "data_position", "seed", "schedule_sampler", "rng") if k not in state]
+        if missing_keys:
+            raise ValueError(f"{opt_path}: not a training state written by diffiner-train "
+                             f"(no {', '.join(missing_keys)})")
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{opt_path}: the optimizer state does not fit the model ({exc})") from exc
         self.data_position = int(state["data_position"])
         if self.scaler and state.get("loss_scaler"):
             self.scaler.load_state_dict(state["loss_scaler"])
-        self.schedule_sampler.load_state_dict(state["schedule_sampler"])
+        try:
+            self.schedule_sampler.load_state_dict(state["schedule_sampler"])
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"{opt_path}: its timestep-sampler state does not fit --schedule_sampler / "
+                             f"--diffusion_steps (missing or wrong entry: {exc})") from exc
         if int(state["seed"]) != self.seed:
             logger.warning("resuming with seed %d, the checkpoint used %d: the example stream changes",
                            self.seed, state["seed"])
@@ -394,3 +514,5 @@ class TrainLoop:
         else:
             logger.warning("checkpoint written by %d rank(s), now %d: random states not restored",
                            len(rng), dist_util.get_world_size())
+        if not missing:
+            self.last_checkpoint = path

@@ -1,6 +1,8 @@
 """Process groups: single process, torchrun and mpiexec, each training on the CPU with gloo."""
 
+import csv
 import os
+import signal
 import subprocess
 import time
 
@@ -27,6 +29,20 @@ loop = train(parse_args(sys.argv[2:]))
 torch.save({"model": loop.model.state_dict(), "ema": loop.ema_params[0], "world_size": dist_util.get_world_size()},
            sys.argv[1].format(rank=dist_util.get_rank()))
 dist_util.cleanup()
+"""
+
+# Run diffiner-train under a launcher, after writing this rank's process id.
+COMMAND = """
+import os
+import sys
+from diffiner.commands.train import main
+
+with open(sys.argv[1].format(rank=os.environ["RANK"]), "w") as f:
+    f.write(str(os.getpid()))
+status = main(sys.argv[2:])
+with open(sys.argv[1].format(rank=os.environ["RANK"]) + ".status", "w") as f:
+    f.write(str(status))
+sys.exit(status)
 """
 
 # Rank 1 hangs; rank 0's barrier must fail instead of waiting forever.
@@ -127,3 +143,40 @@ def test_a_stuck_rank_ends_the_job_with_an_error(tmp_path):
     assert result.returncode != 0
     assert time.time() - start < 100  # far less than rank 1's 120 s sleep
     assert "monitoredBarrier" in result.stderr and "1" in result.stderr
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_it_saved(tmp_path):
+    """A signal that reaches only rank 1: the ranks agree at the next step boundary, all take
+    part in saving that step's set, and all exit with 143 (none waits for the others forever)."""
+    corpus = make_corpus(str(tmp_path / "clean"))
+    script = tmp_path / "command.py"
+    script.write_text(COMMAND)
+    log_dir = str(tmp_path / "two")
+    pid_file = str(tmp_path / "pid{rank}")
+    process = subprocess.Popen(torchrun(str(script), pid_file, "--root", corpus, "--log_dir", log_dir, *TRAIN_FLAGS,
+                                        "--batch_size", "1"),
+                               env=launcher_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    progress = os.path.join(log_dir, "progress.csv")
+    deadline = time.time() + LAUNCH_TIMEOUT_S
+    steps = []
+    while len(steps) < 2:
+        assert process.poll() is None and time.time() < deadline, process.stderr.read()[-4000:]
+        time.sleep(0.1)
+        if os.path.exists(progress):
+            with open(progress, newline="") as f:
+                steps = [row["step"] for row in csv.DictReader(f)]
+    with open(pid_file.format(rank=1)) as f:
+        os.kill(int(f.read()), signal.SIGTERM)
+    _, err = process.communicate(timeout=LAUNCH_TIMEOUT_S)
+    assert process.returncode != 0, err[-4000:]
+    with open(pid_file.format(rank=1) + ".status") as f:
+        assert f.read() == "143"
+
+    with open(progress, newline="") as f:
+        step = int(list(csv.DictReader(f))[-1]["step"])
+    assert f"interrupted by SIGTERM at step {step}: saved as" in err
+    opt = load_state_dict(os.path.join(log_dir, f"opt{step:06d}.pt"))
+    assert opt["step"] == step and opt["data_position"] == 2 * step and len(opt["rng"]) == 2
+    names = os.listdir(log_dir)
+    assert f"model{step:06d}.pt" in names and f"ema_0.9999_{step:06d}.pt" in names
+    assert not [n for n in names if n.startswith(".tmp-")]

@@ -1,5 +1,9 @@
 import logging
+import multiprocessing
 import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -118,3 +122,41 @@ def test_stream_is_determined_by_seed_and_position(tmp_path):
     assert torch.equal(resumed["spec"], next(single)["spec"])
     other_seed = next(load_data(files, batch_size=4, image_size=64, seq_dur=1.0, seed=4))
     assert not torch.equal(other_seed["spec"], batches[0]["spec"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_an_unreadable_excerpt_raises_its_own_message_in_the_training_process(tmp_path, num_workers):
+    write_wav(str(tmp_path / "good.wav"), speech_like(1.5), 16000)
+    write_wav(str(tmp_path / "nan.wav"), np.full(24000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
+    files = build_index(str(tmp_path), 1.0)
+    dataset = ExcerptDataset(files, 1.0, 64, seed=0)
+    bad = next(p for p in range(4) if dataset.choose(p)[0].path.endswith("nan.wav"))
+    with pytest.raises(AudioError) as direct:
+        read_excerpt(*dataset.choose(bad), 1.0)
+    batches = load_data(files, batch_size=1, image_size=64, seq_dur=1.0, seed=0, num_workers=num_workers)
+    for _ in range(bad):
+        assert set(next(batches)) == {"spec", "position"}
+    with pytest.raises(AudioError) as raised:
+        next(batches)
+    # The same one-line message as in the worker, not the worker's traceback.
+    assert str(raised.value) == str(direct.value) and "nan.wav" in str(raised.value)
+
+
+def test_workers_leave_stop_signals_to_the_training_process(tmp_path):
+    """Ctrl-C or a scheduler's SIGTERM (sent by another process) leaves the data workers running,
+    so that training can finish its step and save; a SIGTERM from the training process (how the
+    DataLoader and multiprocessing end workers) still ends them."""
+    write_wav(str(tmp_path / "a.wav"), speech_like(1.5), 16000)
+    files = build_index(str(tmp_path), 1.0)
+    before = set(multiprocessing.active_children())
+    batches = load_data(files, batch_size=1, image_size=64, seq_dur=1.0, seed=0, num_workers=1)
+    next(batches)
+    (worker,) = set(multiprocessing.active_children()) - before
+    for name in ("INT", "TERM"):
+        subprocess.run(["kill", f"-{name}", str(worker.pid)], check=True)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert next(batches)["position"].tolist() == [1]
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.join(timeout=10)
+    assert worker.exitcode == 0

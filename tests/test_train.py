@@ -1,5 +1,6 @@
 import csv
 import io
+import itertools
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ from diffiner.acceleration import autocast
 from diffiner.checkpoints import load_state_dict
 from diffiner.pipeline import Refiner
 from diffiner.commands.train import main
+from diffiner.speech_datasets import ExcerptDataset, build_index
 from diffiner.train_util import DynamicLossScaler, TrainLoop, global_norm
 
 from conftest import speech_like, tiny_cli_flags, tiny_model_and_diffusion, write_wav
@@ -102,14 +104,31 @@ def test_resume_is_exact(corpus, tmp_path, ema_rates, extra):
     assert [int(r["step"]) for r in read_progress(split)] == [1, 2, 3, 4]
 
 
-def test_resume_without_ema_and_optimizer_files_warns_and_continues(corpus, tmp_path, caplog):
+def error_lines(text):
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def test_explicit_resume_of_an_incomplete_set_is_refused_unless_allowed(corpus, tmp_path, caplog, capsys):
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     assert main(["--root", corpus, "--log_dir", first, "--max_steps", "1", *TRAIN_FLAGS]) == 0
     os.makedirs(second)
     shutil.copy(os.path.join(first, "model000001.pt"), second)
+    resume = ["--root", corpus, *TRAIN_FLAGS, "--max_steps", "2",
+              "--resume_checkpoint", os.path.join(second, "model000001.pt")]
+    # Resuming with a fresh optimizer would silently diverge from the interrupted run: refused.
+    capsys.readouterr()
+    assert main(resume) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "model000001.pt" in line and "opt000001.pt" in line and "ema_0.9999_000001.pt" in line
+    assert "--allow-fresh-optimizer" in line
+    assert sorted(os.listdir(second)) == ["model000001.pt"]  # nothing written
+    shutil.copy(os.path.join(first, "opt000001.pt"), second)
+    assert main(resume) == 2  # the EMA file is still missing
+    assert "ema_0.9999_000001.pt" in error_lines(capsys.readouterr().err)[0]
+
+    os.remove(os.path.join(second, "opt000001.pt"))
     with caplog.at_level(logging.WARNING):
-        assert main(["--root", corpus, *TRAIN_FLAGS, "--max_steps", "2",
-                     "--resume_checkpoint", os.path.join(second, "model000001.pt")]) == 0
+        assert main(resume + ["--allow-fresh-optimizer"]) == 0
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "ema_0.9999_000001.pt not found" in messages and "opt000001.pt not found" in messages
     assert os.path.exists(os.path.join(second, "model000002.pt"))
@@ -119,6 +138,115 @@ def test_resume_without_ema_and_optimizer_files_warns_and_continues(corpus, tmp_
                  "--resume_checkpoint", os.path.join(second, "model000002.pt")]) == 0
     assert not os.path.exists(os.path.join(second, "model000003.pt"))
 
+
+def test_a_refused_resume_leaves_the_run_settings_untouched(corpus, tmp_path, capsys):
+    log_dir = str(tmp_path / "log")
+    assert main(["--root", corpus, "--log_dir", log_dir, "--max_steps", "2", *TRAIN_FLAGS]) == 0
+    settings = {name: open(os.path.join(log_dir, name), "rb").read() for name in ("args.json", "model_config.yml")}
+    checkpoint = os.path.join(log_dir, "model000002.pt")
+    wrong_flags = [
+        (["--num-channels", "64"], "do not fit"),  # another network: the weights do not load
+        (["--ema_rate", "0.999"], "ema_0.999_000002.pt"),  # no such EMA in the set
+        (["--schedule_sampler", "loss-second-moment", "--diffusion_steps", "50"], "opt000002.pt"),
+    ]
+    for flags, named in wrong_flags:
+        capsys.readouterr()
+        assert main(["--root", corpus, *TRAIN_FLAGS, "--max_steps", "3", "--resume_checkpoint", checkpoint,
+                     *flags]) == 2, flags
+        (line,) = error_lines(capsys.readouterr().err)
+        assert named in line, (flags, line)
+        for name, content in settings.items():
+            assert open(os.path.join(log_dir, name), "rb").read() == content, (flags, name)
+    assert not os.path.exists(os.path.join(log_dir, "model000003.pt"))
+
+
+def test_resume_from_a_folder_or_auto_takes_the_newest_complete_set(corpus, tmp_path, capsys):
+    log_dir = str(tmp_path / "log")
+    common = ["--root", corpus, *TRAIN_FLAGS, "--save_interval", "2"]
+    # auto in a folder without checkpoints: a fresh start.
+    assert main(common + ["--log_dir", log_dir, "--max_steps", "4", "--resume_checkpoint", "auto"]) == 0
+    assert {"model000002.pt", "model000004.pt"} <= set(os.listdir(log_dir))
+    # What a save killed at step 6 can leave: a temporary file, and set files without the model file.
+    shutil.copy(os.path.join(log_dir, "opt000004.pt"), os.path.join(log_dir, "opt000006.pt"))
+    with open(os.path.join(log_dir, ".tmp-0123456789ab-model000006.pt"), "wb") as f:
+        f.write(b"PK\x03\x04 half a zip")
+    # A model file whose set is incomplete (an older version's interrupted save): skipped.
+    shutil.copy(os.path.join(log_dir, "model000004.pt"), os.path.join(log_dir, "model000008.pt"))
+
+    assert main(common + ["--resume_checkpoint", log_dir, "--max_steps", "5"]) == 0
+    opt = load_state_dict(os.path.join(log_dir, "opt000005.pt"))
+    assert opt["step"] == 5 and opt["data_position"] == 10
+    assert not [n for n in os.listdir(log_dir) if n.startswith(".tmp-")]  # the leftover is removed
+    assert os.path.exists(os.path.join(log_dir, "opt000006.pt"))  # set files are never deleted
+
+    assert main(common + ["--log_dir", log_dir, "--max_steps", "6", "--resume_checkpoint", "auto"]) == 0
+    assert load_state_dict(os.path.join(log_dir, "opt000006.pt"))["data_position"] == 12  # replaced
+    assert [int(r["step"]) for r in read_progress(log_dir)] == [1, 2, 3, 4, 5, 6]
+    # Back to step 4: the progress rows of steps 5 and 6 are replaced, not repeated.
+    assert main(common + ["--resume_checkpoint", os.path.join(log_dir, "model000004.pt"), "--max_steps", "6"]) == 0
+    assert [int(r["step"]) for r in read_progress(log_dir)] == [1, 2, 3, 4, 5, 6]
+
+    capsys.readouterr()
+    assert main(common + ["--max_steps", "6", "--resume_checkpoint", "auto"]) == 2
+    assert "--log_dir" in error_lines(capsys.readouterr().err)[0]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(common + ["--max_steps", "6", "--resume_checkpoint", str(empty)]) == 2
+    assert "no modelNNNNNN.pt" in error_lines(capsys.readouterr().err)[0]
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    shutil.copy(os.path.join(log_dir, "model000002.pt"), str(incomplete))
+    assert main(common + ["--max_steps", "3", "--resume_checkpoint", str(incomplete)]) == 2
+    assert "--allow-fresh-optimizer" in error_lines(capsys.readouterr().err)[0]
+    assert main(common + ["--max_steps", "3", "--resume_checkpoint", str(incomplete), "--allow-fresh-optimizer"]) == 0
+    assert os.path.exists(str(incomplete / "model000003.pt"))
+
+
+@pytest.mark.parametrize("damage", ["truncated-model", "truncated-optimizer", "empty-ema", "text-model"])
+def test_an_unreadable_checkpoint_is_one_line_naming_it(corpus, tmp_path, capsys, damage):
+    log_dir = str(tmp_path / "log")
+    assert main(["--root", corpus, "--log_dir", log_dir, "--max_steps", "1", *TRAIN_FLAGS]) == 0
+    name, words = {"truncated-model": ("model000001.pt", "truncated"),
+                   "truncated-optimizer": ("opt000001.pt", "truncated"),
+                   "empty-ema": ("ema_0.9999_000001.pt", "empty"),
+                   "text-model": ("model000001.pt", "not a PyTorch checkpoint")}[damage]
+    path = os.path.join(log_dir, name)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write({"truncated": data[:len(data) * 2 // 3], "empty": b"",
+                 "not a PyTorch checkpoint": b"model weights go here\n"}[words])
+    capsys.readouterr()
+    assert main(["--root", corpus, *TRAIN_FLAGS, "--max_steps", "2",
+                 "--resume_checkpoint", os.path.join(log_dir, "model000001.pt")]) == 2
+    err = capsys.readouterr().err
+    (line,) = error_lines(err)
+    assert line.startswith(f"error: {path}: ") and words in line and "do not fit" not in line, line
+    assert "Traceback" not in err
+
+
+def test_an_unreadable_training_file_mid_run_saves_the_steps_done_and_names_it(corpus, tmp_path, capsys):
+    bad = os.path.join(corpus, "spk", "bad.wav")
+    write_wav(bad, np.full(24000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")  # a valid header
+    files = build_index(corpus, 1.0)
+
+    def steps_before_bad(seed):
+        """Steps of 2 examples done before the first batch that draws from bad.wav."""
+        dataset = ExcerptDataset(files, 1.0, 64, seed)
+        return next(p for p in itertools.count() if dataset.choose(p)[0].path == bad) // 2
+
+    seed = next(s for s in range(20) if steps_before_bad(s) >= 2)  # so that there is something to save
+    bad_step = steps_before_bad(seed)
+    log_dir = str(tmp_path / "log")
+    capsys.readouterr()
+    assert main(["--root", corpus, "--log_dir", log_dir, *TRAIN_FLAGS, "--seed", str(seed), "--num_workers", "1",
+                 "--max_steps", "100"]) == 2
+    err = capsys.readouterr().err
+    (line,) = error_lines(err)
+    assert bad in line and "NaN" in line and f"stopped at step {bad_step}" in line and log_dir in line, line
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    opt = load_state_dict(os.path.join(log_dir, f"opt{bad_step:06d}.pt"))  # the steps done are saved
+    assert opt["step"] == bad_step and opt["data_position"] == 2 * bad_step
+    assert [int(r["step"]) for r in read_progress(log_dir)] == list(range(1, bad_step + 1))
 
 
 def test_bad_settings_are_clear_errors(corpus, tmp_path, capsys, monkeypatch):
@@ -259,6 +387,20 @@ def test_metrics_logger_writes_table_csv_and_json_lines(tmp_path):
     assert rows == [{"step": "1", "loss": "2.0", "loss_q3": ""}, {"step": "2", "loss": "4.0", "loss_q3": "5.0"}]
     with open(os.path.join(str(tmp_path), "progress.jsonl")) as f:
         assert [json.loads(line) for line in f] == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 4.0, "loss_q3": 5.0}]
+    # A run resumed from step 1: the rows of later steps (logged after that checkpoint by the
+    # interrupted run, about to be trained again) go; so does a line cut by a kill.
+    with open(os.path.join(str(tmp_path), "progress.jsonl"), "a") as f:
+        f.write('{"step": 3, "lo')
+    resumed = MetricsLogger(str(tmp_path), columns=["step", "loss"], enabled=True, stdout=out, tensorboard=False,
+                            resume_step=1)
+    resumed.log("step", 2)
+    resumed.log_mean("loss", 6.0)
+    resumed.dump(2)
+    resumed.close()
+    assert read_progress(str(tmp_path)) == [{"step": "1", "loss": "2.0", "loss_q3": ""},
+                                            {"step": "2", "loss": "6.0", "loss_q3": ""}]
+    with open(os.path.join(str(tmp_path), "progress.jsonl")) as f:
+        assert [json.loads(line) for line in f] == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 6.0}]
     silent = MetricsLogger(str(tmp_path / "silent"), enabled=False)
     silent.log("step", 1)
     silent.dump(1)

@@ -1,0 +1,373 @@
+"""Checkpoint files: one clear error for unreadable ones, and training sets that survive kill -9.
+
+The kill tests fork the test process (cheap: torch is already imported) and let the child save;
+the child is killed either at an injected point between two file operations of the save, or by
+a real SIGKILL after a random delay. A kill skips every `finally` clause, as a real one does.
+The parent then checks the folder and resumes from it.
+"""
+
+import hashlib
+import io
+import itertools
+import os
+import random
+import re
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from diffiner.checkpoints import load_state_dict, load_weights, newest_complete_step, remove_interrupted_saves
+from diffiner.logger import MetricsLogger
+from diffiner.train_util import TrainLoop
+
+from conftest import tiny_model_and_diffusion
+
+RATES = "0.99,0.9999"
+KILLED = 250  # exit status of a child killed at an injected point
+MODEL_FILE = re.compile(r"model(\d{6})\.pt")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Bitwise comparisons need one order of float reductions: the parent computes with one
+    thread, as the forked children do (torch's thread pool is not safe to use after a fork)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----- unreadable files -----
+def write_checkpoint_variants(folder):
+    """{case: (path, words the error must contain)} for files that are not whole checkpoints."""
+    model, _ = tiny_model_and_diffusion()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    whole = buffer.getvalue()
+    variants = {
+        "empty": (b"", "empty"),
+        "text": (b"step,loss\n1,0.5\n", "not a PyTorch checkpoint"),
+        "truncated-half": (whole[:len(whole) // 2], "truncated"),
+        "truncated-end": (whole[:-10], "truncated"),
+        "corrupt-header": (whole[:4] + bytes(60) + whole[64:], "corrupt"),
+    }
+    paths = {}
+    for case, (data, words) in variants.items():
+        path = os.path.join(folder, f"{case}.pt")
+        with open(path, "wb") as f:
+            f.write(data)
+        paths[case] = (path, words)
+    return model, paths
+
+
+def test_unreadable_checkpoint_files_are_one_clear_error(tmp_path):
+    model, variants = write_checkpoint_variants(str(tmp_path))
+    for case, (path, words) in variants.items():
+        for load in (lambda: load_state_dict(path), lambda: load_weights(model, path)):
+            with pytest.raises(ValueError) as error:
+                load()
+            message = str(error.value)
+            assert message.startswith(path + ": ") and words in message and "\n" not in message, (case, message)
+            # A file that cannot be read says so; it is not blamed on the model settings.
+            assert "do not fit" not in message, case
+    not_a_dict = str(tmp_path / "list.pt")
+    torch.save([1, 2], not_a_dict)
+    with pytest.raises(ValueError, match="list.pt: expected a state dict, got list"):
+        load_state_dict(not_a_dict)
+    with pytest.raises(ValueError, match="is a folder"):
+        load_state_dict(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_state_dict(str(tmp_path / "missing.pt"))
+
+
+# ----- a training run to kill: the tiny model (with dropout) on synthetic batches -----
+def batch(step):
+    """The batch of training step `step` (counted from 0): a pure function of the step."""
+    generator = torch.Generator().manual_seed(1000 + step)
+    return {"spec": torch.randn(2, 2, 16, 16, generator=generator), "position": torch.tensor([2 * step, 2 * step + 1])}
+
+
+def make_loop(folder, resume="", seed=0, **settings):
+    model, diffusion = tiny_model_and_diffusion(seed=seed, diffusion_steps=100, dropout=0.1)
+    return TrainLoop(model=model.train(), diffusion=diffusion, batch_size=2, lr=1e-3, ema_rate=RATES,
+                     log_dir=folder, resume_checkpoint=resume, seed=seed, save_interval=1, log_interval=1000,
+                     metrics=MetricsLogger(None, enabled=False), **settings)
+
+
+def data_from(loop):
+    return (batch(step) for step in itertools.count(loop.step))
+
+
+def train(loop, steps):
+    for _ in range(steps):
+        loop.run_step(batch(loop.step))
+
+
+def digest(loop):
+    """Hash of everything that decides the rest of the run: step, weights, EMAs, optimizer, random state."""
+    sha = hashlib.sha256(f"{loop.step} {loop.data_position}".encode())
+    tensors = list(loop.model.state_dict().values()) + [t for ema in loop.ema_params for t in ema]
+    for state in loop.opt.state_dict()["state"].values():
+        tensors += [torch.as_tensor(state[key]) for key in sorted(state)]
+    tensors.append(torch.get_rng_state())
+    for tensor in tensors:
+        sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
+class Reference:
+    """The uninterrupted run: `reference[n]` is the digest after n steps (computed on demand).
+
+    Dropout draws from torch's global generator, which the other loops of a test use too: the
+    reference keeps its own generator state, as a process of its own would.
+    """
+
+    def __init__(self, folder):
+        outside = torch.get_rng_state()
+        self.loop = make_loop(folder)
+        self.digests = [digest(self.loop)]
+        self.rng = torch.get_rng_state()
+        torch.set_rng_state(outside)
+
+    def __getitem__(self, step):
+        outside = torch.get_rng_state()
+        torch.set_rng_state(self.rng)
+        while len(self.digests) <= step:
+            train(self.loop, 1)
+            self.digests.append(digest(self.loop))
+        self.rng = torch.get_rng_state()
+        torch.set_rng_state(outside)
+        return self.digests[step]
+
+
+def model_steps(folder):
+    return sorted(int(m.group(1)) for m in map(MODEL_FILE.fullmatch, os.listdir(folder)) if m)
+
+
+def assert_every_model_file_has_its_set(folder):
+    """The rule: a modelNNNNNN.pt present implies its optimizer and EMA files are present."""
+    names = set(os.listdir(folder))
+    for step in model_steps(folder):
+        expected = {f"opt{step:06d}.pt"} | {f"ema_{rate}_{step:06d}.pt" for rate in RATES.split(",")}
+        assert expected <= names, (step, sorted(names))
+
+
+def run_child(body):
+    """Fork; the child runs `body` and exits without returning into pytest. Returns the child's pid."""
+    python_rng = random.getstate()  # the child's is reseeded at the fork; checkpoints record it
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            random.setstate(python_rng)
+            torch.set_num_threads(1)
+            status = body()
+        finally:
+            os._exit(status)
+    return pid
+
+
+def inject_kill_points(kill_at):
+    """Make the `kill_at`-th file operation (counted from 0) end the process like kill -9.
+
+    The points are: before each rename, removal and fsync, and before, in the middle of and
+    after the bytes of each torch.save (a kill mid-write leaves a partial file). Returns a
+    function giving the number of points passed.
+    """
+    count = [0]
+
+    def point():
+        if count[0] == kill_at:
+            os._exit(KILLED)
+        count[0] += 1
+
+    def before(function):
+        def wrapped(*args, **kwargs):
+            point()
+            return function(*args, **kwargs)
+        return wrapped
+
+    for name in ("replace", "rename", "remove", "unlink", "fsync"):
+        setattr(os, name, before(getattr(os, name)))
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        target = open(f, "wb") if isinstance(f, (str, os.PathLike)) else f
+        try:
+            point()
+            target.write(data[:len(data) // 2])
+            target.flush()
+            point()
+            target.write(data[len(data) // 2:])
+            target.flush()
+            point()
+        finally:
+            if target is not f:
+                target.close()
+
+    torch.save = save
+    return lambda: count[0]
+
+
+def kill_during_save(loop, rng, folder, kill_at):
+    """Save `loop` (with torch's global generator in state `rng`, which the set records) into
+    `folder` in a child killed at point `kill_at`; returns the child's exit status."""
+    def body():
+        torch.set_rng_state(rng)
+        points = inject_kill_points(kill_at)
+        loop.log_dir = folder
+        loop.save()
+        return min(points(), KILLED - 1)
+
+    _, status = os.waitpid(run_child(body), 0)
+    return os.WEXITSTATUS(status)
+
+
+def set_names(step):
+    return [f"model{step:06d}.pt", f"opt{step:06d}.pt"] + [f"ema_{rate}_{step:06d}.pt" for rate in RATES.split(",")]
+
+
+def set_hashes(folder, step):
+    """{file name: sha256 of its bytes} of the set of `step` (torch.save writes the same state
+    as the same bytes)."""
+    hashes = {}
+    for name in set_names(step):
+        with open(os.path.join(folder, name), "rb") as f:
+            hashes[name] = hashlib.sha256(f.read()).hexdigest()
+    return hashes
+
+
+class ResumeCheck:
+    """Resume from the newest set of a folder and compare with the reference run, before and
+    after 2 more steps. A set whose files are byte for byte one already checked resumes to the
+    same state, so it is checked once (the leftovers are still cleaned up and checked)."""
+
+    def __init__(self, reference):
+        self.reference = reference
+        self.checked = set()
+
+    def __call__(self, folder, step):
+        key = tuple(sorted(set_hashes(folder, step).items()))
+        if key in self.checked:
+            remove_interrupted_saves(folder)  # what the resumed TrainLoop does first
+        else:
+            resumed = make_loop(folder, resume=os.path.join(folder, f"model{step:06d}.pt"))
+            assert digest(resumed) == self.reference[step]
+            train(resumed, 2)
+            assert digest(resumed) == self.reference[step + 2]
+            self.checked.add(key)
+        assert not [name for name in os.listdir(folder) if name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new-step", "over-another-runs-set"])
+def test_a_save_killed_between_any_two_file_operations_leaves_complete_sets(tmp_path, overwrite):
+    """Kill the save of step 2 at every point. Then every model file has its whole set (of one
+    save), the leftovers are cleaned up when training starts again, and resuming from the newest
+    set continues exactly as the uninterrupted run."""
+    reference = Reference(str(tmp_path / "reference"))
+    check_resume = ResumeCheck(reference)
+    base = str(tmp_path / "base")
+    loop = make_loop(base)
+    train(loop, 1)
+    loop.save()  # a complete set at step 1
+    train(loop, 1)
+    rng = torch.get_rng_state()
+    assert digest(loop) == reference[2]
+    step_1, old = set_hashes(base, 1), None
+    if overwrite:  # step 2 of another run (seed 1) is already there: the save of step 2 replaces it
+        other = make_loop(base, seed=1)
+        train(other, 2)
+        other.save()
+        old = set_hashes(base, 2)
+
+    shutil.copytree(base, str(tmp_path / "whole"))
+    points = kill_during_save(loop, rng, str(tmp_path / "whole"), kill_at=10 ** 6)  # not killed: counts the points
+    assert 12 <= points < KILLED - 1
+    new = set_hashes(str(tmp_path / "whole"), 2)
+    outcomes = []
+    for kill_at in range(points):
+        folder = str(tmp_path / f"kill{kill_at}")
+        shutil.copytree(base, folder)
+        assert kill_during_save(loop, rng, folder, kill_at) == KILLED
+        partial = any(name.startswith(".tmp-") for name in os.listdir(folder))
+        assert_every_model_file_has_its_set(folder)
+        newest = model_steps(folder)[-1]
+        present = set_hashes(folder, newest)
+        # The newest set is wholly the new one, or one that was there before, untouched.
+        outcome = {"new": new, "other run's": old, "step 1": step_1}
+        matching = [name for name, hashes in outcome.items() if present == hashes]
+        assert len(matching) == 1, f"kill {kill_at}: the set of step {newest} mixes the files of two saves"
+        name = matching[0]
+        outcomes.append((kill_at, partial, name))
+        if name == "other run's":  # its continuation is not the reference run
+            remove_interrupted_saves(folder)
+        else:
+            check_resume(folder, newest)
+        shutil.rmtree(folder)
+    print(outcomes)
+    assert any(partial for _, partial, _ in outcomes)  # some kills left a half-written file behind
+    assert outcomes[0][2] != "new" and outcomes[-1][2] == "new"
+
+
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (1, 13),
+                    reason="torch < 1.13 cannot run autograd in a forked child once the parent has used it")
+def test_kill_9_at_random_moments_of_saves_then_resume_is_exact(tmp_path):
+    """20 times: a child resumes from the newest complete set, trains a step and saves it; it is
+    SIGKILLed at a random moment between the start of that save and twice its usual duration.
+    After every kill each model file has its whole set, and resuming from the newest continues
+    bitwise as the uninterrupted run."""
+    folder = str(tmp_path / "run")
+    check_resume = ResumeCheck(Reference(str(tmp_path / "reference")))
+    timing = make_loop(str(tmp_path / "timing"))
+    save_seconds = []
+    for _ in range(3):  # the first save also warms up
+        started = time.perf_counter()
+        timing.save()
+        save_seconds.append(time.perf_counter() - started)
+    delays = np.random.default_rng(0).uniform(0.0, 2.0 * min(save_seconds), size=20)
+    mid_save = 0
+    for delay in delays:
+        read_end, write_end = os.pipe()
+
+        def body():
+            step = newest_complete_step(folder)
+            loop = make_loop(folder, resume="" if step is None else os.path.join(folder, f"model{step:06d}.pt"),
+                             max_steps=10 ** 6)
+            save = loop.save
+
+            def announced_save():
+                os.write(write_end, b"s")  # the parent starts its clock
+                save()
+
+            loop.save = announced_save
+            loop.run_loop(data_from(loop))
+            return 0
+
+        pid = run_child(body)
+        os.close(write_end)
+        assert os.read(read_end, 1) == b"s"
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        os.close(read_end)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        steps = model_steps(folder) if names else []
+        # Evidence of a kill in the middle of the save: a temporary file, or files of a step
+        # whose model file is not there yet.
+        mid_save += any(n.startswith(".tmp-") or (n.startswith(("opt", "ema")) and int(n[-9:-3]) not in steps)
+                        for n in names)
+        assert_every_model_file_has_its_set(folder)
+        newest = newest_complete_step(folder)
+        assert newest == (steps[-1] if steps else None)
+        if newest is not None:
+            check_resume(folder, newest)
+    print(f"{len(delays)} kills, {mid_save} left a save half done, newest complete set: step {newest}")
+    assert mid_save >= 2

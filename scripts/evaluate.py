@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Score enhanced speech folders (PESQ, ESTOI, SI-SDR, DNSMOS); see Arguments.md or --help."""
+"""Score enhanced speech folders (PESQ, ESTOI, SI-SDR, DNSMOS, NISQA); see Arguments.md or --help."""
 
 import sys
 

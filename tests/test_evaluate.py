@@ -2,15 +2,16 @@
 
 import csv
 import json
-import math
 import os
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from diffiner.audio.io import resample, save_audio
+from diffiner.commands.common import UsageError
 from diffiner.commands.evaluate import main
 from diffiner.evaluation.run import EvaluationSetup, choose_plot_files
 from diffiner.evaluation.scoring import ALL_METRICS, METRIC_BACKENDS, EvaluationError, resolve_metrics
@@ -22,6 +23,13 @@ SR = 16000
 SECONDS = 2.4
 FILES = ("a.wav", os.path.join("sub", "b.wav"))
 SNRS = {"noisy": 0.0, "sysA": 10.0, "sysB": 25.0}
+
+
+@pytest.fixture(autouse=True)
+def no_nisqa_weights(tmp_path, monkeypatch):
+    """An empty home folder: torchmetrics' NISQA cache (~/.torchmetrics) holds no weights, so the
+    default metrics do not depend on what this machine has downloaded."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
 
 @pytest.fixture
@@ -64,13 +72,14 @@ def test_end_to_end_writes_all_outputs(corpus, tmp_path, capsys):
     }
     assert list(rows[0]) == [
         "file", "system", "pesq", "estoi", "sisdr",
-        "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808",
+        "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808", "floored", "not_scored",
     ]
 
     summary = json.loads((output / "summary.json").read_text())
     assert list(summary) == ["noisy", "sysA", "sysB"]
     assert summary["sysA"]["pesq"]["n"] == 2
-    assert set(summary["sysA"]["pesq"]) == {"mean", "ci95", "n"}
+    assert summary["sysA"]["pesq"] == {**summary["sysA"]["pesq"], "floored": 0, "not_scored": 0}
+    assert set(summary["sysA"]["pesq"]) == {"mean", "ci95", "n", "floored", "not_scored"}
     for metric in ("pesq", "estoi", "sisdr"):
         assert summary["sysB"][metric]["mean"] > summary["noisy"][metric]["mean"]
 
@@ -83,8 +92,8 @@ def test_end_to_end_writes_all_outputs(corpus, tmp_path, capsys):
     from matplotlib.image import imread
 
     image = imread(output / "spectrograms.png")
-    # 2 files (rows of 2.6 in) x 4 sources (clean, noisy, sysA, sysB; 3.2 in each) at 100 dpi
-    assert image.shape[:2] == (520, 1280)
+    # 4 sources (rows of 1.8 in: clean, noisy, sysA, sysB) x 2 files (columns of 4 in) at 100 dpi
+    assert image.shape[:2] == (720, 800)
     assert not list(output.glob(".tmp-*"))
 
 
@@ -136,15 +145,86 @@ def test_48khz_multichannel_files_are_resampled_and_mixed_to_mono(corpus, tmp_pa
     assert float(row["pesq"]) > 4.0
 
 
-def test_silent_output_scores_nan_and_is_left_out_of_the_mean(corpus, tmp_path):
-    save_audio(str(corpus["sysA"] / "a.wav"), np.zeros(int(SECONDS * SR), np.float32), SR)
+def zeros_like_folder(source: Path, target: Path) -> None:
+    """target/ mirrors source/ with all-zero files of the same lengths."""
+    for relative in FILES:
+        length = sf.info(str(source / relative)).frames
+        save_audio(str(target / relative), np.zeros(length, np.float32), SR)
+
+
+def test_silent_system_never_beats_the_noisy_input(corpus, tmp_path):
+    """A system that outputs silence is penalised with every metric's floor, over the same files
+    as every other system; it never scores above the noisy input it was given."""
+    zeros_like_folder(corpus["noisy"], tmp_path / "silent")
     output = tmp_path / "results"
-    assert main(base_args(corpus, output, "sysA") + ["--metrics", "pesq"]) == 0
-    scores = {r["file"]: r["pesq"] for r in read_rows(output)}
-    assert scores["a.wav"] == "nan" and math.isfinite(float(scores[FILES[1]]))
+    argv = base_args(corpus, output) + ["--noisy", str(corpus["noisy"]), "--system", f"silent={tmp_path / 'silent'}"]
+    assert main(argv) == 0
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["sysA"]["pesq"]["n"] == 1 and summary["sysA"]["pesq"]["ci95"] is None
-    assert "(n=1)" in (output / "summary.md").read_text()
+    columns = ["pesq", "estoi", "sisdr", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808"]
+    floors = {"pesq": 1.0, "estoi": 0.0, "sisdr": -50.0}
+    for column in columns:
+        silent, noisy = summary["silent"][column], summary["noisy"][column]
+        assert silent["n"] == noisy["n"] == len(FILES), column
+        assert silent["floored"] == len(FILES), column
+        assert silent["mean"] == floors.get(column, 1.0), column
+        assert silent["mean"] <= noisy["mean"], column
+    rows = [r for r in read_rows(output) if r["system"] == "silent"]
+    assert all(r["floored"].split() == columns for r in rows)
+    assert all(r["not_scored"] == "" for r in rows)
+    markdown = (output / "summary.md").read_text()
+    assert "| silent |" in markdown and "floored" in markdown
+
+
+def test_silent_reference_leaves_the_file_out_for_every_system(corpus, tmp_path, caplog):
+    """A silent clean reference makes the intrusive metrics undefined for the file itself: it is
+    left out of them for every system, with a warning, and still scored by DNSMOS."""
+    save_audio(str(corpus["clean"] / "a.wav"), np.zeros(int(SECONDS * SR), np.float32), SR)
+    output = tmp_path / "results"
+    argv = base_args(corpus, output, "sysA") + ["--noisy", str(corpus["noisy"])]
+    assert main(argv) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    for system in ("noisy", "sysA"):
+        for column in ("pesq", "estoi", "sisdr"):
+            assert summary[system][column]["n"] == 1 and summary[system][column]["not_scored"] == 1
+            assert summary[system][column]["floored"] == 0
+        assert summary[system]["dnsmos_ovrl"]["n"] == 2
+    for row in read_rows(output):
+        if row["file"] == "a.wav":
+            assert row["not_scored"].split() == ["pesq", "estoi", "sisdr"]
+            assert all(row[c] == "nan" for c in ("pesq", "estoi", "sisdr"))
+        else:
+            assert row["not_scored"] == ""
+    assert any("a.wav" in m and "clean reference" in m for m in caplog.messages)
+    assert "not scored for any system" in (output / "summary.md").read_text().lower()
+
+
+def test_scores_below_the_floor_are_raised_to_it_and_counted(corpus, tmp_path, caplog):
+    """Time-reversed clean speech is not silence: its scores are computed, then its ESTOI (a
+    negative correlation) and SI-SDR (about -105 dB) are raised to their floors and counted, so
+    that a silent output, which gets the floors, can never score below it."""
+    reversed_clean = speech_like(SECONDS, seed=0)[::-1].copy()
+    save_audio(str(corpus["sysA"] / "a.wav"), reversed_clean, SR, "FLOAT")
+    output = tmp_path / "results"
+    assert main(base_args(corpus, output, "sysA") + ["--metrics", "estoi,sisdr"]) == 0
+    row = next(r for r in read_rows(output) if r["file"] == "a.wav")
+    assert (float(row["estoi"]), float(row["sisdr"]), row["floored"]) == (0.0, -50.0, "estoi sisdr")
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["sysA"]["estoi"]["floored"] == summary["sysA"]["sisdr"]["floored"] == 1
+    assert not any("set to the floor" in m for m in caplog.messages)  # computed, not undefined
+
+
+def test_reference_too_short_for_estoi_is_not_averaged_in(corpus, tmp_path):
+    """pystoi returns 1e-5 (with a warning) when the reference has under 30 frames of speech;
+    that value must not enter any mean."""
+    for name in ("clean", "sysA"):
+        audio = sf.read(str(corpus[name] / "a.wav"), dtype="float32")[0]
+        save_audio(str(corpus[name] / "a.wav"), audio[: SR // 2], SR)
+    output = tmp_path / "results"
+    assert main(base_args(corpus, output, "sysA") + ["--metrics", "estoi,sisdr"]) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["sysA"]["estoi"]["n"] == 1 and summary["sysA"]["sisdr"]["n"] == 2
+    row = next(r for r in read_rows(output) if r["file"] == "a.wav")
+    assert row["estoi"] == "nan" and row["not_scored"] == "estoi"
 
 
 def test_intrusive_metric_without_clean_is_an_error(corpus, tmp_path, capsys):
@@ -154,21 +234,32 @@ def test_intrusive_metric_without_clean_is_an_error(corpus, tmp_path, capsys):
     assert "--clean" in capsys.readouterr().err
 
 
-def test_reserved_or_repeated_system_names_are_refused(corpus, tmp_path):
-    with pytest.raises(SystemExit):
-        main(base_args(corpus, tmp_path / "r", "sysA", "sysA"))
-    with pytest.raises(SystemExit):
-        main(base_args(corpus, tmp_path / "r") + ["--system", f"clean={corpus['sysA']}"])
+def test_reserved_or_repeated_system_names_are_refused(corpus, tmp_path, capsys):
+    assert main(base_args(corpus, tmp_path / "r", "sysA", "sysA")) == 2
+    assert main(base_args(corpus, tmp_path / "r") + ["--system", f"clean={corpus['sysA']}"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == ["error: system name(s) used twice or reserved: sysA",
+                      "error: system name(s) used twice or reserved: clean"]
+
+
+def test_input_errors_are_one_line_with_exit_2_and_debug_shows_the_traceback(corpus, tmp_path, capsys):
+    argv = ["--clean", str(tmp_path / "no_such_folder"), "--system", f"sysA={corpus['sysA']}",
+            "--output-dir", str(tmp_path / "r"), "--workers", "1"]
+    assert main(argv) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "no_such_folder" in errors[0]
+    with pytest.raises(UsageError, match="no_such_folder"):
+        main(argv + ["--debug"])
 
 
 def test_default_metrics_depend_on_clean_reference():
     assert resolve_metrics(None, has_clean=True) == ALL_METRICS
-    assert resolve_metrics(None, has_clean=False) == ("dnsmos",)
+    assert resolve_metrics(None, has_clean=False) == ("dnsmos", "nisqa")
 
 
 def test_metric_whose_backend_is_missing_is_skipped_or_refused(monkeypatch):
     monkeypatch.setitem(METRIC_BACKENDS, "pesq", ("no_such_module_for_diffiner_tests",))
-    assert resolve_metrics(None, has_clean=True) == ("estoi", "sisdr", "dnsmos")
+    assert resolve_metrics(None, has_clean=True) == ("estoi", "sisdr", "dnsmos", "nisqa")
     with pytest.raises(EvaluationError, match="no_such_module_for_diffiner_tests"):
         resolve_metrics(["pesq", "sisdr"], has_clean=True)
 

@@ -35,6 +35,17 @@ def test_si_sdr_ignores_gain_and_offset(clean):
     assert metrics.si_sdr(clean, 0.3 * clean + 0.05) >= 50.0
 
 
+def test_si_sdr_is_scale_invariant_down_to_very_quiet_estimates(clean):
+    """An absolute epsilon added to the energies made a -120 dBFS noise score about -7 dB
+    instead of its true -46 dB: quiet garbage must not beat a loud noisy input."""
+    noise = np.random.default_rng(0).standard_normal(clean.size)
+    loud = metrics.si_sdr(clean, 0.1 * noise)
+    assert loud < -40.0
+    for gain in (1e-3, 1e-6, 1e-9):
+        assert metrics.si_sdr(clean, gain * noise) == pytest.approx(loud, abs=1e-6)
+    assert metrics.si_sdr(1e-6 * clean, 1e-6 * clean) >= 50.0
+
+
 def test_si_sdr_matches_the_added_noise_level(clean):
     assert metrics.si_sdr(clean, with_noise(clean, 10.0)) == pytest.approx(10.0, abs=0.3)
 
@@ -66,14 +77,35 @@ def test_intrusive_metrics_reject_length_mismatch_and_multichannel(clean):
         metrics.pesq_wb(np.stack([clean, clean]), np.stack([clean, clean]))
 
 
-def test_silent_signals_raise_metric_error(clean):
-    silence = np.zeros_like(clean)
+@pytest.mark.parametrize("metric", [metrics.pesq_wb, metrics.estoi, metrics.si_sdr])
+@pytest.mark.parametrize("level", [0.0, 0.1])
+def test_silent_estimate_is_undefined_for_the_estimate_only(clean, metric, level):
+    """A constant (silent) output makes the score undefined for that output: MetricError, but not
+    UnscorableFile, so the caller sets it to the floor instead of leaving the file out."""
+    with pytest.raises(metrics.MetricError) as raised:
+        metric(clean, np.full_like(clean, level))
+    assert not isinstance(raised.value, metrics.UnscorableFile)
+
+
+@pytest.mark.parametrize("metric", [metrics.pesq_wb, metrics.estoi, metrics.si_sdr])
+def test_silent_reference_makes_the_file_unscorable(clean, metric):
+    with pytest.raises(metrics.UnscorableFile, match="reference"):
+        metric(np.zeros_like(clean), clean)
+
+
+def test_reference_too_short_for_estoi_and_pesq_is_unscorable(clean):
+    """pystoi returns 1e-5 with a warning under 30 frames of reference speech (here 0.5 s), and
+    PESQ refuses under 0.25 s: both are properties of the file, not of one system's output."""
+    half_second = clean[: SR // 2]
+    with pytest.raises(metrics.UnscorableFile, match="ESTOI"):
+        metrics.estoi(half_second, with_noise(half_second, 10.0))
+    with pytest.raises(metrics.UnscorableFile, match="PESQ"):
+        metrics.pesq_wb(clean[:2000], with_noise(clean[:2000], 10.0))
+
+
+def test_dnsmos_of_silence_is_undefined(clean):
     with pytest.raises(metrics.MetricError):
-        metrics.pesq_wb(clean, silence)
-    with pytest.raises(metrics.MetricError):
-        metrics.pesq_wb(silence, clean)
-    with pytest.raises(metrics.MetricError):
-        metrics.si_sdr(clean, silence)
+        metrics.dnsmos(np.zeros_like(clean))
 
 
 def test_confidence_interval_uses_t_distribution():

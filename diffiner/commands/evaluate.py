@@ -6,10 +6,14 @@ import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..audio.io import AudioError
+from ..evaluation.nisqa import CACHE_DIR, WEIGHTS_LICENCE, WEIGHTS_NAME, NisqaWeightsError
 from ..evaluation.run import CLEAN, NOISY, EvaluationSetup, evaluate
 from ..evaluation.scoring import ALL_METRICS, EvaluationError
 from ..flags import Flag, command_parser
-from .common import setup_logging
+from .common import UsageError, run_command, setup_logging, usage_errors
+
+# What the user has to fix (a folder, a file, a flag): one line and exit status 2.
+INPUT_ERRORS = (EvaluationError, NisqaWeightsError, AudioError, FileNotFoundError)
 
 
 def _system_spec(text: str) -> Tuple[str, str]:
@@ -51,9 +55,15 @@ FOLDER_FLAGS = (
          metavar="DIR"),
 )
 SCORING_FLAGS = (
-    Flag("metrics", None, f"comma list from {','.join(ALL_METRICS)} (default: all that the inputs allow)",
+    Flag("metrics", None, f"comma list from {','.join(ALL_METRICS)} (default: every one the inputs allow: pesq, "
+         "estoi, sisdr need --clean; nisqa needs its weights, given or in the cache). Naming nisqa here "
+         "downloads its weights into the cache on first use; offline, nisqa is left out with one line",
          type=_metric_list, metavar="LIST"),
-    Flag("workers", os.cpu_count() or 1, "worker processes (1 scores in-process; default: number of CPUs)",
+    Flag("nisqa_weights", None, f"NISQA's weights: a local file named nisqa.tar (the published weights, "
+         f"{WEIGHTS_LICENCE}; never shipped with this project). Default: torchmetrics' cache "
+         f"{os.path.join(CACHE_DIR, WEIGHTS_NAME)} when it holds them", metavar="FILE"),
+    Flag("workers", os.cpu_count() or 1, "worker processes (1 scores in-process; default: the number of CPUs, "
+         "here %(default)s)",
          type=_int_at_least(1), metavar="N"),
 )
 PLOT_FLAGS = (
@@ -65,18 +75,20 @@ PLOT_FLAGS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return command_parser("Score enhanced speech folders (PESQ, ESTOI, SI-SDR, DNSMOS) file by file.", {
+    return command_parser("Score enhanced speech folders (PESQ, ESTOI, SI-SDR, DNSMOS, NISQA) file by file. "
+                          "A system's silent output gets each metric's floor; a file whose clean reference "
+                          "is unusable is left out of the intrusive metrics for every system.", {
         "folders": FOLDER_FLAGS, "scoring": SCORING_FLAGS, "spectrograms": PLOT_FLAGS}, prog="diffiner-evaluate")
 
 
-def _setup_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EvaluationSetup:
+def _setup_from_args(args: argparse.Namespace) -> EvaluationSetup:
     """Check the flags that argparse cannot check alone and build the setup."""
     names = [name for name, _ in args.system]
     reserved = ([CLEAN] if args.clean else []) + ([NOISY] if args.noisy else [])
     taken = names + reserved
     duplicates = sorted({n for n in taken if taken.count(n) > 1})
     if duplicates:
-        parser.error(f"system name(s) used twice or reserved: {', '.join(duplicates)}")
+        raise UsageError(f"system name(s) used twice or reserved: {', '.join(duplicates)}")
     return EvaluationSetup(
         systems=dict(args.system),
         output_dir=args.output_dir,
@@ -86,6 +98,7 @@ def _setup_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         workers=args.workers,
         plot_files=args.plot_files,
         num_plot_files=args.num_plot_files,
+        nisqa_weights=args.nisqa_weights,
     )
 
 
@@ -99,19 +112,19 @@ def _print_missing(missing: Dict[str, List[str]]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `diffiner-evaluate` / scripts/evaluate.py; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup = _setup_from_args(parser, args)
-    setup_logging()
-    try:
-        result = evaluate(setup)
-    except (EvaluationError, AudioError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    _print_missing(result.missing)
-    print(result.markdown, end="")
-    print(f"results written to {setup.output_dir}")
-    return 0
+    args = build_parser().parse_args(argv)
+    setup_logging(args.debug)
+
+    def body() -> int:
+        setup = _setup_from_args(args)
+        with usage_errors(*INPUT_ERRORS):
+            result = evaluate(setup)
+        _print_missing(result.missing)
+        print(result.markdown, end="")
+        print(f"results written to {setup.output_dir}")
+        return 0
+
+    return run_command(body, args.debug)
 
 
 if __name__ == "__main__":

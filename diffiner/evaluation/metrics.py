@@ -4,21 +4,49 @@ Every function takes 1-D numpy signals at MODEL_SAMPLE_RATE (16 kHz): resampling
 mixing are the caller's job, so that a score never silently depends on a hidden conversion.
 The heavy back-ends (pesq, pystoi, speechmos/onnxruntime, scipy.stats) are imported inside the
 functions, so `import diffiner.metrics` stays cheap for code that only needs one metric.
+
+A score that cannot be computed is an exception, never a made-up number, and the exception says
+whose fault it is: `MetricError` when the scored signal (a system's output) is at fault, e.g. it is
+silent; `UnscorableFile` when the file itself is, e.g. its clean reference is silent or too short,
+so that no system's version of it can be scored.
 """
 
 import math
+import warnings
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
 
 from ..audio.io import MODEL_SAMPLE_RATE
 
-# Added to both energies of SI-SDR: a perfect estimate then scores a large finite value
-# (above 100 dB for speech at normal level) instead of +inf, which would poison averages.
-SI_SDR_EPS = 1e-8
+# A perfect estimate leaves no residual: its SI-SDR is capped here instead of +inf, which would
+# poison averages. The cap is relative to the target's energy, so the metric stays invariant to
+# the estimate's level (an absolute epsilon on both energies made a -120 dBFS noise score -7 dB).
+SI_SDR_CEILING_DB = 150.0
+
+# Lowest scores: an output on which a metric is undefined (a silent one) gets its metric's floor,
+# and a computed score below the floor is raised to it, so a failed output never scores above a
+# working one. PESQ-WB's mapping (P.862.2) tends to 0.999 and never reaches it; ESTOI is a
+# correlation that only noise makes negative; SI-SDR has no lower bound; the MOS estimators
+# (DNSMOS, NISQA) rate on the 1-to-5 absolute category rating scale.
+PESQ_FLOOR = 1.0
+ESTOI_FLOOR = 0.0
+SI_SDR_FLOOR_DB = -50.0
+MOS_FLOOR = 1.0
+
 
 class MetricError(ValueError):
-    """A signal on which a metric is undefined (e.g. PESQ finds no speech in it)."""
+    """A metric is undefined for the scored signal (e.g. it is silent): that signal's fault."""
+
+
+class UnscorableFile(MetricError):
+    """A metric is undefined for the file itself, whatever system's version of it is scored
+    (e.g. its clean reference is silent or too short)."""
+
+
+def is_silent(signal: np.ndarray) -> bool:
+    """True for a constant signal (digital silence, or silence with a DC offset)."""
+    return bool(np.ptp(signal) == 0.0)
 
 
 def _as_signal(signal: np.ndarray, name: str) -> np.ndarray:
@@ -42,49 +70,100 @@ def _as_pair(reference: np.ndarray, other: np.ndarray) -> Tuple[np.ndarray, np.n
     return reference, other
 
 
+# The same words from every metric, so that a caller can report several metrics in one line.
+SILENT_REFERENCE = "the clean reference is silent"
+SILENT_SIGNAL = "the scored signal is silent"
+
+
+def _check_reference(reference: np.ndarray) -> None:
+    """A silent reference leaves the file unscorable by an intrusive metric."""
+    if is_silent(reference):
+        raise UnscorableFile(SILENT_REFERENCE)
+
+
+def _check_signal(signal: np.ndarray) -> None:
+    """Nothing to score in a silent signal: that output's failure."""
+    if is_silent(signal):
+        raise MetricError(SILENT_SIGNAL)
+
+
 def si_sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
     """Scale-invariant SDR in dB (Le Roux et al., 2019), after removing each signal's mean.
 
     The reference is scaled by the least-squares gain onto the estimate, so a louder or
-    quieter but otherwise perfect estimate is not penalised. Raises MetricError when either
-    signal is constant: there is then no target or no estimate to compare.
+    quieter but otherwise perfect estimate is not penalised; at most SI_SDR_CEILING_DB, and -inf
+    for an estimate orthogonal to the reference. Raises UnscorableFile for a constant reference
+    (no target) and MetricError for a constant estimate.
     """
     reference, estimate = _as_pair(reference, estimate)
+    _check_reference(reference)
+    _check_signal(estimate)
     reference = reference - reference.mean()
     estimate = estimate - estimate.mean()
-    if not np.any(reference) or not np.any(estimate):
-        raise MetricError("SI-SDR is undefined for a silent (constant) signal")
     gain = np.dot(estimate, reference) / np.dot(reference, reference)
     target = gain * reference
     residual = estimate - target
-    ratio = (np.dot(target, target) + SI_SDR_EPS) / (np.dot(residual, residual) + SI_SDR_EPS)
-    return float(10.0 * np.log10(ratio))
+    target_energy = np.dot(target, target)
+    if target_energy == 0.0:  # an estimate orthogonal to the reference holds none of it
+        return -math.inf
+    residual_energy = max(np.dot(residual, residual), target_energy * 10.0 ** (-SI_SDR_CEILING_DB / 10.0))
+    return float(10.0 * np.log10(target_energy / residual_energy))
 
 
 def pesq_wb(reference: np.ndarray, degraded: np.ndarray) -> float:
     """Wide-band PESQ (ITU-T P.862.2), a MOS-LQO from about 1.0 to 4.64.
 
-    Raises MetricError when PESQ refuses the pair (e.g. no utterance detected) and for an
-    all-zero degraded signal, on which the pesq package fails with an obscure ValueError; so
-    callers can tell "undefined for this file" from a programming error.
+    Raises UnscorableFile when PESQ cannot use the reference (silent, shorter than 0.25 s, no
+    utterance detected in it) and MetricError when it cannot use the degraded signal (silent,
+    on which the pesq package fails with an obscure ValueError, or no utterance found in it).
+    Telling the two apart costs one more PESQ call, only when a score is undefined.
     """
     from pesq import PesqError, pesq
 
     reference, degraded = _as_pair(reference, degraded)
-    if not np.any(degraded):
-        raise MetricError("PESQ is undefined for an all-zero degraded signal")
+    _check_reference(reference)
+    if is_silent(degraded):
+        failure = SILENT_SIGNAL
+    else:
+        try:
+            return float(pesq(MODEL_SAMPLE_RATE, reference, degraded, "wb"))
+        except PesqError as exc:
+            failure = f"PESQ refused the output: {_pesq_message(exc)}"
+    # PesqError does not say which signal it refused: if the reference cannot even be scored
+    # against itself, the file is at fault (for every system), else the degraded signal is.
     try:
-        return float(pesq(MODEL_SAMPLE_RATE, reference, degraded, "wb"))
+        pesq(MODEL_SAMPLE_RATE, reference, reference, "wb")
     except PesqError as exc:
-        raise MetricError(f"PESQ failed: {exc}") from exc
+        raise UnscorableFile(f"PESQ cannot use the clean reference: {_pesq_message(exc)}") from exc
+    raise MetricError(failure)
+
+
+def _pesq_message(exc: Exception) -> str:
+    """The pesq package's C messages arrive as bytes: b'No utterances detected'."""
+    message = exc.args[0] if exc.args else exc
+    return message.decode(errors="replace") if isinstance(message, bytes) else str(message)
 
 
 def estoi(reference: np.ndarray, degraded: np.ndarray) -> float:
-    """Extended STOI (Jensen & Taal, 2016), intelligibility in [0, 1] (can dip slightly below 0)."""
+    """Extended STOI (Jensen & Taal, 2016), intelligibility in [0, 1] (can dip slightly below 0).
+
+    Raises UnscorableFile when the reference has fewer than 30 frames (about 0.4 s) of speech left
+    after pystoi drops its silent frames: pystoi then returns 1e-5 with a RuntimeWarning, a
+    number that must not enter a mean. MetricError for a silent degraded signal.
+    """
     from pystoi import stoi
 
     reference, degraded = _as_pair(reference, degraded)
-    return float(stoi(reference, degraded, MODEL_SAMPLE_RATE, extended=True))
+    _check_reference(reference)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        score = float(stoi(reference, degraded, MODEL_SAMPLE_RATE, extended=True))
+    # Silent frames are chosen on the reference alone, so too few of them is the file's problem
+    # (checked first: then a silent output is not floored for a file left out for every system).
+    if any(str(w.message).startswith("Not enough STFT frames") for w in caught):
+        raise UnscorableFile("the clean reference has under 30 frames (about 0.4 s) of speech for ESTOI")
+    _check_signal(degraded)
+    return score
 
 
 def dnsmos(signal: np.ndarray) -> Dict[str, float]:
@@ -92,11 +171,13 @@ def dnsmos(signal: np.ndarray) -> Dict[str, float]:
 
     Uses the ONNX models shipped inside the speechmos wheel, so it works offline. Samples are
     clipped to [-1, 1] first because speechmos rejects anything outside, and resampling can
-    overshoot full scale by a hair.
+    overshoot full scale by a hair. Raises MetricError for a silent signal: there is no speech
+    to rate, and the networks' numbers for it (above those of noisy speech) mean nothing.
     """
     from speechmos import dnsmos as speechmos_dnsmos
 
     signal = np.clip(_as_signal(signal, "signal"), -1.0, 1.0).astype(np.float32)
+    _check_signal(signal)
     scores = speechmos_dnsmos.run(signal, sr=MODEL_SAMPLE_RATE)
     return {
         "SIG": float(scores["sig_mos"]),

@@ -1,4 +1,5 @@
-"""Spectrogram figures: one row per file, one column per system, on a shared colour scale."""
+"""Spectrogram figures: one row per system (clean and noisy first), one column per file, each file
+on one colour scale."""
 
 import math
 import os
@@ -39,23 +40,28 @@ def _save_figure_atomic(figure, path: str) -> None:
         figure.savefig(tmp, format="png", dpi=100)
 
 
-def plot_spectrograms(path: str, files: Sequence[str], sources: Dict[str, str]) -> None:
-    """One row per file, one column per source folder (clean, noisy, systems).
+# Figure size per panel, inches: wide panels, since a row compares one system across files.
+PANEL_WIDTH, PANEL_HEIGHT = 4.0, 1.8
 
-    Each row shares one colour scale (its loudest bin down to 80 dB below), so columns can be
-    compared by eye. Uses the Agg canvas directly, never pyplot's global state or backend.
+
+def plot_spectrograms(path: str, files: Sequence[str], sources: Dict[str, str]) -> None:
+    """One row per source folder (clean, noisy, then each system, in order), one column per file.
+
+    Reading down a column compares the systems on the same clip. Each column shares one colour
+    scale (its loudest bin down to 80 dB below), so rows can be compared by eye. Uses the Agg
+    canvas directly, never pyplot's global state or backend.
     """
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(3.2 * len(sources), 2.6 * len(files)), layout="constrained")
-    axes = figure.subplots(len(files), len(sources), squeeze=False)
-    for row, relative_path in enumerate(files):
+    figure = Figure(figsize=(PANEL_WIDTH * len(files), PANEL_HEIGHT * len(sources)), layout="constrained")
+    axes = figure.subplots(len(sources), len(files), squeeze=False)
+    for column, relative_path in enumerate(files):
         signals = {
             name: load_mono_16k(os.path.join(root, relative_path)) for name, root in sources.items()
         }
         spectra = {name: _log_spectrogram(signal) for name, signal in signals.items()}
         top = max(float(s.max()) for s in spectra.values())
-        for column, (name, spectrum) in enumerate(spectra.items()):
+        for row, (name, spectrum) in enumerate(spectra.items()):
             axis = axes[row][column]
             duration = signals[name].size / MODEL_SAMPLE_RATE
             image = axis.imshow(
@@ -63,8 +69,8 @@ def plot_spectrograms(path: str, files: Sequence[str], sources: Dict[str, str]) 
                 extent=(0.0, duration, 0.0, MODEL_SAMPLE_RATE / 2000.0),
                 vmin=top - SPECTROGRAM_RANGE_DB, vmax=top,
             )
-            axis.set_title(f"{name}\n{relative_path}", fontsize=8)
-            axis.set_xlabel("time [s]" if row == len(files) - 1 else "")
-            axis.set_ylabel("frequency [kHz]" if column == 0 else "")
-        figure.colorbar(image, ax=axes[row].tolist(), label="dB")
+            axis.set_title(f"{name} — {relative_path}", fontsize=8)
+            axis.set_xlabel("time [s]" if row == len(sources) - 1 else "")
+            axis.set_ylabel("kHz" if column == 0 else "")
+        figure.colorbar(image, ax=[axes[row][column] for row in range(len(sources))], label="dB")
     _save_figure_atomic(figure, path)

@@ -10,8 +10,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..audio.folders import pair_files
 from .plots import ovrl_ranking, plot_spectrograms
-from .report import format_summary_markdown, summarize, write_outputs
-from .scoring import EvaluationError, FileTask, check_lengths, metric_columns, resolve_metrics, score_all
+from . import nisqa
+from .report import floored_files, format_summary_markdown, summarize, write_outputs
+from .scoring import (FLOORS, EvaluationError, FileTask, check_lengths, metric_columns, resolve_metrics,
+                      score_all)
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +28,9 @@ class EvaluationSetup:
     """What to score and where to write it.
 
     `systems` keeps the command-line order, which decides the table rows and which systems the
-    default spectrogram choice compares. `metrics` None means every metric the inputs allow.
+    default spectrogram choice compares. `metrics` None means every metric the inputs allow
+    (NISQA among them only when its weights are here); naming NISQA there allows downloading
+    its weights. `nisqa_weights` is a local nisqa.tar to use instead of torchmetrics' cache.
     """
 
     systems: Dict[str, str]
@@ -37,6 +41,7 @@ class EvaluationSetup:
     workers: int = 1
     plot_files: Optional[Sequence[str]] = None
     num_plot_files: int = 2
+    nisqa_weights: Optional[str] = None
 
     def scored_systems(self) -> Dict[str, str]:
         """Every scored folder by name: noisy first (when given), then the systems."""
@@ -66,9 +71,31 @@ def _comparison_pair(setup: EvaluationSetup) -> Optional[Tuple[str, str]]:
     return None
 
 
+def _with_nisqa_weights(
+    setup: EvaluationSetup, metric_names: Tuple[str, ...]
+) -> Tuple[Tuple[str, ...], Optional[str]]:
+    """The metrics to compute and the checked NISQA weights (None without NISQA).
+
+    NISQA is left out (with one log line) when its weights are neither given nor cached and
+    cannot be downloaded; that is an error only when no other metric is left.
+    """
+    if "nisqa" not in metric_names:
+        if setup.nisqa_weights is not None:
+            raise EvaluationError(
+                f"--nisqa-weights is given but nisqa is not among the metrics ({', '.join(metric_names)})"
+            )
+        return metric_names, None
+    weights = nisqa.find_weights(setup.nisqa_weights, download=setup.metrics is not None)
+    if weights is None:
+        metric_names = tuple(name for name in metric_names if name != "nisqa")
+        if not metric_names:
+            raise EvaluationError("no metric left to compute: NISQA has no weights (see the line above)")
+    return metric_names, weights
+
+
 def evaluate(setup: EvaluationSetup) -> EvaluationResult:
-    """Pair, check, score, summarize and plot; raises EvaluationError, AudioError or
-    FileNotFoundError (no common file, missing folder) for inputs the user must fix."""
+    """Pair, check, score, summarize and plot; raises EvaluationError, NisqaWeightsError, AudioError
+    or FileNotFoundError (no common file, missing folder) for inputs the user must fix."""
     metric_names = resolve_metrics(setup.metrics, setup.clean is not None)
     systems = setup.scored_systems()
     sources = {**({CLEAN: setup.clean} if setup.clean else {}), **systems}
@@ -78,15 +105,17 @@ def evaluate(setup: EvaluationSetup) -> EvaluationResult:
     _validate_plot_files(setup.plot_files, files)
     if setup.clean:
         check_lengths(setup.clean, systems, files)
+    metric_names, nisqa_weights = _with_nisqa_weights(setup, metric_names)
 
-    tasks = [FileTask(f, setup.clean, tuple(systems.items()), metric_names) for f in files]
+    tasks = [FileTask(f, setup.clean, tuple(systems.items()), metric_names, nisqa_weights) for f in files]
     rows = score_all(tasks, max(1, min(setup.workers, len(tasks))))
     order = {name: index for index, name in enumerate(systems)}
     rows.sort(key=lambda r: (r["file"], order[r["system"]]))
 
     columns = metric_columns(metric_names)
     summary = summarize(rows, list(systems), columns)
-    markdown = format_summary_markdown(summary, columns, len(files))
+    floors = {name: FLOORS[name] for name in metric_names}
+    markdown = format_summary_markdown(summary, columns, len(files), floored_files(rows, list(systems)), floors)
     os.makedirs(setup.output_dir, exist_ok=True)
     write_outputs(setup.output_dir, rows, columns, summary, markdown)
 

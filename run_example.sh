@@ -176,11 +176,14 @@ latest_output() {  # latest_output ROOT_PROC METHOD: the METHOD output folder re
     dirname "$newest"
 }
 
+device_text=""  # device_flags' answer, found by the first refine (with id=auto, a CUDA probe)
+
 refine() {  # refine NOISY PROCESSED MODEL [MODEL FLAGS...]: Diffiner+, and Diffiner if asked
     local noisy="$1" processed="$2" model="$3"
     shift 3
-    local device_text
-    device_text="$(device_flags)"
+    if [[ -z "$device_text" ]]; then
+        device_text="$(device_flags)"
+    fi
     local -a device
     read -r -a device <<<"$device_text"
     local -a methods=("")
@@ -196,8 +199,6 @@ refine() {  # refine NOISY PROCESSED MODEL [MODEL FLAGS...]: Diffiner+, and Diff
 processed_dir() {  # processed_dir NAME: the folder of enhancer NAME's outputs
     if [[ "$demo" == true ]]; then
         echo "$demo_dir/$1"
-    elif [[ "$1" == dcunet ]]; then
-        echo "$vbd_dir/proc_dcunet"
     else
         echo "$vbd_dir/proc_$1"
     fi

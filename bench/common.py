@@ -5,7 +5,7 @@ import os
 import platform
 import subprocess
 import sys
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -61,10 +61,12 @@ def markdown_table(header: Sequence[str], rows: List[Sequence]) -> str:
     return "\n".join(lines)
 
 
-def record(title: str, table: str, notes: str = "", save: bool = True, path: str = BENCHMARKS_MD) -> None:
+def record(title: str, table: str, notes: str = "", save: bool = True, path: str = BENCHMARKS_MD,
+           command: Optional[str] = None) -> None:
     """Print a result table and, with `save`, append it to BENCHMARKS.md with the machine and
-    the command."""
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], os.path.dirname(path))] + sys.argv[1:])
+    the command (default: python and this script's arguments)."""
+    if command is None:
+        command = "python " + " ".join([os.path.relpath(sys.argv[0], os.path.dirname(path))] + sys.argv[1:])
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     block = (f"\n## {title} ({stamp}, commit {git_revision()})\n\n"
              f"Machine: {machine_description()}  \nCommand: `{command}`\n\n{table}\n")

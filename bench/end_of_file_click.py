@@ -21,7 +21,7 @@ import numpy as np
 from common import markdown_table, record
 from diffiner.audio.io import load_audio
 from diffiner.checkpoints import load_model
-from diffiner.flags import command_parser
+from diffiner.flags import command_parser, values_of
 from diffiner.pipeline import Refiner
 from diffiner.script_util import model_and_diffusion_flags
 from diffiner.seeding import numpy_rng
@@ -39,10 +39,9 @@ def demo_model_settings(flags_path: str) -> dict:
     with open(flags_path) as f:
         for line in f:
             tokens += shlex.split(line.split("#", 1)[0])
-    parser = command_parser("model flags", {"model": model_and_diffusion_flags()})
-    args = vars(parser.parse_args(tokens))
-    args.pop("debug")
-    return args
+    flags = model_and_diffusion_flags()
+    parser = command_parser("model flags", {"model": flags})
+    return values_of(parser.parse_args(tokens), flags)
 
 
 def length_with(frames_mod: int, multiple: int, tail: int, minimum: int) -> int:

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317
+# (SC2317, "unreachable": the functions that stage runs through "$@" are reached indirectly.)
 # One-command GPU acceptance: the CUDA test tier, then the refinement and training benchmarks,
 # with their tables (and the device's name) appended to BENCHMARKS.md.
 set -uo pipefail
@@ -24,14 +26,8 @@ Tables go to BENCHMARKS.md on a GPU (--no-record: print only); on a CPU only wit
           minutes), and 5 training steps per precision. On a CPU: the small stand-in model,
           2 files, 2 steps; it finishes in a few minutes, so the script cannot rot unnoticed.
 
-How long the full run takes on one H100 is an ESTIMATE from FLOP counts, not a measurement:
-665 GFLOP per 256x256 forward of the published network (2.6 GFLOP per frame); the 824 files
-(35.1 min of audio) become 143,776 network frames (1.09 per audio frame), so one ddim200 pass is
-75 PFLOP: about 3.2 min per bf16/fp16 configuration and 6.3 min per fp32 one at 40% of the
-dense peak (989 / 494 TFLOP/s), and 28 min for the original strategy (4.80 frames per audio
-frame, fp32). With the CUDA tier (a few minutes) and the training benchmark (about 2 minutes):
-about 1 hour 10 minutes, twice the benchmark part at 20% of the peak. Every stage prints its
-wall time, so the first GPU run replaces this estimate with a measurement.
+How long the full run takes on one H100 is estimated from FLOP counts in BENCHMARKS.md
+(section "GPU acceptance"); every stage prints its wall time.
 
 Exit status: 0 when every stage succeeded, 1 when one failed (the others still run), 2 for a
 wrong option.
@@ -51,7 +47,7 @@ for arg in "$@"; do
 done
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+cd "$ROOT" || exit 1
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 status=0
@@ -80,6 +76,12 @@ install_missing() {
 }
 stage "install what is missing" install_missing || exit 1
 
+logged() {  # logged LOG COMMAND...: run COMMAND, its output (stdout and stderr) shown and copied to LOG
+    local log="$1"
+    shift
+    "$@" 2>&1 | tee "$log"  # with pipefail: COMMAND's failure is the pipeline's
+}
+
 cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 device=$("$PY" -c "import sys; sys.path.insert(0, 'bench'); from common import machine_description; print(machine_description())")
 echo "device: $device"
@@ -89,7 +91,7 @@ record_flag=()
 [[ "$record" == 1 ]] || record_flag=(--no-record)
 
 tier_log=$(mktemp)
-stage "CUDA tier: pytest -m cuda tests" bash -c "set -o pipefail; '$PY' -m pytest -q -m cuda tests -rs -p no:cacheprovider 2>&1 | tee '$tier_log'"
+stage "CUDA tier: pytest -m cuda tests" logged "$tier_log" "$PY" -m pytest -q -m cuda tests -rs -p no:cacheprovider
 tier_summary=$(grep -E "(passed|failed|skipped|error)" "$tier_log" | tail -n 1)
 
 original="original (768 frames; fp32; batch 8)"
@@ -97,13 +99,13 @@ refine_args=()
 train_args=()
 if [[ $quick == 1 && $cuda == 1 ]]; then
     refine_args=(--steps 5 --configs "fp32,bf16,fp16,fp32+channels-last,bf16+channels-last,$original")
-    train_args=(--steps 5 --warmup 2 --configs fp32,bf16,fp16)
+    train_args=(--steps 5 --warmup 2 --configs "fp32,bf16,fp16")
 elif [[ $quick == 1 ]]; then
     refine_args=(--num-files 2 --steps 2 --configs "fp32,bf16,$original")
-    train_args=(--steps 2 --configs fp32,bf16)
+    train_args=(--steps 2 --configs "fp32,bf16")
 fi
 refine_log=$(mktemp)
-stage "refinement throughput" bash -c 'set -o pipefail; "$@" 2>&1 | tee '"'$refine_log'" _ \
+stage "refinement throughput" logged "$refine_log" \
     "$PY" bench/refine_throughput.py ${refine_args[@]+"${refine_args[@]}"} ${record_flag[@]+"${record_flag[@]}"}
 fastest=$(grep -E "^(Fastest configuration|No configuration)" "$refine_log" | tail -n 1)
 stage "training throughput" "$PY" bench/train_throughput.py ${train_args[@]+"${train_args[@]}"} \
@@ -113,17 +115,12 @@ summary="GPU acceptance: $((SECONDS - start_all)) s in all; CUDA tier: ${tier_su
 echo
 echo "$summary"
 if [[ "$record" == 1 ]]; then
-    {
-        echo
-        echo "## GPU acceptance ($(date '+%Y-%m-%d %H:%M'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
-        echo
-        echo "Machine: $device  "
-        echo "Command: \`bash bench/gpu_acceptance.sh $*\`"
-        echo
-        echo "- CUDA tier (\`pytest -m cuda tests\`): ${tier_summary:-no result}"
-        echo "- ${fastest:-no refinement result}"
-        echo "- Wall time of the whole script: $((SECONDS - start_all)) s"
-    } >> BENCHMARKS.md
+    results="- CUDA tier (\`pytest -m cuda tests\`): ${tier_summary:-no result}
+- ${fastest:-no refinement result}
+- Wall time of the whole script: $((SECONDS - start_all)) s"
+    # bench/common.py's record() writes the heading, the machine and the command line.
+    "$PY" -c 'import sys; sys.path.insert(0, "bench"); from common import record
+record("GPU acceptance", sys.argv[2], command=sys.argv[1])' "bash bench/gpu_acceptance.sh $*" "$results" || status=1
 fi
 rm -f "$tier_log" "$refine_log"
 exit $status

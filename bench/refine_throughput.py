@@ -12,14 +12,8 @@ Each configuration's refined audio is compared with fp32's from the same run (re
 difference over all files; the same seeds, so only the arithmetic differs), and the fastest
 configuration within --tolerance of it is printed: the candidate for the default precision.
 
-How long the full CUDA run takes (an ESTIMATE from FLOP counts, not a measurement): the
-published network costs about 665 GFLOP per 256x256 forward, 2.6 GFLOP per frame; the 824 files
-(35.1 min of audio, 131,904 frames) become 1.09 network frames per audio frame, so one ddim200
-pass is 143,776 x 2.6 GFLOP x 200 = 75 PFLOP. At 40% of an H100's dense peak (989 TFLOP/s bf16
-and fp16, 494 TFLOP/s for fp32's TF32 convolutions) that is about 3.2 min per bf16/fp16
-configuration and 6.3 min per fp32 one; the original strategy's 4.80 frames per audio frame
-cost 4.4x as much (about 28 min in fp32). All eight configurations: about 1 hour, twice that at
-20% of the peak. `--configs` and `--num-files` / `--steps` run a part of it.
+How long the full CUDA run takes is estimated from FLOP counts in BENCHMARKS.md (section "GPU
+acceptance"). `--configs` and `--num-files` / `--steps` run a part of it.
 """
 
 import argparse
@@ -189,16 +183,20 @@ def main() -> None:
             reference = result
         # Only at fp32's widths: a segment's noise is drawn at its padded width, so other widths
         # (--compile's 128-frame buckets, the original's 768) give other noise, not other arithmetic.
-        comparable = reference is not None and result["width_bucket"] == reference["width_bucket"]
-        difference = relative_difference(result["waves"], reference["waves"]) if comparable else float("nan")
+        if reference is None:
+            difference, shown = float("nan"), "n/a (fp32 not run)"
+        elif result["width_bucket"] != reference["width_bucket"]:
+            difference, shown = float("nan"), "n/a (other widths)"
+        else:
+            difference = relative_difference(result["waves"], reference["waves"])
+            shown = f"{difference:.1e}"
         if difference <= args.tolerance:
             equivalent[name] = result["wall"]
         tflops = result["flops"] / result["wall"] / 1e12
         rows.append([
             name, f"{audio_seconds / result['wall']:.2f}", f"{result['wall'] / audio_seconds:.4f}",
             f"{result['wall']:.1f}", f"{result['frames'] / audio_frames:.3f}", result["max_batch"],
-            f"{tflops:.2f}", f"{100 * tflops / peak:.1f}%" if peak == peak else "n/a",
-            f"{difference:.1e}" if comparable else "n/a (other widths)",
+            f"{tflops:.2f}", f"{100 * tflops / peak:.1f}%" if peak == peak else "n/a", shown,
         ])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
     table = markdown_table(["config", "audio s/s", "RTF", "wall s", "frames per audio frame", "max batch",
@@ -216,8 +214,8 @@ def main() -> None:
              "Network time only: reading and writing files is overlapped by the CLI's threads and not timed here. "
              "TFLOP/s counts the network's FLOPs (torch.utils.flop_counter) over the timed run; "
              f"peak: {peak:.3f} TFLOP/s ({peak_source}). Difference from fp32: relative rms difference of the "
-             "refined audio from fp32's in this run, same seeds; n/a where the padded widths, and with them the "
-             f"noise drawn, differ. Random weights (none zero). {verdict}")
+             "refined audio from fp32's in this run, same seeds; n/a where fp32 had not run yet, or where the "
+             f"padded widths, and with them the noise drawn, differ. Random weights (none zero). {verdict}")
     record("Refinement throughput", table, notes, save=not args.no_record)
 
 

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -38,12 +38,18 @@ class ExecutionSettings:
     cuda_graphs: bool = False
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        autocast_dtype(self.precision)  # refuses an unknown precision when the settings are made
 
     @property
     def compiled(self) -> bool:
         return self.compile or self.cuda_graphs
+
+
+def autocast_dtype(precision: str) -> Optional[torch.dtype]:
+    """The autocast dtype of a precision name (None for fp32); ValueError for an unknown name."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return PRECISIONS[precision]
 
 
 @contextlib.contextmanager
@@ -78,10 +84,8 @@ class NetworkRunner(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, precision: str = "fp32", channels_last: bool = False):
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.model = model
-        self.dtype = PRECISIONS[precision]
+        self.dtype = autocast_dtype(precision)
         self.channels_last = channels_last
         if channels_last:
             model.to(memory_format=torch.channels_last)
@@ -116,8 +120,9 @@ def estimate_max_batch_frames(runner, model: torch.nn.Module, device: torch.devi
     peak_one, peak_two = (_peak_memory_of_call(runner, model, device, batch, width) for batch in (1, 2))
     free, _ = torch.cuda.mem_get_info(device)
     frames = frames_that_fit(peak_one, peak_two, width, free, memory_fraction)
-    logger.info("memory budget: %.1f MB per frame, %d frames per batch",
-                max(peak_two - peak_one, 1) / width / 2 ** 20, frames)
+    per_frame, fixed = memory_model(peak_one, peak_two, width)
+    logger.info("memory budget: %.1f MB fixed + %.2f MB per frame: %d frames per batch",
+                fixed / 2 ** 20, per_frame / 2 ** 20, frames)
     return frames
 
 
@@ -135,9 +140,9 @@ def _peak_memory_of_call(runner, model: torch.nn.Module, device: torch.device, b
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def frames_that_fit(peak_one: int, peak_two: int, width: int, free: int, memory_fraction: float) -> int:
-    """Frames per batch that fit in `memory_fraction` of `free` bytes, given the peak memory of a
-    network call on one and on two segments of `width` frames (at least one segment's worth).
+def memory_model(peak_one: int, peak_two: int, width: int) -> Tuple[float, float]:
+    """(bytes per frame, fixed bytes) of a network call, from its peak memory on one and on two
+    segments of `width` frames.
 
     Memory is modelled as fixed + frames x per-frame. Dividing the one-segment peak by its frames
     would count the fixed part (cuDNN workspaces, the model's own buffers) once per frame, which at
@@ -145,9 +150,15 @@ def frames_that_fit(peak_one: int, peak_two: int, width: int, free: int, memory_
     """
     per_frame = (peak_two - peak_one) / width
     if per_frame > 0:
-        fixed = max(peak_one - per_frame * width, 0.0)
-    else:  # the second segment cost nothing measurable: fall back to the one-segment ratio
-        per_frame, fixed = max(peak_one, 1) / width, 0.0
+        return per_frame, max(peak_one - per_frame * width, 0.0)
+    # The second segment cost nothing measurable: fall back to the one-segment ratio.
+    return max(peak_one, 1) / width, 0.0
+
+
+def frames_that_fit(peak_one: int, peak_two: int, width: int, free: int, memory_fraction: float) -> int:
+    """Frames per batch that fit in `memory_fraction` of `free` bytes (see `memory_model`), at
+    least one segment's worth."""
+    per_frame, fixed = memory_model(peak_one, peak_two, width)
     return max(int((free * memory_fraction - fixed) / per_frame), width)
 
 

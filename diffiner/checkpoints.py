@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .audio.io import atomic_output
+from .audio.io import TEMPORARY_PREFIX, atomic_output
 from .respace import SpacedDiffusion
 from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from .unet import UNetModel
@@ -48,8 +48,8 @@ SAFE_LOAD = {"weights_only": True} if "weights_only" in inspect.signature(torch.
 
 MODEL_FILE = re.compile(r"model(\d+)\.pt")
 SET_FILE = re.compile(r"(?:model|opt)(\d+)\.pt|ema_[^_]+_(\d+)\.pt")
-# audio.io.atomic_output's temporary names (".tmp-<id>-<final name>") of checkpoint files.
-INTERRUPTED_SAVE = re.compile(r"\.tmp-[0-9a-f]+-(?:(?:model|opt)\d+|ema_[^_]+_\d+)\.pt")
+# audio.io.atomic_output's temporary names ("<TEMPORARY_PREFIX><id>-<final name>") of checkpoint files.
+INTERRUPTED_SAVE = re.compile(re.escape(TEMPORARY_PREFIX) + r"[0-9a-f]+-(?:(?:model|opt)\d+|ema_[^_]+_\d+)\.pt")
 
 
 # ----- reading -----
@@ -178,15 +178,16 @@ def saved_steps(folder: str) -> List[int]:
     return sorted(int(m.group(1)) for m in map(MODEL_FILE.fullmatch, os.listdir(folder)) if m)
 
 
-def newest_complete_step(folder: str) -> Optional[int]:
-    """The newest step of `folder` whose set is complete (model and optimizer files), or None.
+def newest_complete_step(folder: str, rates: Optional[List[float]] = None) -> Optional[int]:
+    """The newest step of `folder` whose set is complete (model, optimizer and the EMA files of
+    `rates`), or None.
 
     Sets written by `save_checkpoint_set` are always complete; an incomplete one was written by
     an older version of this code or had files removed, and is skipped with a warning.
     """
     steps = saved_steps(folder)
     for step in reversed(steps):
-        missing = missing_set_files(folder, step)
+        missing = missing_set_files(folder, step, rates)
         if not missing:
             return step
         logger.warning("%s: %s has no %s beside it: not resumable, skipped", folder, model_filename(step),

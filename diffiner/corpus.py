@@ -24,7 +24,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .audio.folders import describe_failure, file_errors, output_path, pair_folders
-from .audio.io import MODEL_SAMPLE_RATE, AudioError, audio_info, fit_length, load_audio, resample, save_audio
+from .audio.io import (MODEL_SAMPLE_RATE, AudioError, audio_info, fit_length, load_audio, resample, resampled_length,
+                       save_audio)
 from .pipeline import Prepared, Refiner
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,7 @@ def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner
     listed and files whose header cannot be read go into `summary.failed`. Raises
     FileNotFoundError when no file pairs.
     """
-    pairing = pair_folders({"noisy": root_noisy, "processed": root_proc},
-                           exclude=[output_dir, root_noisy, root_proc])
+    pairing = pair_folders({"noisy": root_noisy, "processed": root_proc}, exclude=[output_dir])
     summary.failed.update(pairing.unreadable)
     jobs = []
     for rel in pairing.common:
@@ -96,7 +96,7 @@ def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner
             samples, rate, _ = audio_info(job.processed_path)
             audio_info(job.noisy_path)
             job.seconds = samples / rate
-            job.width = refiner.padded_width(int(round(samples * MODEL_SAMPLE_RATE / rate)))
+            job.width = refiner.padded_width(resampled_length(samples, rate, MODEL_SAMPLE_RATE))
             jobs.append(job)
     jobs.sort(key=lambda j: (j.width, j.rel))
     return jobs

@@ -196,6 +196,14 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[:int(s)] for g, s in zip(gathered, sizes)])
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` overwritten with its element-wise maximum over ranks (same shape on every rank);
+    one collective, unlike `all_gather_cat`, which must first exchange the sizes."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_gather_objects(obj) -> List:
     """Every rank's picklable `obj`, in rank order (a one-element list in a single process)."""
     if not is_distributed():

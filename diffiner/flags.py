@@ -58,6 +58,10 @@ class Flag:
         """The same flag with another default (e.g. a command's own respacing)."""
         return dataclasses.replace(self, default=default)
 
+    def with_help(self, help: str) -> "Flag":
+        """The same flag explained for one command."""
+        return dataclasses.replace(self, help=help)
+
     def add_to(self, parser) -> None:
         """Add this flag to an argparse parser or argument group."""
         spellings = flag_spellings(self.name) + [s for alias in self.aliases for s in flag_spellings(alias)]
@@ -153,11 +157,14 @@ def command_parser(description: str, groups: Dict[str, Iterable[Flag]], prog: Op
     return parser
 
 
-
 MODEL_GROUP = "model and diffusion (must match the checkpoint; default: the published model)"
 
 
 # ----- settings shared by several commands -----
+
+# The writers of a folder of outputs (refine, enhance, resample) skip outputs that exist unless told.
+OVERWRITE_FLAG = Flag("overwrite", False, "rewrite outputs that already exist")
+NO_PROGRESS_FLAG = Flag("no_progress", False, "no progress bar")
 
 PRECISION_FLAGS = (
     Flag("use_fp16", False, "run the network under float16 autocast (training adds dynamic loss scaling)"),

@@ -103,11 +103,9 @@ class GaussianDiffusion:
         alphas = 1.0 - betas
         self.alphas_cumprod = np.cumprod(alphas)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
-        self.alphas_cumprod_next = np.append(self.alphas_cumprod[1:], 0.0)
 
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
-        self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1)
 
@@ -120,27 +118,25 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
         # Derived arrays the methods below look up, named so that each has a device copy.
-        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
         self.log_betas = np.log(betas)
         self.fixed_large_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
         self.recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
         self.posterior_mean_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
-        self._device_tables: Dict[Tuple[str, torch.device, Optional[torch.dtype]], torch.Tensor] = {}
+        self._device_tables: Dict[Tuple[str, torch.device], torch.Tensor] = {}
 
-    def schedule_tensor(self, name: str, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def schedule_tensor(self, name: str, device) -> torch.Tensor:
         """The schedule array attribute `name` as a tensor on `device`, made once and then reused.
 
-        Floating arrays become float32 unless `dtype` says otherwise; integer arrays (a respaced
-        process's timestep map) keep their type. Subclasses may look up their own arrays here.
+        Floating arrays become float32; integer arrays (a respaced process's timestep map) keep
+        their type. Subclasses may look up their own arrays here.
         """
         device = torch.device(device)
-        key = (name, device, dtype)
-        table = self._device_tables.get(key)
+        table = self._device_tables.get((name, device))
         if table is None:
             array = torch.from_numpy(np.ascontiguousarray(getattr(self, name)))
-            if dtype is None and array.is_floating_point():
-                dtype = torch.float32
-            table = self._device_tables[key] = array.to(device=device, dtype=dtype)
+            if array.is_floating_point():
+                array = array.float()
+            table = self._device_tables[(name, device)] = array.to(device)
         return table
 
     def _extract(self, name: str, t: torch.Tensor, broadcast_shape) -> torch.Tensor:
@@ -150,13 +146,6 @@ class GaussianDiffusion:
         return res.reshape(res.shape + (1,) * (len(broadcast_shape) - res.ndim))
 
     # ----- forward process -----
-    def q_mean_variance(self, x_start: torch.Tensor, t: torch.Tensor):
-        """Mean, variance and log-variance of q(x_t | x_0)."""
-        mean = self._extract("sqrt_alphas_cumprod", t, x_start.shape) * x_start
-        variance = self._extract("one_minus_alphas_cumprod", t, x_start.shape)
-        log_variance = self._extract("log_one_minus_alphas_cumprod", t, x_start.shape)
-        return mean, variance, log_variance
-
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Draw x_t ~ q(x_t | x_0)."""
         if noise is None:

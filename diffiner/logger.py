@@ -7,9 +7,11 @@ over all ranks of a distributed job; only rank 0 writes anything.
 
 The CSV and JSON-lines files are appended to, so a resumed run continues the same files; the
 rows of steps after the resumed one (logged by the interrupted run after its last checkpoint,
-and about to be trained again) are dropped first, so every step has one row. When a key appears
-that the CSV header lacks, the file is rewritten with the wider header (earlier rows get empty
-cells), as guided-diffusion's logger does. Rewrites are atomic.
+and about to be trained again) are dropped first, so every step has one row. Training started
+afresh resumes step 0 in this sense: it drops the rows of an earlier attempt in its folder (one
+killed before its first checkpoint, say). When a key appears that the CSV header lacks, the file
+is rewritten with the wider header (earlier rows get empty cells), as guided-diffusion's logger
+does. Rewrites are atomic.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import math
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, TextIO, Union
+from typing import Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 from . import dist_util
 from .audio.io import atomic_output
@@ -37,7 +39,8 @@ class MetricsLogger:
     :param columns: keys expected in every row, in this order; they fix the CSV header up
         front so that it rarely needs rewriting.
     :param enabled: whether this process writes; default: only rank 0.
-    :param resume_step: the step a resumed run continues from: rows of later steps are dropped.
+    :param resume_step: the step training continues from (0 for a fresh start): rows of later
+        steps are dropped. None: every row is kept.
     """
 
     def __init__(self, log_dir: Optional[str], columns: Sequence[str] = (), enabled: Optional[bool] = None,
@@ -137,37 +140,37 @@ class CSVWriter:
 
     def __init__(self, path: str, columns: Sequence[str] = (), resume_step: Optional[int] = None):
         self.path = path
-        self.columns: List[str] = []
-        if os.path.exists(path) and os.path.getsize(path):
-            with open(path, newline="") as f:
-                self.columns = next(csv.reader(f), [])
-            with open(path, newline="") as f:
-                later = any(_after(row.get("step"), resume_step) for row in csv.DictReader(f))
-            if later:
-                self._rewrite(self.columns, lambda row: not _after(row.get("step"), resume_step))
+        self.columns, rows = self._read()
+        kept = rows if resume_step is None else [row for row in rows if not _after(row.get("step"), resume_step)]
+        if len(kept) < len(rows):
+            logger.info("%s: dropped %d row(s) of steps after %d, logged by an earlier run or attempt in this folder",
+                        path, len(rows) - len(kept), resume_step)
         wanted = [c for c in columns if c not in self.columns]
-        if wanted:
-            self._widen(wanted)
+        self.columns += wanted
+        if wanted or len(kept) < len(rows):
+            self._rewrite(kept)
 
     def write(self, step: int, values: Dict[str, Number]) -> None:
         new = [k for k in values if k not in self.columns]
         if new:
-            self._widen(new)
+            rows = self._read()[1]
+            self.columns += new
+            self._rewrite(rows)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.columns, restval="").writerow(values)
 
-    def _widen(self, new_columns: List[str]) -> None:
-        self.columns = self.columns + new_columns
-        self._rewrite(self.columns)
+    def _read(self) -> Tuple[List[str], List[Dict[str, str]]]:
+        """(the header, the rows) of the file; ([], []) when it is absent or empty."""
+        if not os.path.exists(self.path):
+            return [], []
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
 
-    def _rewrite(self, columns: List[str], keep=lambda row: True) -> None:
-        """Rewrite the file with the header `columns` and the rows that `keep` accepts."""
-        rows = []
-        if os.path.exists(self.path):
-            with open(self.path, newline="") as f:
-                rows = [row for row in csv.DictReader(f) if keep(row)]
+    def _rewrite(self, rows: List[Dict[str, str]]) -> None:
+        """Rewrite the file with the header `self.columns` and `rows`."""
         with atomic_output(self.path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, restval="")
+            writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
             writer.writeheader()
             writer.writerows(rows)
 
@@ -183,8 +186,8 @@ class JSONLinesWriter:
             with open(path) as f:
                 lines = f.readlines()
             # A line that does not parse was cut by a kill: dropped too.
-            kept = [line for line in lines if _json_step(line) is not None
-                    and not _after(_json_step(line), resume_step)]
+            kept = [line for line, step in zip(lines, map(_json_step, lines))
+                    if step is not None and not _after(step, resume_step)]
             if len(kept) < len(lines):
                 with atomic_output(path) as tmp, open(tmp, "w") as f:
                     f.writelines(kept)

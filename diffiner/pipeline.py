@@ -30,9 +30,10 @@ import torch
 
 from .acceleration import (ExecutionSettings, build_runner, estimate_max_batch_frames, is_out_of_memory,
                            release_cached_memory)
-from .audio.io import MODEL_SAMPLE_RATE, fit_length, resample
+from .audio.io import MODEL_SAMPLE_RATE, fit_length, resample, resampled_length
 from .checkpoints import load_model
 from .refiner import refine, resolve_etas
+from .script_util import SAMPLING_RESPACING
 from .seeding import derive_seed, torch_generator
 from .spectrogram import HOP_LENGTH, MIN_SAMPLES, noise_map, num_frames, spec_to_wave, wave_to_spec
 
@@ -82,6 +83,9 @@ class BatchSettings:
     width_bucket: Optional[int] = None
 
     def __post_init__(self):
+        if not isinstance(self.max_batch_frames, (int, type(None))):  # e.g. the command line's "auto"
+            raise ValueError(f"max_batch_frames takes a number of frames, got {self.max_batch_frames!r}; to size "
+                             "batches from free GPU memory, call Refiner.auto_max_batch_frames(width)")
         if self.batch_size < 1 or (self.max_batch_frames is not None and self.max_batch_frames < 1):
             raise ValueError(f"batch sizes must be >= 1, got {self.batch_size} and {self.max_batch_frames}")
 
@@ -235,12 +239,23 @@ class Refiner:
         return self.settings.execution.precision
 
     @classmethod
-    def from_checkpoint(cls, model_path: str, *, device=None, timestep_respacing: str = "ddim200",
+    def from_checkpoint(cls, model_path: str, *, device=None, timestep_respacing: Optional[str] = None,
                         model_settings: Optional[Dict] = None, **settings: Any) -> "Refiner":
         """Build the network from `model_settings` (defaults: the published configuration),
         load the weights at `model_path`, and wrap it with the given refinement settings
-        (a `settings=RefinerSettings(...)` or flat keywords)."""
-        model, diffusion = load_model(model_path, dict(model_settings or {}, timestep_respacing=timestep_respacing))
+        (a `settings=RefinerSettings(...)` or flat keywords).
+
+        The respacing is `timestep_respacing`, or the one in `model_settings`, or the published sampler's
+        (SAMPLING_RESPACING); ValueError when the two disagree.
+        """
+        model_settings = dict(model_settings or {})
+        given = model_settings.get("timestep_respacing")
+        if timestep_respacing is not None and given is not None and given != timestep_respacing:
+            raise ValueError(f"timestep_respacing {timestep_respacing!r} and model_settings' {given!r} disagree")
+        if timestep_respacing is None:
+            timestep_respacing = SAMPLING_RESPACING if given is None else given
+        model_settings["timestep_respacing"] = timestep_respacing
+        model, diffusion = load_model(model_path, model_settings)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(model, diffusion, device=device, **settings)
@@ -402,8 +417,8 @@ class Refiner:
         """Refine prepared recordings as they arrive; yield a `Refined` for each one as soon as all
         its segments are done (or as soon as it has failed).
 
-        Segments of consecutive recordings of equal width share batches (planned by
-        `plan_batches`), so recordings sorted by width fill the batches; a batch runs as soon as it
+        Segments of consecutive recordings of equal width share batches (of `batch_size_for` that
+        width), so recordings sorted by width fill the batches; a batch runs as soon as it
         is full, so only a batch's worth of segments waits in memory. A recording with a segment
         that does not fit in GPU memory even alone fails alone (its `error` is a SegmentTooLarge);
         the others go on.
@@ -412,7 +427,7 @@ class Refiner:
         for item, prepared in recordings:
             if pending and pending[0][0].prepared.segments[0].width != prepared.segments[0].width:
                 yield from self._run_pending(pending, flush=True)
-            entry = _InProgress(item, prepared, [None] * len(prepared.segments))
+            entry = _InProgress(item, prepared)
             pending.extend((entry, i) for i in range(len(prepared.segments)))
             yield from self._run_pending(pending, flush=False)
         yield from self._run_pending(pending, flush=True)
@@ -423,12 +438,12 @@ class Refiner:
             pending[:] = [(entry, i) for entry, i in pending if not entry.failed]
             if not pending:
                 return
-            segments = [entry.prepared.segments[i] for entry, i in pending]
-            batch = self.plan_batches(segments)[0]
-            if not flush and len(batch) < self.batch_size_for(segments[batch[0]].width):
+            size = self.batch_size_for(pending[0][0].prepared.segments[0].width)  # one width (refine_stream)
+            if not flush and len(pending) < size:
                 return  # wait for more segments of this width
-            for k, wave in self._run_fitting([segments[i] for i in batch]):
-                entry, i = pending[batch[k]]
+            batch = pending[:size]
+            for k, wave in self._run_fitting([entry.prepared.segments[i] for entry, i in batch]):
+                entry, i = batch[k]
                 if entry.failed:
                     continue
                 if isinstance(wave, SegmentTooLarge):
@@ -439,8 +454,7 @@ class Refiner:
                 entry.remaining -= 1
                 if entry.remaining == 0:
                     yield Refined(entry.item, entry.prepared, entry.waves)
-            done = set(batch)
-            pending[:] = [pair for k, pair in enumerate(pending) if k not in done]
+            del pending[:len(batch)]
 
     def assemble(self, prepared: Prepared, waves: Sequence[torch.Tensor],
                  output_sample_rate: Optional[int] = None) -> np.ndarray:
@@ -459,7 +473,7 @@ class Refiner:
         if rate == prepared.sample_rate:
             length = prepared.input_samples
         else:
-            length = int(round(prepared.samples * rate / MODEL_SAMPLE_RATE))
+            length = resampled_length(prepared.samples, MODEL_SAMPLE_RATE, rate)
         # Resampled before trimming: the padding of a short recording gives the resampler its
         # context, and the trim then gives exactly the input's duration.
         return resample(joined, MODEL_SAMPLE_RATE, rate, length=length)
@@ -499,9 +513,9 @@ class _InProgress:
 
     item: Any
     prepared: Prepared
-    waves: List[Optional[torch.Tensor]]
 
     def __post_init__(self):
+        self.waves: List[Optional[torch.Tensor]] = [None] * len(self.prepared.segments)
         self.remaining = len(self.waves)
         self.failed = False
 

@@ -39,6 +39,9 @@ MODEL_FLAGS = (
     Flag("use_new_attention_order", False, "split QKV before the heads (the published model uses the legacy order)"),
 )
 
+# The published sampler: DDIM over 200 of the 4000 steps (refining and sampling default to it).
+SAMPLING_RESPACING = "ddim200"
+
 # Every diffusion setting (Diffiner trains with 4000 linear steps).
 DIFFUSION_FLAGS = (
     Flag("learn_sigma", False, "also learn the reverse-process variance"),

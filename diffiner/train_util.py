@@ -45,7 +45,7 @@ from .checkpoints import (checkpoint_step, ema_filename, load_state_dict, load_w
                           model_filename, opt_filename, remove_interrupted_saves, save_checkpoint_set)
 from .logger import MetricsLogger
 from .schedule_sampler import LossAwareSampler, ScheduleSampler, UniformSampler
-from .seeding import STREAM_DIFFUSION, stream_generator
+from .seeding import STREAM_DIFFUSION, randn, stream_generator
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +94,11 @@ def parse_ema_rates(ema_rate) -> List[float]:
     if not rates or any(not 0.0 < r < 1.0 for r in rates):
         raise ValueError(f"ema_rate must be a comma-separated list of numbers in (0, 1), got {ema_rate!r}")
     return rates
+
+
+def resume_hint(checkpoint: str) -> str:
+    """How to continue from `checkpoint` (a modelNNNNNN.pt): the words every stop message ends with."""
+    return f"resume with --resume_checkpoint {os.path.dirname(checkpoint)}"
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -257,7 +262,10 @@ class TrainLoop:
         columns = ["step", "samples", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm",
                    "param_norm", "samples_per_sec", "lr"] + (["lg_loss_scale"] if self.scaler else [])
         if metrics is None:
-            metrics = MetricsLogger(log_dir, columns=columns, resume_step=self.step if resume_checkpoint else None)
+            # A fresh start is step 0 too: rows an earlier attempt logged in this folder (one killed
+            # before its first checkpoint, then rerun with --resume_checkpoint auto) are dropped
+            # rather than followed by a second row of each step.
+            metrics = MetricsLogger(log_dir, columns=columns, resume_step=self.step)
         self.metrics = metrics
         self._interval_start = (time.time(), self.data_position)
 
@@ -286,10 +294,7 @@ class TrainLoop:
                 batch, data_error = self._next_batch(data)
                 signum, data_errors = self._agree_to_stop(signals.received, data_error)
                 if signum or data_errors:
-                    if self.step % self.log_interval:
-                        self.dump_metrics()
-                    if self.step != last_saved:
-                        self.save()
+                    self._finish(last_saved)
                     # No rank leaves before rank 0 has written the set: a launcher ends the
                     # other ranks as soon as one exits.
                     dist_util.barrier()
@@ -304,7 +309,13 @@ class TrainLoop:
                 if self.step % self.save_interval == 0:
                     self.save()
                     last_saved = self.step
-        if self.step % self.log_interval:
+        self._finish(last_saved)
+
+    def _finish(self, last_saved: int) -> None:
+        """Log and save the steps done since the last dump and the last save (`last_saved`)."""
+        # Steps since the last dump, not `step % log_interval`: a run stopped right after resuming
+        # has trained nothing, and a second row of the resumed step would have no step in it.
+        if self.data_position != self._interval_start[1]:
             self.dump_metrics()
         if self.step != last_saved:
             self.save()
@@ -323,15 +334,15 @@ class TrainLoop:
         ranks stop at the same step and save together even if only one was signalled."""
         if not dist_util.is_distributed():
             return signum or 0, [data_error] if data_error else []
-        flags = torch.tensor([[signum or 0, int(bool(data_error))]], dtype=torch.int64, device=dist_util.dev())
-        flags = dist_util.all_gather_cat(flags).max(dim=0).values.tolist()
-        errors = [e for e in dist_util.all_gather_objects(data_error) if e] if flags[1] else []
-        return int(flags[0]), errors
+        flags = torch.tensor([signum or 0, int(bool(data_error))], dtype=torch.int64, device=dist_util.dev())
+        highest_signal, any_error = dist_util.all_reduce_max(flags).tolist()
+        errors = [e for e in dist_util.all_gather_objects(data_error) if e] if any_error else []
+        return highest_signal, errors
 
     def _where_saved(self) -> str:
         if self.last_checkpoint is None:
             return "no step was done, nothing was saved"
-        return f"its checkpoint set is saved: resume with --resume_checkpoint {os.path.dirname(self.last_checkpoint)}"
+        return f"its checkpoint set is saved: {resume_hint(self.last_checkpoint)}"
 
     def run_step(self, batch: Dict[str, torch.Tensor]) -> bool:
         """One training step on this rank's batch; returns whether the optimizer stepped."""
@@ -352,8 +363,7 @@ class TrainLoop:
         generators = [stream_generator(self.seed, STREAM_DIFFUSION, int(p)) for p in batch["position"]]
         # Order of draws from each example's generator: timestep, then noise.
         t, weights = self.schedule_sampler.sample(len(generators), dist_util.dev(), generators)
-        noise = torch.stack([torch.randn(tuple(x_start.shape[1:]), generator=g) for g in generators])
-        noise = noise.to(dist_util.dev())
+        noise = randn(x_start.shape, dist_util.dev(), generators)
         count = x_start.shape[0]
         for lo in range(0, count, self.microbatch):
             hi = min(lo + self.microbatch, count)
@@ -469,13 +479,13 @@ class TrainLoop:
             raise ValueError(
                 f"{path}: its checkpoint set is incomplete ({', '.join(missing)} missing beside it); resuming "
                 f"would not continue the interrupted run. Resume from a complete set (give the folder to take "
-                f"its newest) or accept fresh optimizer/EMA states with --allow-fresh-optimizer")
+                f"its newest complete one) or accept fresh optimizer/EMA states with --allow-fresh-optimizer")
         load_weights(self.model, path)
         self.step = step
         logger.info("resuming from %s at step %d", path, self.step)
         for rate in self.ema_rates:
             ema_path = os.path.join(folder, ema_filename(rate, self.step))
-            if os.path.exists(ema_path):
+            if ema_filename(rate, self.step) not in missing:
                 ema_model = copy.deepcopy(self.model)
                 load_weights(ema_model, ema_path)
                 self.ema_params.append([p.detach() for p in ema_model.parameters()])
@@ -483,7 +493,7 @@ class TrainLoop:
                 logger.warning("%s not found: the EMA with rate %s starts from the model", ema_path, rate)
                 self.ema_params.append(self._copy_params())
         opt_path = os.path.join(folder, opt_filename(self.step))
-        if not os.path.exists(opt_path):
+        if opt_filename(self.step) in missing:
             logger.warning("%s not found: fresh optimizer state; the data stream continues at step %d",
                            opt_path, self.step)
             self.data_position = self.step * self.global_batch

@@ -31,17 +31,28 @@ torch.save({"model": loop.model.state_dict(), "ema": loop.ema_params[0], "world_
 dist_util.cleanup()
 """
 
-# Run diffiner-train under a launcher, after writing this rank's process id.
+# Run diffiner-train under a launcher, after writing this rank's process id to PID_FILE; then
+# write its exit status to PID_FILE.status.
 COMMAND = """
 import os
 import sys
+import time
 from diffiner.commands.train import main
 
-with open(sys.argv[1].format(rank=os.environ["RANK"]), "w") as f:
+pid_file = sys.argv[1]
+with open(pid_file.format(rank=os.environ["RANK"]), "w") as f:
     f.write(str(os.getpid()))
 status = main(sys.argv[2:])
-with open(sys.argv[1].format(rank=os.environ["RANK"]) + ".status", "w") as f:
+status_file = pid_file.format(rank=os.environ["RANK"]) + ".status"
+with open(status_file + ".tmp", "w") as f:
     f.write(str(status))
+os.replace(status_file + ".tmp", status_file)
+# torchrun ends the other ranks as soon as one exits with an error status: none exits before
+# every rank has written its status (or a minute has passed), so that each one's can be read.
+deadline = time.time() + 60
+while time.time() < deadline and not all(os.path.exists(pid_file.format(rank=r) + ".status")
+                                         for r in range(int(os.environ["WORLD_SIZE"]))):
+    time.sleep(0.05)
 sys.exit(status)
 """
 
@@ -169,8 +180,11 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_it_saved(tmp
         os.kill(int(f.read()), signal.SIGTERM)
     _, err = process.communicate(timeout=LAUNCH_TIMEOUT_S)
     assert process.returncode != 0, err[-4000:]
-    with open(pid_file.format(rank=1) + ".status") as f:
-        assert f.read() == "143"
+    for rank in (0, 1):
+        status_file = pid_file.format(rank=rank) + ".status"
+        assert os.path.exists(status_file), f"rank {rank} was ended before it returned: {err[-4000:]}"
+        with open(status_file) as f:
+            assert f.read() == "143", rank
 
     with open(progress, newline="") as f:
         step = int(list(csv.DictReader(f))[-1]["step"])

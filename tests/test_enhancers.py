@@ -15,6 +15,7 @@ from diffiner.commands.enhance import main
 from diffiner.evaluation.metrics import si_sdr
 
 from conftest import speech_like, with_noise, write_wav
+from fs_helpers import tree_digest
 
 RATE = 16000
 CLEAN = os.path.join(os.path.dirname(__file__), "..", "demo", "audio", "clean")
@@ -136,13 +137,21 @@ def test_folder_keeps_paths_rates_and_lengths_and_skips_existing(name, noisy_dir
         src, dst = sf.info(os.path.join(noisy_dir, rel)), sf.info(os.path.join(out, rel))
         expected = (src.samplerate, src.frames, src.channels, "PCM_16")
         assert (dst.samplerate, dst.frames, dst.channels, dst.subtype) == expected
-    again = enhance_folder(name, noisy_dir, out)
-    assert again.written == [] and sorted(again.skipped) == sorted(result.written)
     if name == "none":  # 16-bit in, 16-bit out: the very same samples
         assert np.array_equal(sf.read(os.path.join(out, "a.wav"))[0], sf.read(os.path.join(noisy_dir, "a.wav"))[0])
-    else:
-        overwritten = enhance_folder(name, noisy_dir, out, overwrite=True)
-        assert sorted(overwritten.written) == sorted(result.written)
+    first = tree_digest(out)
+    # A stand-in of other content where an output was: kept when skipping, rewritten with --overwrite.
+    stand_in = os.path.join(out, "sub", "b.wav")
+    info = sf.info(stand_in)
+    write_wav(stand_in, np.zeros(info.frames, np.float32), info.samplerate)
+    replaced = tree_digest(out)
+    assert replaced[os.path.join("sub", "b.wav")] != first[os.path.join("sub", "b.wav")]
+    again = enhance_folder(name, noisy_dir, out)
+    assert again.written == [] and sorted(again.skipped) == sorted(result.written)
+    assert tree_digest(out) == replaced  # nothing rewritten
+    overwritten = enhance_folder(name, noisy_dir, out, overwrite=True)
+    assert sorted(overwritten.written) == sorted(result.written) and overwritten.skipped == []
+    assert tree_digest(out) == first  # the stand-in replaced by the enhancer's output, the rest the same
 
 
 def test_command_line(noisy_dir, tmp_path, capsys):

@@ -13,6 +13,8 @@ import soundfile as sf
 from diffiner.audio.io import resample, save_audio
 from diffiner.commands.common import UsageError
 from diffiner.commands.evaluate import main
+from diffiner.evaluation import run as evaluation_run
+from diffiner.evaluation import scoring
 from diffiner.evaluation.run import EvaluationSetup, choose_plot_files
 from diffiner.evaluation.scoring import ALL_METRICS, METRIC_BACKENDS, EvaluationError, resolve_metrics
 
@@ -173,6 +175,7 @@ def test_silent_system_never_beats_the_noisy_input(corpus, tmp_path):
     assert all(r["not_scored"] == "" for r in rows)
     markdown = (output / "summary.md").read_text()
     assert "| silent |" in markdown and "floored" in markdown
+    assert "the metric was undefined for the output (e.g. silent), or the score was lower" in markdown
 
 
 def test_silent_reference_leaves_the_file_out_for_every_system(corpus, tmp_path, caplog):
@@ -242,6 +245,15 @@ def test_reserved_or_repeated_system_names_are_refused(corpus, tmp_path, capsys)
                       "error: system name(s) used twice or reserved: clean"]
 
 
+def test_counts_below_their_minimum_are_one_line_naming_the_flag(corpus, tmp_path, capsys):
+    assert main(base_args(corpus, tmp_path / "r", "sysA") + ["--workers", "0"]) == 2
+    assert main(base_args(corpus, tmp_path / "r", "sysA") + ["--num-plot-files", "-1"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == ["error: --workers must be a finite number >= 1, got 0",
+                      "error: --num-plot-files must be a finite number >= 0, got -1"]
+    assert not (tmp_path / "r").exists()
+
+
 def test_input_errors_are_one_line_with_exit_2_and_debug_shows_the_traceback(corpus, tmp_path, capsys):
     argv = ["--clean", str(tmp_path / "no_such_folder"), "--system", f"sysA={corpus['sysA']}",
             "--output-dir", str(tmp_path / "r"), "--workers", "1"]
@@ -250,6 +262,38 @@ def test_input_errors_are_one_line_with_exit_2_and_debug_shows_the_traceback(cor
     assert len(errors) == 1 and errors[0].startswith("error: ") and "no_such_folder" in errors[0]
     with pytest.raises(UsageError, match="no_such_folder"):
         main(argv + ["--debug"])
+
+
+def test_unusable_output_folder_is_one_line_before_any_scoring(corpus, tmp_path, capsys, monkeypatch):
+    """An output folder below a file cannot be created: one line naming it, exit 2, and no file
+    scored first (scoring would fail this test)."""
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before the output folder was checked")
+
+    monkeypatch.setattr(evaluation_run, "score_all", no_scoring)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    output = blocker / "out"
+    assert main(base_args(corpus, output, "sysA") + ["--metrics", "sisdr"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"error: {output}: cannot create the output folder")
+
+
+def test_workers_without_nisqa_start_without_torch_setup(corpus, tmp_path, monkeypatch):
+    """Without NISQA no metric needs torch: the worker pool gets no initializer."""
+    pools = []
+
+    class RecordingPool(scoring.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "ProcessPoolExecutor", RecordingPool)
+    output = tmp_path / "results"
+    assert main(base_args(corpus, output, "sysA") + ["--metrics", "sisdr", "--workers", "2"]) == 0
+    assert pools == [{"max_workers": 2}]
+    assert len(read_rows(output)) == len(FILES)
 
 
 def test_default_metrics_depend_on_clean_reference():

@@ -11,6 +11,7 @@ import functools
 import http.server
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import threading
@@ -23,7 +24,7 @@ import torch
 
 from diffiner.audio.io import save_audio
 from diffiner.commands.evaluate import main
-from diffiner.evaluation import nisqa
+from diffiner.evaluation import nisqa, scoring
 from diffiner.evaluation.metrics import MetricError, UnscorableFile
 from diffiner.seeding import seed_globals
 
@@ -188,6 +189,37 @@ def test_evaluation_reports_nisqa_per_file_and_in_the_summary(corpus, tmp_path, 
     again = tmp_path / "again"
     assert run(corpus, again, "--metrics", "sisdr,nisqa", "--nisqa-weights", str(weights), "--workers", "2") == 0
     assert (again / "per_file.csv").read_text() == (output / "per_file.csv").read_text()
+
+
+def test_workers_load_the_weights_once_as_they_start(corpus, tmp_path, weights, monkeypatch):
+    """Each worker loads the weights in its initializer, not per file: spawned workers, which
+    inherit no loaded model, score exactly as the in-process run does."""
+    pools = []
+
+    class SpawningPool(scoring.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(kwargs)
+            super().__init__(*args, mp_context=multiprocessing.get_context("spawn"), **kwargs)
+
+    monkeypatch.setattr(scoring, "ProcessPoolExecutor", SpawningPool)
+    in_process, spawned = tmp_path / "in_process", tmp_path / "spawned"
+    assert run(corpus, in_process, "--metrics", "nisqa", "--nisqa-weights", str(weights), "--workers", "1") == 0
+    assert run(corpus, spawned, "--metrics", "nisqa", "--nisqa-weights", str(weights), "--workers", "2") == 0
+    assert pools == [{"max_workers": 2, "initializer": scoring._start_worker, "initargs": (str(weights),)}]
+    assert (spawned / "per_file.csv").read_text() == (in_process / "per_file.csv").read_text()
+
+
+def test_scoring_a_file_uses_the_weights_already_loaded(corpus, weights, monkeypatch):
+    """score_file never loads the weights itself: the process (worker or parent) holds them."""
+    nisqa.load_weights(str(weights))
+
+    def no_load(path):
+        raise AssertionError("weights loaded per file")
+
+    monkeypatch.setattr(nisqa, "load_weights", no_load)
+    task = scoring.FileTask(FILES[0], None, (("enhanced", str(corpus["enhanced"])),), ("nisqa",))
+    [row] = scoring.score_file(task)
+    assert all(1.0 < row[c] < 5.0 for c in nisqa.COLUMNS) and row["floored"] == []
 
 
 def test_default_metrics_take_nisqa_from_torchmetrics_cache(corpus, tmp_path, weights):

@@ -3,7 +3,8 @@
 On a GPU, reading a tensor's value from Python (bool(), int(), float(), .item(), .tolist(), ...)
 and blocking host-to-device copies make the host wait for the device at that point; inside the
 reverse-process loop that would happen at every step. Here the conversions are counted through
-spies on torch.Tensor, and the host-to-device copies of schedule arrays through torch.from_numpy:
+spies on torch.Tensor, and the host-to-device copies (of schedule arrays, of the respaced
+process's timestep map) through spies on torch.tensor, torch.as_tensor and torch.from_numpy:
 their number must not grow with the number of steps. (tests/test_cuda.py runs the same loop under
 torch.cuda.set_sync_debug_mode("error") when a GPU is present.)
 """
@@ -23,20 +24,24 @@ from conftest import tiny_model_and_diffusion
 from gaussian_prior import GaussianDenoiser
 
 CONVERSIONS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "__array__")
+# The ways an array or a Python value becomes a tensor: on a GPU, a host-to-device copy.
+COPIES = ("from_numpy", "as_tensor", "tensor")
 
 
 @contextlib.contextmanager
-def counting(monkeypatch, owner, names):
-    """Count the calls of `owner`'s attributes `names` (the originals still run)."""
+def counting(monkeypatch, *targets):
+    """Count the calls of the attributes `names` of `owner`, for each (owner, names) pair of
+    `targets` (the originals still run); one counter, keyed by name."""
     counts = collections.Counter()
-    for name in names:
-        original = getattr(owner, name)
+    for owner, names in targets:
+        for name in names:
+            original = getattr(owner, name)
 
-        def spy(*args, _name=name, _original=original, **kwargs):
-            counts[_name] += 1
-            return _original(*args, **kwargs)
+            def spy(*args, _name=name, _original=original, **kwargs):
+                counts[_name] += 1
+                return _original(*args, **kwargs)
 
-        monkeypatch.setattr(owner, name, spy)
+            monkeypatch.setattr(owner, name, spy)
     yield counts
     monkeypatch.undo()
 
@@ -50,17 +55,22 @@ def refine_inputs(steps, seed=0):
 
 
 @pytest.mark.parametrize("method, etas", [("diffiner+", dict(eta_a=0.6, eta_c=0.8)), ("diffiner", {})])
-def test_the_refiner_reads_no_tensor_value_per_step(monkeypatch, method, etas):
-    counts = {}
+def test_the_refiner_reads_no_tensor_value_and_copies_nothing_per_step(monkeypatch, method, etas):
+    """On the respaced process the refiner really uses (ddimN): its timestep map and schedule
+    tables are copied to the device once, not at every step."""
+    reads, copies = {}, {}
     for steps in (2, 5):
         network, diffusion, noisy, sigma = refine_inputs(steps)
+        assert diffusion.num_timesteps == steps and len(diffusion.timestep_map) == steps  # respaced
         generators = [torch.Generator().manual_seed(k) for k in range(2)]
-        with counting(monkeypatch, torch.Tensor, CONVERSIONS) as seen:
+        with counting(monkeypatch, (torch.Tensor, CONVERSIONS), (torch, COPIES)) as seen:
             out = refine(network, diffusion, noisy, sigma, method=method, generator=generators, **etas)
         assert torch.isfinite(out).all()
-        counts[steps] = sum(seen.values())
+        reads[steps] = sum(seen[name] for name in CONVERSIONS)
+        copies[steps] = {name: seen[name] for name in COPIES}
     # Diffiner+ reads one value after the loop: how many steps clamped the noise variance.
-    assert counts[2] == counts[5] == (1 if method == "diffiner+" else 0)
+    assert reads[2] == reads[5] == (1 if method == "diffiner+" else 0)
+    assert copies[2] == copies[5], copies  # per array used, whatever the step count
 
 
 def plain_diffusion(steps):
@@ -75,25 +85,26 @@ def test_schedule_coefficients_are_copied_to_the_device_once_not_per_step(monkey
     for steps in (25, 50):
         diffusion = plain_diffusion(steps)
         model = GaussianDenoiser(diffusion.alphas_cumprod)
-        with counting(monkeypatch, torch, ["from_numpy", "as_tensor", "tensor"]) as seen:
+        with counting(monkeypatch, (torch, COPIES)) as seen:
             getattr(diffusion, loop)(model, (2, 2, 16, 8), device="cpu", generator=torch.Generator().manual_seed(0))
         copies[steps] = sum(seen.values())
     assert copies[25] == copies[50] > 0  # one copy per schedule array used, whatever the step count
 
 
-def test_schedule_tensors_are_cached_per_device_and_dtype_and_match_the_arrays():
+def test_schedule_tensors_are_cached_per_device_and_match_the_arrays():
     diffusion = plain_diffusion(40)
     table = diffusion.schedule_tensor("sqrt_alphas_cumprod", "cpu")
     assert table is diffusion.schedule_tensor("sqrt_alphas_cumprod", torch.device("cpu"))
     assert table.dtype == torch.float32
     np.testing.assert_array_equal(table.numpy(), diffusion.sqrt_alphas_cumprod.astype(np.float32))
-    exact = diffusion.schedule_tensor("sqrt_alphas_cumprod", "cpu", torch.float64)
-    assert exact.dtype == torch.float64 and np.array_equal(exact.numpy(), diffusion.sqrt_alphas_cumprod)
+    # The lookups at given timesteps: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise.
     t = torch.tensor([0, 17, 39])
     x = torch.ones(3, 2, 4, 4)
-    mean, variance, _ = diffusion.q_mean_variance(x, t)
-    np.testing.assert_allclose(mean[:, 0, 0, 0].numpy(), diffusion.sqrt_alphas_cumprod[[0, 17, 39]], rtol=1e-6)
-    np.testing.assert_allclose(variance[:, 0, 0, 0].numpy(), 1 - diffusion.alphas_cumprod[[0, 17, 39]], rtol=1e-6)
+    signal = diffusion.q_sample(x, t, noise=torch.zeros_like(x))
+    noise = diffusion.q_sample(torch.zeros_like(x), t, noise=x)
+    np.testing.assert_allclose(signal[:, 0, 0, 0].numpy(), diffusion.sqrt_alphas_cumprod[[0, 17, 39]], rtol=1e-6)
+    np.testing.assert_allclose(noise[:, 0, 0, 0].numpy(), diffusion.sqrt_one_minus_alphas_cumprod[[0, 17, 39]],
+                               rtol=1e-6)
 
 
 def test_a_respaced_process_has_its_own_tables():

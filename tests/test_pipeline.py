@@ -129,6 +129,36 @@ def test_from_checkpoint_loads_and_names_mismatched_settings(tiny_checkpoint):
     Refiner.from_checkpoint(tiny_checkpoint, device="cpu", timestep_respacing="ddim4", model_settings=TINY)
 
 
+def test_the_respacing_comes_from_either_place_and_a_disagreement_is_refused(tiny_checkpoint):
+    from conftest import TINY
+
+    def steps(**kwargs):
+        return len(Refiner.from_checkpoint(tiny_checkpoint, device="cpu", **kwargs).diffusion.timestep_map)
+
+    assert steps(model_settings=dict(TINY, timestep_respacing="ddim4")) == 4  # not overridden by the default
+    assert steps(model_settings=dict(TINY, timestep_respacing="ddim4"), timestep_respacing="ddim4") == 4
+    assert steps(model_settings=TINY, timestep_respacing="ddim5") == 5
+    assert steps(model_settings=TINY) == 200  # the published sampler
+    with pytest.raises(ValueError, match="disagree"):
+        steps(model_settings=dict(TINY, timestep_respacing="ddim4"), timestep_respacing="ddim5")
+
+
+def test_settings_as_one_object_or_as_keywords_are_the_same():
+    from diffiner.pipeline import BatchSettings, MethodSettings, RefinerSettings
+
+    settings = RefinerSettings(method=MethodSettings(method="diffiner", eta_a=0.5), batching=BatchSettings(batch_size=3))
+    model, diffusion = tiny_model_and_diffusion(timestep_respacing="ddim4")
+    assert Refiner(model, diffusion, settings).settings == make_refiner(method="diffiner", eta_a=0.5,
+                                                                        batch_size=3).settings
+    with pytest.raises(TypeError, match="not both"):
+        Refiner(model, diffusion, settings, batch_size=3)
+
+
+def test_a_frame_budget_of_auto_is_refused_with_the_way_to_get_it():
+    with pytest.raises(ValueError, match="auto_max_batch_frames"):
+        make_refiner(max_batch_frames="auto")
+
+
 def test_frame_budget_sizes_batches_per_width():
     refiner = make_refiner(batch_size=2, max_batch_frames=100)
     assert refiner.batch_size_for(16) == 6 and refiner.batch_size_for(48) == 2 and refiner.batch_size_for(200) == 1

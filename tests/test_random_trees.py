@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Set, Tuple
 
@@ -30,6 +31,11 @@ FOLDER_NAMES = ("sub", "a b", "ünïcödé", "日本語", "x.wav", "..dots", "-d
 FILE_STEMS = ("f", "a b", "ñ", "音", ".hidden", "x.y", "-d", "UPPER")
 EXTENSIONS = (".wav", ".flac", ".WAV")
 KINDS = ("good",) * 6 + ("empty", "garbage", "header only", "only noisy", "only processed")
+# What the warning of a path that is skipped says after "PATH: ".
+NOT_REGULAR = "not a regular file (a FIFO, socket or device); skipped"
+LINK_TO_NOTHING = "a link to nothing; skipped"
+# "N file(s) have no counterpart under ROOT_NAME (ROOT): rel, rel, ..."
+NO_COUNTERPART = re.compile(r"(\d+) file\(s\) have no counterpart under (\S+) \((.*)\): (.*)")
 
 
 @dataclass
@@ -38,8 +44,8 @@ class Tree:
 
     refined: Dict[str, Tuple[int, int, int]] = field(default_factory=dict)  # rel: (frames, rate, channels)
     failed: Set[str] = field(default_factory=set)  # rels and folder paths named as failures
-    lonely: Set[str] = field(default_factory=set)  # rels on one side only: named in a warning
-    skipped: Set[str] = field(default_factory=set)  # paths that are not regular files: named in a warning
+    lonely: Dict[str, str] = field(default_factory=dict)  # rel on one side only: the root lacking it, warned
+    skipped: Dict[str, str] = field(default_factory=dict)  # path that is not a regular file: its warning
     folders: List[str] = field(default_factory=list)  # relative folders holding files on both sides
     denied: List[str] = field(default_factory=list)  # folder paths that cannot be listed
 
@@ -66,11 +72,11 @@ def build(base: str, seed: int) -> Tree:
         frames, rate, channels = rnd.randint(1, 2000), rnd.choice(RATES), rnd.randint(1, 2)
         if kind == "only processed":
             write(os.path.join(proc, rel), frames, rate, channels, rng)
-            tree.lonely.add(rel)
+            tree.lonely[rel] = "noisy"
             continue
         write(os.path.join(noisy, rel), 0 if kind == "empty" else frames, rate, channels, rng)
         if kind == "only noisy":
-            tree.lonely.add(rel)
+            tree.lonely[rel] = "processed"
             continue
         out = os.path.join(proc, rel)
         write(out, 0 if kind == "empty" else frames, rate, channels, rng, scale=0.5)
@@ -112,11 +118,11 @@ def build(base: str, seed: int) -> Tree:
     if rnd.random() < 0.4:  # a FIFO where a processed file should be
         write(os.path.join(noisy, "z.wav"), 500, 16000, 1, rng)
         os.mkfifo(os.path.join(proc, "z.wav"))
-        tree.lonely.add("z.wav")
-        tree.skipped.add(os.path.join(proc, "z.wav"))
+        tree.lonely["z.wav"] = "processed"
+        tree.skipped[os.path.join(proc, "z.wav")] = NOT_REGULAR
     if rnd.random() < 0.3:  # a link to nothing
         os.symlink(os.path.join(base, "gone.wav"), os.path.join(noisy, "broken.wav"))
-        tree.skipped.add(os.path.join(noisy, "broken.wav"))
+        tree.skipped[os.path.join(noisy, "broken.wav")] = LINK_TO_NOTHING
     if tree.folders and rnd.random() < 0.3:  # a processed folder that cannot be listed
         top = rnd.choice(tree.folders).split(os.sep)[0]
         tree.denied.append(os.path.join(proc, top))
@@ -125,7 +131,7 @@ def build(base: str, seed: int) -> Tree:
             if rel.startswith(top + os.sep):
                 tree.refined.pop(rel, None)
                 tree.failed.discard(rel)
-                tree.lonely.discard(rel)
+                tree.lonely.pop(rel, None)
         # Reached through a link instead, the folder is listed: keep the tree simple.
         for side in (noisy, proc):
             if os.path.islink(os.path.join(side, "alias")):
@@ -171,7 +177,21 @@ def test_random_tree(tmp_path, checkpoint, monkeypatch, caplog, capsys, seed):
     written = set(tree_digest(out)) - {"config.yml", "summary.json"}
     assert written == set(tree.refined)
     assert set(summary["failed"]) == tree.failed
-    warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
-    for name in tree.lonely | tree.skipped:
-        assert name in warnings, name
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    # Each lonely file named, whole, in the warning of the root that lacks it (no other file named):
+    # a list item, not a substring (f1.wav is not named by f11.wav).
+    named = {}
+    for message in warnings:
+        match = NO_COUNTERPART.fullmatch(message)
+        if match:
+            count, root, _, listed = match.groups()
+            assert root not in named, message  # one warning per root
+            named[root] = listed.split(", ")
+            assert int(count) == len(named[root]), message  # the trees are small: none left off
+    assert {root: sorted(rels) for root, rels in named.items()} == \
+        {root: sorted(rel for rel, lacking in tree.lonely.items() if lacking == root)
+         for root in set(tree.lonely.values())}
+    # Each skipped path in a warning of its own, saying why.
+    for path, reason in tree.skipped.items():
+        assert f"{path}: {reason}" in warnings, (path, warnings)
     assert code == (1 if tree.failed else 0)

@@ -166,6 +166,20 @@ def test_a_gpu_id_becomes_a_device_flag_and_never_cuda_visible_devices(tmp_path,
     assert call.startswith("CUDA_VISIBLE_DEVICES=unset ")
 
 
+def test_auto_device_is_probed_once_for_every_enhancer(tmp_path, remote, python_log):
+    """With id=auto, one CUDA probe decides the device of every refiner run."""
+    wrapper, log = python_log
+    settings = vbd_settings(tmp_path, remote)
+    assert run_script(tmp_path, "--stop_stage", "1", "--enhancer", "dcunet,none", **settings).returncode == 0
+    done = run_script(tmp_path, "--stage", "2", "--stop-stage=2", "--enhancer", "dcunet,none", python_path=wrapper,
+                      id="auto", **settings)
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = log.read_text().splitlines()
+    refiner_calls = [line for line in calls if "run_refiner.py" in line]
+    assert len(refiner_calls) == 2 and all("--no-gpu" in c or "--device cuda:0" in c for c in refiner_calls)
+    assert len([line for line in calls if "torch.cuda.is_available()" in line]) == 1
+
+
 def test_offline_download_explains_how_to_place_files(tmp_path, remote):
     url = "file://" + str(tmp_path / "nowhere")
     failed = run_script(tmp_path, "--stop_stage", "0", vbd_dir=tmp_path / "data", vbd_url=url, zenodo_url=url)

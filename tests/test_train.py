@@ -202,6 +202,55 @@ def test_resume_from_a_folder_or_auto_takes_the_newest_complete_set(corpus, tmp_
     assert os.path.exists(str(incomplete / "model000003.pt"))
 
 
+def test_a_folder_resumes_from_its_newest_set_with_the_ema_files_of_ema_rate(corpus, tmp_path, capsys):
+    """A model file whose set lacks an EMA file of --ema_rate is not the folder's newest complete
+    set: the folder resumes from the one before it, and a folder without any is refused."""
+    log_dir = str(tmp_path / "log")
+    common = ["--root", corpus, *TRAIN_FLAGS, "--save_interval", "1"]
+    assert main(common + ["--log_dir", log_dir, "--max_steps", "2"]) == 0
+    os.remove(os.path.join(log_dir, "ema_0.9999_000002.pt"))  # step 2: model and optimizer files only
+    assert main(common + ["--resume_checkpoint", log_dir, "--max_steps", "3"]) == 0
+    assert load_state_dict(os.path.join(log_dir, "opt000003.pt"))["data_position"] == 6
+    assert [int(r["step"]) for r in read_progress(log_dir)] == [1, 2, 3]  # resumed from step 1
+
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    for name in ("model000001.pt", "opt000001.pt"):
+        shutil.copy(os.path.join(log_dir, name), str(incomplete))
+    capsys.readouterr()
+    assert main(common + ["--max_steps", "2", "--resume_checkpoint", str(incomplete)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "optimizer and EMA files" in line and "--allow-fresh-optimizer" in line, line
+
+
+def test_a_rerun_after_a_kill_before_the_first_save_does_not_repeat_progress_rows(corpus, tmp_path):
+    """`--resume_checkpoint auto` after an attempt killed before its first checkpoint starts
+    afresh: its rows replace those of the killed attempt instead of following them."""
+    log_dir = str(tmp_path / "log")
+    common = ["--root", corpus, *TRAIN_FLAGS, "--log_dir", log_dir, "--resume_checkpoint", "auto"]
+    assert main(common + ["--max_steps", "3"]) == 0
+    for name in os.listdir(log_dir):  # what a kill -9 before the first save leaves: rows, no checkpoint
+        if name.endswith(".pt"):
+            os.remove(os.path.join(log_dir, name))
+    assert main(common + ["--max_steps", "2"]) == 0
+    assert [int(r["step"]) for r in read_progress(log_dir)] == [1, 2]
+    with open(os.path.join(log_dir, "progress.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+
+
+def test_a_fresh_start_into_a_folder_of_checkpoints_is_refused_and_changes_nothing(corpus, tmp_path, capsys):
+    """Without --resume_checkpoint, a log folder holding an earlier run's checkpoints would have
+    its settings, progress rows and same-step checkpoints replaced: refused, nothing touched."""
+    log_dir = str(tmp_path / "log")
+    assert main(["--root", corpus, "--log_dir", log_dir, "--max_steps", "2", *TRAIN_FLAGS]) == 0
+    before = {name: open(os.path.join(log_dir, name), "rb").read() for name in sorted(os.listdir(log_dir))}
+    capsys.readouterr()
+    assert main(["--root", corpus, "--log_dir", log_dir, "--max_steps", "2", *TRAIN_FLAGS, "--lr", "1e-3"]) == 2
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and "model000002.pt" in errors[0] and "--resume_checkpoint auto" in errors[0]
+    assert {name: open(os.path.join(log_dir, name), "rb").read() for name in sorted(os.listdir(log_dir))} == before
+
+
 @pytest.mark.parametrize("damage", ["truncated-model", "truncated-optimizer", "empty-ema", "text-model"])
 def test_an_unreadable_checkpoint_is_one_line_naming_it(corpus, tmp_path, capsys, damage):
     log_dir = str(tmp_path / "log")

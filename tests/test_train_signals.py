@@ -14,8 +14,9 @@ import torch
 
 from diffiner.checkpoints import load_state_dict
 from diffiner.commands.train import main
-from diffiner.train_util import StopSignals
+from diffiner.train_util import StopSignals, TrainingInterrupted, TrainLoop
 
+from conftest import tiny_model_and_diffusion
 from launchers import launcher_env
 from test_train import TRAIN_FLAGS, make_corpus
 
@@ -112,3 +113,37 @@ def test_the_first_signal_asks_to_stop_and_a_second_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)  # again: Ctrl-C's own KeyboardInterrupt, now
             raise AssertionError("a second signal must not be ignored")
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_stop_before_the_first_step_of_a_resumed_run_writes_no_second_row_of_its_step(tmp_path):
+    """Resumed at step 3 (not a multiple of --log_interval) and signalled before training a
+    step: nothing was trained, so neither a row nor a checkpoint set is written again."""
+    log_dir = str(tmp_path / "log")
+
+    def make_loop(resume=""):
+        model, diffusion = tiny_model_and_diffusion(diffusion_steps=100)
+        return TrainLoop(model=model.train(), diffusion=diffusion, batch_size=2, lr=1e-3, log_dir=log_dir,
+                         log_interval=10, max_steps=3, resume_checkpoint=resume)
+
+    def batches(signalled=False):
+        for step in range(10):
+            if signalled:
+                os.kill(os.getpid(), signal.SIGTERM)  # before the step boundary's agreement
+            yield {"spec": torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(step)),
+                   "position": torch.tensor([2 * step, 2 * step + 1])}
+
+    first = make_loop()
+    first.run_loop(batches())
+    first.metrics.close()
+    assert progress_steps(log_dir) == [3]
+    checkpoint = os.path.join(log_dir, "model000003.pt")
+    written = os.stat(checkpoint).st_mtime_ns
+    resumed = make_loop(checkpoint)
+    resumed.max_steps = 0  # trains until stopped
+    with pytest.raises(TrainingInterrupted) as stop:
+        resumed.run_loop(batches(signalled=True))
+    resumed.metrics.close()
+    assert (stop.value.step, stop.value.checkpoint) == (3, checkpoint)
+    with open(os.path.join(log_dir, "progress.csv"), newline="") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["3"]
+    assert os.stat(checkpoint).st_mtime_ns == written

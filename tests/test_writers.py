@@ -3,12 +3,15 @@ into a root it reads except into its own output folder, never reading an output 
 write that fails (full disk, read-only folder) is one line naming the file, not a traceback."""
 
 import os
+import re
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from diffiner.commands import enhance, make_noisy_set, refine, resample_audio
+from diffiner import commands
+from diffiner.commands import enhance, evaluate, make_noisy_set, refine, resample_audio, sample_prior, train
+from diffiner.commands.common import UsageError
 
 from conftest import speech_like, tiny_cli_flags, write_wav
 from fs_helpers import deny_writing, fill_disk, tree_digest
@@ -64,11 +67,22 @@ def test_enhancing_a_folder_onto_itself_is_refused(originals, capsys):
 
 
 def test_enhancer_flag_and_its_old_spelling(originals, tmp_path):
+    """--name is --enhancer: `--name none` gives what `--enhancer none` gives, not the default's
+    (noisereduce's) outputs."""
     pytest.importorskip("noisereduce")
-    assert enhance.main([originals, str(tmp_path / "a"), "--enhancer", "noisereduce"]) == 0
-    assert enhance.main([originals, str(tmp_path / "b"), "--name", "noisereduce"]) == 0
-    assert sorted(tree_digest(str(tmp_path / "a"))) == sorted(tree_digest(str(tmp_path / "b"))) == \
+    outputs = {}
+    for key, flags in {"enhancer": ["--enhancer", "none"], "name": ["--name", "none"],
+                       "default": ["--enhancer", "noisereduce"]}.items():
+        assert enhance.main([originals, str(tmp_path / key), *flags]) == 0
+        outputs[key] = {rel: sf.read(str(tmp_path / key / rel), dtype="float32")
+                        for rel in sorted(tree_digest(str(tmp_path / key)))}
+    assert list(outputs["enhancer"]) == list(outputs["name"]) == list(outputs["default"]) == \
         ["a.wav", os.path.join("sub", "b.wav")]
+    for rel, (audio, rate) in outputs["name"].items():
+        expected, expected_rate = outputs["enhancer"][rel]
+        assert rate == expected_rate and np.array_equal(audio, expected), rel
+        denoised, _ = outputs["default"][rel]
+        assert audio.shape == denoised.shape and not np.allclose(audio, denoised, atol=1e-3), rel
 
 
 def test_demo_noise_onto_the_clean_folder_is_refused(originals, capsys):
@@ -113,6 +127,23 @@ def test_a_refined_folder_onto_or_around_an_input_is_refused(tmp_path, tiny_chec
     assert tree_digest(str(tmp_path)) == before
 
 
+def test_overwrite_never_deletes_through_a_link_out_of_the_output_folder(tmp_path, tiny_checkpoint, capsys):
+    """--overwrite removes the files of a refinement with other settings: only those inside the
+    output folder, never what a link in it leads to (here: the noisy recordings themselves)."""
+    for side in ("noisy", "proc"):
+        write_wav(str(tmp_path / side / "a.wav"), speech_like(0.3, 16000), 16000)
+    out = tmp_path / "out"
+    args = refine_args(str(tmp_path / "noisy"), str(tmp_path / "proc"), tiny_checkpoint, "--output-dir", str(out))
+    assert refine.main(args) == 0
+    os.symlink(str(tmp_path / "noisy"), str(out / "linked"))
+    inputs = {side: tree_digest(str(tmp_path / side)) for side in ("noisy", "proc")}
+    capsys.readouterr()
+    assert refine.main(args + ["--seed", "1", "--overwrite"]) == 0
+    assert "removed 1 file(s)" in capsys.readouterr().out
+    assert {side: tree_digest(str(tmp_path / side)) for side in ("noisy", "proc")} == inputs
+    assert (out / "a.wav").is_file()
+
+
 def test_a_full_disk_is_one_line_naming_the_file(originals, tmp_path, monkeypatch, capsys):
     fill_disk(monkeypatch, after=1)
     out = str(tmp_path / "out")
@@ -138,10 +169,40 @@ def test_an_output_path_below_a_file_is_one_line(originals, tmp_path, capsys):
     assert str(blocker) in one_error_line(capsys.readouterr().err)
 
 
-def test_every_command_takes_debug_and_then_shows_the_traceback(tmp_path):
-    with pytest.raises(Exception) as raised:
-        resample_audio.main([str(tmp_path / "nowhere"), str(tmp_path / "out"), "--debug"])
-    assert "nowhere" in str(raised.value)
+def failing_invocations(tmp):
+    """{command name: (module, arguments that fail before any work, what the error names)}: a
+    missing input folder, or for the commands that need a checkpoint first, a missing one."""
+    nowhere, missing = os.path.join(tmp, "nowhere"), os.path.join(tmp, "missing.pt")
+    for side in ("noisy", "proc"):
+        write_wav(os.path.join(tmp, side, "a.wav"), speech_like(0.1, 16000), 16000)
+    return {
+        "refine": (refine, ["--root-noisy", os.path.join(tmp, "noisy"), "--root-proc", os.path.join(tmp, "proc"),
+                            "--model-path", missing, "--no-gpu", "--no-progress"], "missing.pt"),
+        "train": (train, ["--root", nowhere, "--log_dir", os.path.join(tmp, "log")], "nowhere"),
+        "sample_prior": (sample_prior, ["--model_path", missing, "--output_dir", os.path.join(tmp, "s")],
+                         "missing.pt"),
+        "evaluate": (evaluate, ["--system", f"x={nowhere}", "--output_dir", os.path.join(tmp, "e"), "--workers", "1"],
+                     "nowhere"),
+        "enhance": (enhance, [nowhere, os.path.join(tmp, "out"), "--enhancer", "none"], "nowhere"),
+        "resample_audio": (resample_audio, [nowhere, os.path.join(tmp, "out")], "nowhere"),
+        "make_noisy_set": (make_noisy_set, [nowhere, os.path.join(tmp, "out")], "nowhere"),
+    }
+
+
+COMMANDS = sorted(name[:-3] for name in os.listdir(os.path.dirname(commands.__file__))
+                  if name.endswith(".py") and name not in ("__init__.py", "common.py"))
+
+
+@pytest.mark.parametrize("name", COMMANDS)  # every module of diffiner/commands/, a new one included
+def test_every_command_takes_debug_and_then_shows_the_traceback(name, tmp_path, capsys):
+    invocations = failing_invocations(str(tmp_path))
+    assert sorted(invocations) == COMMANDS, "give every command a failing invocation"
+    command, args, named = invocations[name]
+    assert command.main(args) == 2
+    assert named in one_error_line(capsys.readouterr().err)
+    with pytest.raises(UsageError, match=re.escape(named)):
+        command.main([*args, "--debug"])
+    assert "error:" not in capsys.readouterr().err  # propagated, not turned into a line
 
 
 @pytest.mark.parametrize("command, extra", [(resample_audio, []), (enhance, ["--enhancer", "none"]),

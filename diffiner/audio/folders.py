@@ -34,14 +34,13 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from .io import AUDIO_EXTENSIONS, AudioError, OutputError, error_text, load_audio, save_audio
+from .io import AUDIO_EXTENSIONS, TEMPORARY_PREFIX, AudioError, OutputError, error_text, load_audio, save_audio
 
 logger = logging.getLogger(__name__)
 
 # The file in which diffiner-refine records the settings of the files beside it; a folder holding
 # one (with the refiner's keys) is a refinement, never input.
 RUN_RECORD = "config.yml"
-TEMPORARY_PREFIX = ".tmp-"  # atomic writes in progress (audio.io)
 
 
 class FolderError(Exception):
@@ -66,17 +65,18 @@ def _identity(st: os.stat_result) -> Tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def holds_refinement(folder: str) -> bool:
-    """True when `folder` has the refiner's config.yml (someone else's config.yml does not count)."""
+def read_run_record(folder: str) -> Optional[Dict]:
+    """The refiner's config.yml in `folder`, or None where there is none (someone else's
+    config.yml, or one that cannot be read, does not count)."""
     path = os.path.join(folder, RUN_RECORD)
     if not os.path.isfile(path):
-        return False
+        return None
     try:
         with open(path) as f:
             record = yaml.safe_load(f)
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return False
-    return isinstance(record, dict) and "refiner" in record and "diffiner_version" in record
+        return None
+    return record if isinstance(record, dict) and "refiner" in record and "diffiner_version" in record else None
 
 
 def scan_audio_files(root: str, exclude: Iterable[str] = ()) -> Listing:
@@ -94,13 +94,14 @@ def scan_audio_files(root: str, exclude: Iterable[str] = ()) -> Listing:
     files: List[str] = []
     unreadable: Dict[str, str] = {}
     folders = [""]  # relative paths of real folders still to list
-    links: List[str] = []  # relative paths of links to folders, followed once no real folder is left
+    # (relative path, identity of the target) of links to folders, followed once no real folder is left
+    links: List[Tuple[str, Tuple[int, int]]] = []
 
-    def enterable(rel: str, path: str, identity: Tuple[int, int]) -> bool:
+    def enterable(path: str, identity: Tuple[int, int]) -> bool:
         if identity in visited or identity in excluded:
             logger.debug("%s: already listed or excluded; not entered", path)
             return False
-        if holds_refinement(path):
+        if read_run_record(path) is not None:
             logger.info("%s: holds a previous refinement (%s); not read as input", path, RUN_RECORD)
             return False
         visited.add(identity)
@@ -109,17 +110,13 @@ def scan_audio_files(root: str, exclude: Iterable[str] = ()) -> Listing:
     while folders or links:
         if folders:
             rel = folders.pop()
+            path = os.path.join(root, rel)
         else:
             links.sort()
-            rel = links.pop(0)
+            rel, identity = links.pop(0)
             path = os.path.join(root, rel)
-            try:
-                if not enterable(rel, path, _identity(os.stat(path))):
-                    continue
-            except OSError as exc:
-                unreadable[path] = error_text(exc)
+            if not enterable(path, identity):
                 continue
-        path = os.path.join(root, rel)
         try:
             with os.scandir(path) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
@@ -139,12 +136,12 @@ def scan_audio_files(root: str, exclude: Iterable[str] = ()) -> Listing:
                             logger.warning("%s: a link to nothing; skipped", entry.path)
                         continue
                     if stat.S_ISDIR(st.st_mode):
-                        links.append(child)
+                        links.append((child, _identity(st)))
                         continue
                 else:
                     st = entry.stat(follow_symlinks=False)
                     if stat.S_ISDIR(st.st_mode):
-                        if enterable(child, entry.path, _identity(st)):
+                        if enterable(entry.path, _identity(st)):
                             folders.append(child)
                         continue
             except OSError as exc:
@@ -181,11 +178,13 @@ class Pairing:
 def pair_folders(roots: Dict[str, str], exclude: Iterable[str] = (), warn: bool = True) -> Pairing:
     """Pair files present under every root by their relative path.
 
-    A file missing under some root is logged as a warning, except below a folder of that root
-    that could not be listed: that folder is reported once, in `unreadable`, instead. Raises
-    FileNotFoundError when no file is common to all roots.
+    No root is listed below another one (the refiner writes inside the processed folder, and
+    evaluation compares both), nor below a folder in `exclude`. A file missing under some root is
+    logged as a warning, except below a folder of that root that could not be listed: that folder
+    is reported once, in `unreadable`, instead. Raises FileNotFoundError when no file is common to
+    all roots.
     """
-    exclude = list(exclude)
+    exclude = [*exclude, *roots.values()]
     listings = {name: scan_audio_files(root, exclude) for name, root in roots.items()}
     files = {name: set(listing.files) for name, listing in listings.items()}
     common = set.intersection(*files.values()) if files else set()
@@ -265,6 +264,20 @@ def output_path(out_root: str, rel: str) -> str:
     return path
 
 
+def remove_audio_files(folder: str) -> int:
+    """Delete the audio files under `folder` and return how many. A file reached through a link
+    that leads out of `folder` is not one of its own (it may be an input): it is left alone."""
+    removed = 0
+    for rel in scan_audio_files(folder).files:
+        path = os.path.join(folder, rel)
+        if not is_inside(os.path.dirname(path), folder):
+            logger.warning("%s: reached through a link out of %s; not removed", path, folder)
+            continue
+        os.remove(path)
+        removed += 1
+    return removed
+
+
 def prepare_output_folder(folder: str) -> None:
     """Create `folder` and make sure a file can be written in it, before any work is done.
 
@@ -332,17 +345,21 @@ class FolderResult:
 
 
 def convert_folder(in_root: str, out_root: str, convert: Conversion, overwrite: bool = False,
-                   subtype: str = "PCM_16", progress: bool = True, desc: str = "converting") -> FolderResult:
+                   progress: bool = True, desc: str = "converting", listing: Optional[Listing] = None
+                   ) -> FolderResult:
     """Apply `convert` to every audio file under `in_root`, writing the same relative paths
-    under `out_root` (which may lie inside `in_root`: it is never read back as input).
+    under `out_root` as 16-bit PCM (`out_root` may lie inside `in_root`: it is never read back
+    as input).
 
-    Every file's failure (unreadable, rejected by `convert`) is recorded in `failed` and the rest
-    go on, so one broken file in a corpus of hundreds does not stop the run. Raises
+    `listing` is `scan_audio_files(in_root, exclude=[out_root])` for a caller that needed it
+    first. Every file's failure (unreadable, rejected by `convert`) is recorded in `failed` and
+    the rest go on, so one broken file in a corpus of hundreds does not stop the run. Raises
     FileNotFoundError when `in_root` is not a folder, FolderError for a layout the write rules
     refuse or an output folder that cannot be written, OutputError when a write fails.
     """
     check_write_rules({in_root: in_root}, out_root)
-    listing = scan_audio_files(in_root, exclude=[out_root])
+    if listing is None:
+        listing = scan_audio_files(in_root, exclude=[out_root])
     prepare_output_folder(out_root)
     result = FolderResult(failed=dict(listing.unreadable))
     for rel in tqdm(listing.files, desc=desc, unit="file", disable=not progress):
@@ -354,6 +371,6 @@ def convert_folder(in_root: str, out_root: str, convert: Conversion, overwrite: 
             target = output_path(out_root, rel)
             audio, rate = load_audio(in_path)
             converted, out_rate = convert(rel, audio, rate)
-            save_audio(target, converted, out_rate, subtype=subtype)
+            save_audio(target, converted, out_rate)
             result.written.append(rel)
     return result

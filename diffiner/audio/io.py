@@ -20,6 +20,8 @@ import soundfile as sf
 
 MODEL_SAMPLE_RATE = 16000
 AUDIO_EXTENSIONS = (".wav", ".flac")
+# Names of files being written (atomic_output); folder listings skip them.
+TEMPORARY_PREFIX = ".tmp-"
 # What libsndfile raises for a failed write (soundfile < 0.11 raised a plain RuntimeError).
 _SOUNDFILE_ERROR = getattr(sf, "LibsndfileError", RuntimeError)
 
@@ -100,17 +102,22 @@ def wav_header_samples(path: str) -> Optional[int]:
         return None
 
 
-def resample(audio: np.ndarray, sr_in: int, sr_out: int, length: int = None) -> np.ndarray:
+def resampled_length(samples: int, sr_in: int, sr_out: int) -> int:
+    """Samples of `samples` at `sr_in` after resampling to `sr_out` (what `resample` returns)."""
+    return int(round(samples * sr_out / sr_in))
+
+
+def resample(audio: np.ndarray, sr_in: int, sr_out: int, length: Optional[int] = None) -> np.ndarray:
     """Resample (channels, samples) audio with soxr (very high quality).
 
-    The output has exactly `length` samples when given, else round(samples * sr_out / sr_in);
-    soxr's own length can be off by one, which would break "output length equals input length".
+    The output has exactly `length` samples when given, else `resampled_length`; soxr's own
+    length can be off by one, which would break "output length equals input length".
     """
     audio = np.asarray(audio, dtype=np.float32)
     squeeze = audio.ndim == 1
     audio2d = audio[None] if squeeze else audio
     if length is None:
-        length = int(round(audio2d.shape[-1] * sr_out / sr_in))
+        length = resampled_length(audio2d.shape[-1], sr_in, sr_out)
     if sr_in == sr_out:
         out = audio2d
     else:
@@ -197,10 +204,11 @@ def _free_space(folder: str) -> str:
 
 
 def _temporary_path(path: str) -> str:
-    """A unique hidden name beside `path` with the same extension; files listings skip `.tmp-*`.
+    """A unique hidden name beside `path` with the same extension (audio.folders' listings skip
+    names that start with TEMPORARY_PREFIX).
 
     Created with the process's normal permissions (unlike mkstemp's 0600), so the renamed
     result is as readable as any other output.
     """
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".tmp-{uuid.uuid4().hex[:12]}-{name}")
+    return os.path.join(folder, f"{TEMPORARY_PREFIX}{uuid.uuid4().hex[:12]}-{name}")

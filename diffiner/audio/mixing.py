@@ -22,7 +22,7 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 
 from ..seeding import numpy_rng
-from .folders import FolderResult, convert_folder, list_audio_files
+from .folders import FolderResult, convert_folder, scan_audio_files
 from .io import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,9 @@ def make_noisy_set(clean_dir: str, out_dir: str, snrs: Sequence[float] = DEFAULT
     if unknown or not colours or not snrs:
         raise ValueError(f"need at least one SNR and colours from {', '.join(NOISE_COLOURS)}; got "
                          f"snrs={list(snrs)}, colours={list(colours)}")
-    conditions = assign_conditions(list_audio_files(clean_dir, exclude=[out_dir]), snrs, colours)
+    # Conditions are assigned over the whole sorted listing, so it is made before any file is written.
+    listing = scan_audio_files(clean_dir, exclude=[out_dir])
+    conditions = assign_conditions(listing.files, snrs, colours)
 
     def add_noise(rel: str, clean: np.ndarray, rate: int) -> Tuple[np.ndarray, int]:
         cond = conditions[rel]
@@ -164,7 +166,8 @@ def make_noisy_set(clean_dir: str, out_dir: str, snrs: Sequence[float] = DEFAULT
         conditions[rel] = Condition(cond.colour, cond.snr_db, gain)
         return noisy, rate
 
-    result = convert_folder(clean_dir, out_dir, add_noise, overwrite=True, progress=progress, desc="adding noise")
+    result = convert_folder(clean_dir, out_dir, add_noise, overwrite=True, progress=progress, desc="adding noise",
+                            listing=listing)
     written = {rel: conditions[rel] for rel in result.written}
     write_text_atomic(os.path.join(out_dir, CONDITIONS_FILE), format_conditions_csv(written))
     logger.info("wrote %d noisy file(s) to %s", len(result.written), out_dir)

@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import traceback
-from typing import Callable, Iterator, Optional, Type
+from typing import Callable, Dict, Iterator, Optional, Type
 
 from ..audio.folders import FolderError, FolderResult
 from ..audio.io import OutputError, error_text
@@ -119,9 +119,14 @@ def run_command(body: Callable[[], int], debug: bool = False) -> int:
         return EXIT_FAILED
 
 
+def print_failures(failed: Dict[str, str]) -> None:
+    """One line on stderr per failed file (or folder), sorted: `FAILED path: reason`."""
+    for rel, reason in sorted(failed.items()):
+        print(f"FAILED {rel}: {reason}", file=sys.stderr)
+
+
 def report_folder(result: FolderResult, headline: str) -> int:
     """Print each failure (stderr) and `headline: counts`; return the exit status (1: failures)."""
-    for rel, reason in sorted(result.failed.items()):
-        print(f"FAILED {rel}: {reason}", file=sys.stderr)
+    print_failures(result.failed)
     print(f"{headline}: {result.describe()}")
     return EXIT_FAILED if result.failed else EXIT_OK

@@ -4,7 +4,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..audio.enhancers import ENHANCERS, enhance_folder
-from ..flags import Flag, command_parser
+from ..flags import NO_PROGRESS_FLAG, OVERWRITE_FLAG, Flag, command_parser
 from .common import report_folder, run_command, setup_logging, usage_errors
 
 
@@ -13,8 +13,8 @@ def build_parser():
         "Enhance every .wav/.flac file under NOISY with a preceding SE method, writing the same relative paths "
         "under OUT; existing outputs are skipped.", {"settings": [
             Flag("enhancer", ENHANCERS[0], "the SE method", choices=ENHANCERS, aliases=("name",)),
-            Flag("overwrite", False, "rewrite outputs that already exist"),
-            Flag("no_progress", False, "no progress bar"),
+            OVERWRITE_FLAG,
+            NO_PROGRESS_FLAG,
         ]}, prog="diffiner-enhance")
     parser.add_argument("noisy", metavar="NOISY", help="folder of noisy recordings (searched recursively)")
     parser.add_argument("output", metavar="OUT", help="output folder (not NOISY; inside it is allowed)")

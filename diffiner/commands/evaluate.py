@@ -3,14 +3,14 @@
 import argparse
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..audio.io import AudioError
 from ..evaluation.nisqa import CACHE_DIR, WEIGHTS_LICENCE, WEIGHTS_NAME, NisqaWeightsError
 from ..evaluation.run import CLEAN, NOISY, EvaluationSetup, evaluate
 from ..evaluation.scoring import ALL_METRICS, EvaluationError
 from ..flags import Flag, command_parser
-from .common import UsageError, run_command, setup_logging, usage_errors
+from .common import UsageError, check_number, run_command, setup_logging, usage_errors
 
 # What the user has to fix (a folder, a file, a flag): one line and exit status 2.
 INPUT_ERRORS = (EvaluationError, NisqaWeightsError, AudioError, FileNotFoundError)
@@ -34,18 +34,6 @@ def _metric_list(text: str) -> List[str]:
     return [item.strip().lower() for item in text.split(",") if item.strip()]
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type for integers >= minimum."""
-
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
 FOLDER_FLAGS = (
     Flag("system", required=True, help="a system's output folder; repeat for several systems", type=_system_spec,
          action="append", metavar="NAME=DIR"),
@@ -64,25 +52,28 @@ SCORING_FLAGS = (
          f"{os.path.join(CACHE_DIR, WEIGHTS_NAME)} when it holds them", metavar="FILE"),
     Flag("workers", os.cpu_count() or 1, "worker processes (1 scores in-process; default: the number of CPUs, "
          "here %(default)s)",
-         type=_int_at_least(1), metavar="N"),
+         type=int, metavar="N"),
 )
 PLOT_FLAGS = (
     Flag("plot_files", None, "comma list of relative paths to draw spectrograms of", type=_path_list,
          metavar="LIST"),
     Flag("num_plot_files", 2, "files to draw when --plot-files is not given: largest DNSMOS OVRL gain and loss",
-         type=_int_at_least(0), metavar="N"),
+         type=int, metavar="N"),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     return command_parser("Score enhanced speech folders (PESQ, ESTOI, SI-SDR, DNSMOS, NISQA) file by file. "
-                          "A system's silent output gets each metric's floor; a file whose clean reference "
+                          "A system's output gets a metric's floor where the metric is undefined for it (e.g. "
+                          "silent) or its score is lower; a file whose clean reference "
                           "is unusable is left out of the intrusive metrics for every system.", {
         "folders": FOLDER_FLAGS, "scoring": SCORING_FLAGS, "spectrograms": PLOT_FLAGS}, prog="diffiner-evaluate")
 
 
 def _setup_from_args(args: argparse.Namespace) -> EvaluationSetup:
     """Check the flags that argparse cannot check alone and build the setup."""
+    check_number("--workers", args.workers, 1)
+    check_number("--num-plot-files", args.num_plot_files, 0)
     names = [name for name, _ in args.system]
     reserved = ([CLEAN] if args.clean else []) + ([NOISY] if args.noisy else [])
     taken = names + reserved

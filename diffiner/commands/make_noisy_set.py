@@ -6,7 +6,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..audio.mixing import CONDITIONS_FILE, DEFAULT_SNRS, NOISE_COLOURS, make_noisy_set
-from ..flags import Flag, command_parser
+from ..flags import NO_PROGRESS_FLAG, Flag, command_parser
 from .common import report_folder, run_command, setup_logging, usage_errors
 
 
@@ -16,6 +16,7 @@ def build_parser():
             Flag("snrs", list(DEFAULT_SNRS), "SNRs in dB", type=float, nargs="+"),
             Flag("colours", list(NOISE_COLOURS), "noise colours", choices=NOISE_COLOURS, nargs="+"),
             Flag("seed", 0, "seed of the noise"),
+            NO_PROGRESS_FLAG,
         ]}, prog="python -m diffiner.commands.make_noisy_set")
     parser.add_argument("clean", metavar="CLEAN", help="folder of clean clips")
     parser.add_argument("output", metavar="OUT", help="where the noisy clips and conditions.csv go (not CLEAN)")
@@ -29,7 +30,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def body() -> int:
         setup_logging(args.debug)
         with usage_errors(ValueError, FileNotFoundError):
-            result = make_noisy_set(args.clean, args.output, args.snrs, args.colours, args.seed)
+            result = make_noisy_set(args.clean, args.output, args.snrs, args.colours, args.seed,
+                                    progress=not args.no_progress)
         return report_folder(result, f"noisy files in {args.output} (conditions in "
                                      f"{os.path.join(args.output, CONDITIONS_FILE)})")
 

@@ -24,16 +24,18 @@ import torch
 import yaml
 
 from .. import __version__, dist_util, spectrogram
-from ..audio.enhancers import ENHANCERS, enhance_folder
-from ..audio.folders import RUN_RECORD, check_write_rules, holds_refinement, prepare_output_folder, scan_audio_files
+from ..audio.enhancers import ENHANCERS, check_available, enhance_folder
+from ..audio.folders import (RUN_RECORD, check_write_rules, prepare_output_folder, read_run_record,
+                             remove_audio_files, scan_audio_files)
 from ..audio.io import MODEL_SAMPLE_RATE, write_text_atomic
 from ..corpus import RunSummary, output_folder_name, plan_jobs, refine_files, shard_jobs
-from ..flags import MODEL_GROUP, PRECISION_FLAGS, Flag, command_parser, precision_from_args, values_of
+from ..flags import (MODEL_GROUP, NO_PROGRESS_FLAG, OVERWRITE_FLAG, PRECISION_FLAGS, Flag, command_parser,
+                     precision_from_args, values_of)
 from ..pipeline import Refiner
 from ..refiner import DEFAULT_ETAS, resolve_etas
-from ..script_util import model_and_diffusion_flags
+from ..script_util import SAMPLING_RESPACING, model_and_diffusion_flags
 from .common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, check_number, check_respacing,
-                     resolve_device, run_command, setup_logging, usage_errors)
+                     print_failures, resolve_device, run_command, setup_logging, usage_errors)
 
 INPUT_FLAGS = (
     Flag("root_noisy", required=True, help="folder of noisy recordings (searched recursively)", metavar="DIR"),
@@ -66,13 +68,13 @@ RUN_FLAGS = (
     Flag("cuda_graphs", False, "capture each step's network call as a CUDA graph (torch.compile mode "
                                "reduce-overhead)"),
     Flag("keep_sample_rate", False, "write outputs at the processed file's sample rate instead of 16 kHz"),
-    Flag("overwrite", False, "refine files whose output already exists; into a folder refined with other "
+    OVERWRITE_FLAG.with_help("refine files whose output already exists; into a folder refined with other "
                              "settings: redo every file"),
     Flag("loaders", 2, "threads reading and preparing upcoming files"),
     Flag("dist_timeout", 7200.0, "seconds a rank waits for the others at the end of a torchrun/mpiexec run"),
-    Flag("no_progress", False, "no progress bar"),
+    NO_PROGRESS_FLAG,
 )
-MODEL_FLAGS = model_and_diffusion_flags(timestep_respacing="ddim200")
+MODEL_FLAGS = model_and_diffusion_flags(timestep_respacing=SAMPLING_RESPACING)
 
 # config.yml keys (dotted) that say how a run went, not what the files are: they may differ
 # between the runs that filled a folder. Every other key must match for a run to add files.
@@ -137,6 +139,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_write_rules(inputs, args.output_dir)
     if args.baseline is not None:
         check_write_rules({"--root-noisy": args.root_noisy}, args.root_proc)
+        with usage_errors(ImportError, FileNotFoundError):  # its package not installed, or broken
+            check_available(args.baseline)
 
 
 def build_refiner(args: argparse.Namespace, device: str) -> Tuple[Refiner, Dict]:
@@ -145,8 +149,7 @@ def build_refiner(args: argparse.Namespace, device: str) -> Tuple[Refiner, Dict]
     model_settings = values_of(args, MODEL_FLAGS)
     with usage_errors(ValueError):
         refiner = Refiner.from_checkpoint(
-            args.model_path, device=device, timestep_respacing=model_settings["timestep_respacing"],
-            model_settings={k: v for k, v in model_settings.items() if k != "timestep_respacing"},
+            args.model_path, device=device, model_settings=model_settings,
             method=args.method, clip_denoised=args.clip_denoised, max_dur=args.max_dur,
             segment_overlap=args.segment_overlap, batch_size=args.batch_size,
             max_batch_frames=None if args.max_batch_frames in (None, "auto") else int(args.max_batch_frames),
@@ -227,13 +230,13 @@ def read_record(output_dir: str) -> Optional[Dict[str, Any]]:
     """The config.yml of an earlier run into `output_dir`, or None for a folder without audio
     files and without one. UsageError for a folder whose audio no run of ours recorded, or
     whose config.yml is not ours: its files would pass for refined ones."""
+    record = read_run_record(output_dir)
+    if record is not None:
+        return record
     path = os.path.join(output_dir, RUN_RECORD)
-    if holds_refinement(output_dir):
-        with open(path) as f:
-            return yaml.safe_load(f)
     if os.path.exists(path):
         raise UsageError(f"{path} was not written by diffiner-refine; choose another --output-dir")
-    if os.path.isdir(output_dir) and scan_audio_files(output_dir).files:
+    if scan_audio_files(output_dir).files:
         raise UsageError(f"{output_dir} holds audio files that no refinement recorded (it has no {RUN_RECORD}); "
                          "move them away or choose another --output-dir")
     return None
@@ -257,12 +260,10 @@ def check_record(args: argparse.Namespace, settings: Dict[str, Any]) -> Tuple[Op
 def remove_previous_outputs(output_dir: str, differences: List[str]) -> None:
     """Delete the audio files (and summary) of an earlier run with other settings, so that no
     file of it survives under a config.yml that does not describe it."""
-    listing = scan_audio_files(output_dir)
-    for rel in listing.files:
-        os.remove(os.path.join(output_dir, rel))
+    removed = remove_audio_files(output_dir)
     if os.path.exists(os.path.join(output_dir, SUMMARY_FILE)):
         os.remove(os.path.join(output_dir, SUMMARY_FILE))
-    print(f"--overwrite: removed {len(listing.files)} file(s) refined with other settings "
+    print(f"--overwrite: removed {removed} file(s) refined with other settings "
           f"({'; '.join(differences[:3])}{' ...' if len(differences) > 3 else ''})")
 
 
@@ -288,9 +289,8 @@ def make_processed(args: argparse.Namespace, rank: int, summary: RunSummary) -> 
     """With --baseline: write the enhancer's outputs to --root-proc (process 0; the others wait).
     Files the baseline could not make are failures of the run."""
     if rank == 0:
-        with usage_errors(ImportError):  # the enhancer's package is not installed
-            made = enhance_folder(args.baseline, args.root_noisy, args.root_proc, overwrite=args.overwrite,
-                                  progress=not args.no_progress)
+        made = enhance_folder(args.baseline, args.root_noisy, args.root_proc, overwrite=args.overwrite,
+                              progress=not args.no_progress)
         for rel, reason in made.failed.items():
             summary.failed[rel] = f"baseline {args.baseline}: {reason}"
         print(f"baseline {args.baseline} in {args.root_proc}: {made.describe()}")
@@ -299,8 +299,7 @@ def make_processed(args: argparse.Namespace, rank: int, summary: RunSummary) -> 
 
 def report(summary: RunSummary, output_dir: str, world_size: int) -> None:
     """Print the closing lines and write summary.json beside the outputs."""
-    for rel, reason in sorted(summary.failed.items()):
-        print(f"FAILED {rel}: {reason}", file=sys.stderr)
+    print_failures(summary.failed)
     print(f"refined {len(summary.refined)} file(s), skipped {len(summary.skipped)}, failed {len(summary.failed)}; "
           f"{summary.audio_seconds:.1f} s of audio in {summary.wall_seconds:.1f} s (RTF {summary.rtf:.3f})")
     record = {"refined": len(summary.refined), "skipped": len(summary.skipped), "failed": summary.failed,

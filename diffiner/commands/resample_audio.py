@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from ..audio.folders import FolderResult, convert_folder
 from ..audio.io import MODEL_SAMPLE_RATE, resample
-from ..flags import Flag, command_parser
+from ..flags import NO_PROGRESS_FLAG, OVERWRITE_FLAG, Flag, command_parser
 from .common import check_number, report_folder, run_command, setup_logging, usage_errors
 
 
@@ -30,8 +30,8 @@ def build_parser():
         "Resample every .wav/.flac file under IN to OUT, keeping relative paths; existing outputs are skipped.",
         {"settings": [
             Flag("rate", MODEL_SAMPLE_RATE, "target sample rate in Hz"),
-            Flag("overwrite", False, "rewrite outputs that already exist"),
-            Flag("no_progress", False, "no progress bar"),
+            OVERWRITE_FLAG,
+            NO_PROGRESS_FLAG,
         ]}, prog="diffiner-resample")
     parser.add_argument("input", metavar="IN", help="folder searched recursively (OUT inside it is ignored)")
     parser.add_argument("output", metavar="OUT", help="output folder (not IN, nor a folder containing it)")

@@ -23,7 +23,7 @@ from ..audio.io import MODEL_SAMPLE_RATE, save_audio
 from ..checkpoints import load_model
 from ..flags import MODEL_GROUP, PRECISION_FLAGS, Flag, command_parser, precision_from_args, values_of
 from ..pipeline import padded_width
-from ..script_util import model_and_diffusion_flags
+from ..script_util import SAMPLING_RESPACING, model_and_diffusion_flags
 from ..seeding import STREAM_SAMPLING, stream_generator
 from ..spectrogram import NUM_BINS, spec_to_wave
 from .common import UsageError, check_number, check_respacing, resolve_device, run_command, setup_logging, usage_errors
@@ -41,7 +41,7 @@ SAMPLING_FLAGS = (
     Flag("device", "", "torch device (empty: cuda if available, else cpu)", metavar="DEVICE"),
     Flag("use_ddim", False, "DDIM sampling (deterministic given the start noise) instead of DDPM ancestral sampling"),
 )
-MODEL_FLAGS = model_and_diffusion_flags(timestep_respacing="ddim200")
+MODEL_FLAGS = model_and_diffusion_flags(timestep_respacing=SAMPLING_RESPACING)
 
 
 def create_argparser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ from ..schedule_sampler import SAMPLER_NAMES, create_named_schedule_sampler
 from ..script_util import MODEL_AND_DIFFUSION_FLAGS, create_model_and_diffusion
 from ..seeding import seed_globals
 from ..speech_datasets import build_index, load_data
-from ..train_util import TrainingInterrupted, TrainLoop, parse_ema_rates
+from ..train_util import TrainingInterrupted, TrainLoop, parse_ema_rates, resume_hint
 from .common import EXIT_OK, run_command, setup_logging, usage_errors
 
 logger = logging.getLogger(__name__)
@@ -132,16 +132,25 @@ def resolve_log_dir(args: argparse.Namespace) -> str:
 def resolve_resume(args: argparse.Namespace, log_dir: str) -> str:
     """The modelNNNNNN.pt to resume from ("" for a fresh start), from --resume_checkpoint.
 
-    A folder gives its newest complete checkpoint set, `auto` the log folder's (or a fresh
-    start when it has no checkpoint). A folder whose model files all lack their optimizer file
-    is refused, unless --allow-fresh-optimizer, which takes the newest model file.
+    A folder gives its newest complete checkpoint set (with the EMA files of --ema_rate), `auto`
+    the log folder's (or a fresh start when it has no checkpoint). A folder without a complete
+    set is refused, unless --allow-fresh-optimizer, which takes the newest model file. A fresh
+    start into a log folder that holds checkpoints is refused: it would replace that run's
+    settings, progress rows and checkpoints.
     """
     def decide() -> str:
         resume = args.resume_checkpoint
+        if not resume:
+            earlier = saved_steps(log_dir)
+            if earlier:
+                raise ValueError(f"{log_dir} holds the checkpoints of an earlier run (newest "
+                                 f"{model_filename(earlier[-1])}): continue it with --resume_checkpoint auto, "
+                                 "or choose another --log_dir")
+            return ""
         folder = log_dir if resume == RESUME_AUTO else resume
         if resume != RESUME_AUTO and not os.path.isdir(resume):
             return resume  # a file (or nothing)
-        step = newest_complete_step(folder)
+        step = newest_complete_step(folder, parse_ema_rates(args.ema_rate))
         if step is not None:
             return os.path.join(folder, model_filename(step))
         steps = saved_steps(folder)
@@ -151,9 +160,9 @@ def resolve_resume(args: argparse.Namespace, log_dir: str) -> str:
         if not steps:
             raise ValueError(f"{folder}: no modelNNNNNN.pt checkpoint in this folder")
         if not args.allow_fresh_optimizer:
-            raise ValueError(f"{folder}: no complete checkpoint set (no modelNNNNNN.pt has its optNNNNNN.pt): "
-                             f"give --allow-fresh-optimizer to resume from {model_filename(steps[-1])} with a "
-                             f"fresh optimizer state")
+            raise ValueError(f"{folder}: no complete checkpoint set (no modelNNNNNN.pt has its optimizer and EMA "
+                             f"files): give --allow-fresh-optimizer to resume from {model_filename(steps[-1])} "
+                             f"with fresh optimizer/EMA states")
         return os.path.join(folder, model_filename(steps[-1]))
 
     return decided_by_rank0(decide)
@@ -254,7 +263,7 @@ def interruption_message(stop: TrainingInterrupted) -> str:
         return f"interrupted by {name} before the first step: nothing to save"
     # The loop saves the step it stopped at (or had just saved it, or resumed from it).
     return (f"interrupted by {name} at step {stop.step}: saved as {stop.checkpoint} with its EMA and optimizer "
-            f"files; resume with --resume_checkpoint {os.path.dirname(stop.checkpoint)}")
+            f"files; {resume_hint(stop.checkpoint)}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,7 +3,8 @@
 Every function takes 1-D numpy signals at MODEL_SAMPLE_RATE (16 kHz): resampling and channel
 mixing are the caller's job, so that a score never silently depends on a hidden conversion.
 The heavy back-ends (pesq, pystoi, speechmos/onnxruntime, scipy.stats) are imported inside the
-functions, so `import diffiner.metrics` stays cheap for code that only needs one metric.
+functions, so `import diffiner.evaluation.metrics` stays cheap for code that only needs one
+metric.
 
 A score that cannot be computed is an exception, never a made-up number, and the exception says
 whose fault it is: `MetricError` when the scored signal (a system's output) is at fault, e.g. it is
@@ -81,7 +82,7 @@ def _check_reference(reference: np.ndarray) -> None:
         raise UnscorableFile(SILENT_REFERENCE)
 
 
-def _check_signal(signal: np.ndarray) -> None:
+def check_signal(signal: np.ndarray) -> None:
     """Nothing to score in a silent signal: that output's failure."""
     if is_silent(signal):
         raise MetricError(SILENT_SIGNAL)
@@ -97,7 +98,7 @@ def si_sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
     """
     reference, estimate = _as_pair(reference, estimate)
     _check_reference(reference)
-    _check_signal(estimate)
+    check_signal(estimate)
     reference = reference - reference.mean()
     estimate = estimate - estimate.mean()
     gain = np.dot(estimate, reference) / np.dot(reference, reference)
@@ -162,7 +163,7 @@ def estoi(reference: np.ndarray, degraded: np.ndarray) -> float:
     # (checked first: then a silent output is not floored for a file left out for every system).
     if any(str(w.message).startswith("Not enough STFT frames") for w in caught):
         raise UnscorableFile("the clean reference has under 30 frames (about 0.4 s) of speech for ESTOI")
-    _check_signal(degraded)
+    check_signal(degraded)
     return score
 
 
@@ -177,7 +178,7 @@ def dnsmos(signal: np.ndarray) -> Dict[str, float]:
     from speechmos import dnsmos as speechmos_dnsmos
 
     signal = np.clip(_as_signal(signal, "signal"), -1.0, 1.0).astype(np.float32)
-    _check_signal(signal)
+    check_signal(signal)
     scores = speechmos_dnsmos.run(signal, sr=MODEL_SAMPLE_RATE)
     return {
         "SIG": float(scores["sig_mos"]),

@@ -21,8 +21,8 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from ..audio.io import MODEL_SAMPLE_RATE
-from .metrics import SILENT_SIGNAL, MetricError, UnscorableFile, is_silent
+from ..audio.io import MODEL_SAMPLE_RATE, TEMPORARY_PREFIX
+from .metrics import UnscorableFile, check_signal
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def _download(url: str, destination: str) -> None:
     folder = os.path.dirname(destination)
     os.makedirs(folder, exist_ok=True)
     # A folder of our own, because torchmetrics only loads a file named nisqa.tar.
-    with tempfile.TemporaryDirectory(prefix=".tmp-", dir=folder) as scratch:
+    with tempfile.TemporaryDirectory(prefix=TEMPORARY_PREFIX, dir=folder) as scratch:
         candidate = os.path.join(scratch, WEIGHTS_NAME)
         with open(candidate, "wb") as f:
             f.write(response.content)
@@ -192,8 +192,7 @@ def scores(signal: np.ndarray, sample_rate: int = MODEL_SAMPLE_RATE) -> Dict[str
     shortest, longest = _length_limits(_loaded[1], sample_rate)
     if signal.size < shortest:
         raise UnscorableFile(f"the file is shorter than {shortest / sample_rate:.2f} s, NISQA's shortest input")
-    if is_silent(signal):
-        raise MetricError(SILENT_SIGNAL)
+    check_signal(signal)
     parts = np.array_split(signal, math.ceil(signal.size / longest))
     total = np.zeros(len(COLUMNS))
     for part in parts:

@@ -80,7 +80,8 @@ def format_summary_markdown(
     floor_text = ", ".join(f"{name} {value:g}{' dB' if name == 'sisdr' else ''}" for name, value in floors.items())
     lines.append(
         f"floored: files on which a score of the system was set to its metric's floor ({floor_text}): "
-        "the output was silent, or the score was lower; per metric in summary.json, per file in per_file.csv."
+        "the metric was undefined for the output (e.g. silent), or the score was lower; per metric in "
+        "summary.json, per file in per_file.csv."
     )
     first = next(iter(summary.values()), {})
     left_out = [f"{c} {first[c]['not_scored']}" for c in columns if first[c]["not_scored"]]

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..audio.folders import pair_files
+from ..audio.folders import pair_files, prepare_output_folder
 from .plots import ovrl_ranking, plot_spectrograms
 from . import nisqa
 from .report import floored_files, format_summary_markdown, summarize, write_outputs
@@ -95,20 +95,22 @@ def _with_nisqa_weights(
 
 def evaluate(setup: EvaluationSetup) -> EvaluationResult:
     """Pair, check, score, summarize and plot; raises EvaluationError, NisqaWeightsError, AudioError
-    or FileNotFoundError (no common file, missing folder) for inputs the user must fix."""
+    or FileNotFoundError (no common file, missing folder) for inputs the user must fix, and
+    FolderError for an output folder that cannot be created or written."""
     metric_names = resolve_metrics(setup.metrics, setup.clean is not None)
     systems = setup.scored_systems()
     sources = {**({CLEAN: setup.clean} if setup.clean else {}), **systems}
-    # A system folder may hold another's (the refiner writes inside the processed folder):
-    # listing one folder never descends into another given folder.
-    files, missing = pair_files(sources, exclude=[setup.output_dir, *sources.values()])
+    files, missing = pair_files(sources, exclude=[setup.output_dir])
     _validate_plot_files(setup.plot_files, files)
     if setup.clean:
         check_lengths(setup.clean, systems, files)
     metric_names, nisqa_weights = _with_nisqa_weights(setup, metric_names)
+    # Created once every input is checked; one that cannot be written is refused (FolderError)
+    # before anything is scored.
+    prepare_output_folder(setup.output_dir)
 
-    tasks = [FileTask(f, setup.clean, tuple(systems.items()), metric_names, nisqa_weights) for f in files]
-    rows = score_all(tasks, max(1, min(setup.workers, len(tasks))))
+    tasks = [FileTask(f, setup.clean, tuple(systems.items()), metric_names) for f in files]
+    rows = score_all(tasks, max(1, min(setup.workers, len(tasks))), nisqa_weights)
     order = {name: index for index, name in enumerate(systems)}
     rows.sort(key=lambda r: (r["file"], order[r["system"]]))
 
@@ -116,7 +118,6 @@ def evaluate(setup: EvaluationSetup) -> EvaluationResult:
     summary = summarize(rows, list(systems), columns)
     floors = {name: FLOORS[name] for name in metric_names}
     markdown = format_summary_markdown(summary, columns, len(files), floored_files(rows, list(systems)), floors)
-    os.makedirs(setup.output_dir, exist_ok=True)
     write_outputs(setup.output_dir, rows, columns, summary, markdown)
 
     plotted = choose_plot_files(rows, files, setup)

@@ -71,7 +71,6 @@ class FileTask:
     clean_root: Optional[str]
     system_roots: Tuple[Tuple[str, str], ...]
     metrics: Tuple[str, ...]
-    nisqa_weights: Optional[str] = None
 
 
 def _missing_backends(metric: str) -> List[str]:
@@ -209,9 +208,8 @@ def score_signal(
 
 def score_file(task: FileTask) -> List[Dict[str, object]]:
     """Rows for one relative path, one per system: file, system, the metric columns, `floored`
-    and `not_scored` (lists of columns). Runs in a worker process."""
-    if "nisqa" in task.metrics:
-        nisqa.load_weights(task.nisqa_weights)  # once per process: a no-op after the first file
+    and `not_scored` (lists of columns). Runs in a worker process. NISQA scores with the weights
+    loaded into the process beforehand (`score_all` sees to it)."""
     reference = None
     if task.clean_root:
         reference = load_mono_16k(os.path.join(task.clean_root, task.relative_path))
@@ -243,26 +241,38 @@ def score_file(task: FileTask) -> List[Dict[str, object]]:
     return rows
 
 
-def _start_worker() -> None:
-    """Runs once in each worker process. One torch thread each: the workers already share out
-    the cores, and NISQA's network would otherwise start a thread per core in every worker."""
+def _start_worker(nisqa_weights: str) -> None:
+    """Runs once in each worker process of a run that scores NISQA (the other metrics need no
+    torch): one torch thread, since the workers already share out the cores and NISQA's network
+    would otherwise start a thread per core in every worker, and the NISQA weights, loaded once
+    here (a no-op in a forked worker, which inherits the parent's)."""
     import torch
 
     torch.set_num_threads(1)
+    nisqa.load_weights(nisqa_weights)
 
 
-def score_all(tasks: Sequence[FileTask], workers: int) -> List[Dict[str, object]]:
-    """Score every task with a progress bar; workers == 1 stays in-process (easy to debug)."""
+def score_all(
+    tasks: Sequence[FileTask], workers: int, nisqa_weights: Optional[str] = None
+) -> List[Dict[str, object]]:
+    """Score every task with a progress bar; workers == 1 stays in-process (easy to debug).
+
+    `nisqa_weights` (required when a task scores NISQA) are loaded once per process: here for
+    one worker (a no-op when the caller already loaded them), else by each worker as it starts.
+    """
     from tqdm import tqdm
 
     rows = []
     with tqdm(total=len(tasks), desc="scoring", unit="file") as progress:
         if workers == 1:
+            if nisqa_weights is not None:
+                nisqa.load_weights(nisqa_weights)
             for task in tasks:
                 rows.extend(score_file(task))
                 progress.update()
             return rows
-        with ProcessPoolExecutor(max_workers=workers, initializer=_start_worker) as pool:
+        setup = dict(initializer=_start_worker, initargs=(nisqa_weights,)) if nisqa_weights is not None else {}
+        with ProcessPoolExecutor(max_workers=workers, **setup) as pool:
             futures = [pool.submit(score_file, task) for task in tasks]
             try:
                 for future in as_completed(futures):

@@ -14,9 +14,9 @@ set whose files appear together (see diffiner/checkpoints.py):
 - `ema_<rate>_NNNNNN.pt`: the state dict of each EMA (what a user refines with);
 - `optNNNNNN.pt`: the optimizer state and everything else needed to resume exactly.
 
-Stopping early: SIGINT (Ctrl-C) and SIGTERM (what a cluster scheduler sends before pre-emption)
-and a training file that cannot be read end the run at the next step boundary, after saving
-the set of the steps done. The ranks of a distributed job agree on it at every boundary, so they
+Stopping early: SIGINT (Ctrl-C), SIGTERM (what a cluster scheduler sends before pre-emption),
+SIGHUP (a closed terminal) and a training file that cannot be read end the run at the next step
+boundary, after saving the set of the steps done. The ranks of a distributed job agree on it at every boundary, so they
 all stop at the same step and take part in the save even when only one of them was signalled.
 """
 
@@ -118,15 +118,18 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class StopSignals:
-    """While entered: SIGINT and SIGTERM set `received` instead of ending the process, so that
-    training can stop at the next step boundary with its checkpoint saved.
+    """While entered: SIGINT, SIGTERM and SIGHUP set `received` instead of ending the process, so
+    that training can stop at the next step boundary with its checkpoint saved.
 
     A second signal means "now": the original handlers come back and the signal is raised
-    again (Ctrl-C twice: KeyboardInterrupt at once, without saving). Outside the main thread,
-    where Python cannot set handlers, nothing is changed.
+    again (Ctrl-C twice: KeyboardInterrupt at once, without saving). A signal the process
+    inherited as ignored stays ignored: a shell starts background jobs (`&`) with SIGINT ignored
+    and `nohup` ignores SIGHUP, so that those signals are not meant for the job. Outside the
+    main thread, where Python cannot set handlers, nothing is changed.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # SIGHUP: the terminal or SSH session that started the run was closed.
+    SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())
 
     def __init__(self):
         self.received: Optional[int] = None
@@ -134,7 +137,9 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc_info) -> None:

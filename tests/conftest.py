@@ -75,6 +75,8 @@ def write_wav(path, audio, rate, subtype="PCM_16"):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped with a reason when none is present")
+    config.addinivalue_line("markers", "slow: starts processes or takes seconds; the fast tier is "
+                                       "-m \"not slow and not cuda\"")
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")

@@ -41,11 +41,33 @@ def progress_steps(log_dir):
         return [int(row["step"]) for row in csv.DictReader(f) if row.get("step")]
 
 
+def default_signals():
+    """In the child before it starts: the default dispositions of the stop signals, whatever this
+    test process inherited (a suite started with `&` has SIGINT ignored, under `nohup` SIGHUP)."""
+    for signum in StopSignals.SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def start_training(argv, **popen):
-    """`diffiner-train` in a subprocess of its own process group, as a scheduler's job would be."""
+    """`diffiner-train` in a subprocess of its own process group, as a scheduler's job would be,
+    started from an interactive shell (no stop signal ignored)."""
     return subprocess.Popen([sys.executable, "-m", "diffiner.commands.train", *argv], env=launcher_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **popen)
+                            preexec_fn=default_signals, **popen)
+
+
+@pytest.fixture
+def dispositions():
+    """Sets the stop signals' dispositions for one test and restores this process's afterwards."""
+    saved = {signum: signal.getsignal(signum) for signum in StopSignals.SIGNALS}
+
+    def set_to(**handlers):
+        for name, handler in handlers.items():
+            signal.signal(getattr(signal, name), handler)
+
+    yield set_to
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 def wait_for_step(process, log_dir, step):
@@ -72,7 +94,9 @@ def assert_same_sets(folder_a, folder_b, step, rates=("0.9999",)):
             assert torch.equal(torch.as_tensor(state_a[key][name]), torch.as_tensor(state_b[key][name])), (key, name)
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_signal_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, signum, status):
     """The whole process group is signalled (a scheduler's SIGTERM, a terminal's Ctrl-C), data
     workers included: training finishes its step, saves it, and exits with 128 + the signal."""
@@ -104,7 +128,8 @@ def test_a_signal_saves_the_current_step_and_the_run_resumes_exactly(tmp_path, s
     assert progress_steps(stopped) == list(range(1, step + 3))
 
 
-def test_the_first_signal_asks_to_stop_and_a_second_stops_at_once():
+def test_the_first_signal_asks_to_stop_and_a_second_stops_at_once(dispositions):
+    dispositions(SIGINT=signal.default_int_handler, SIGTERM=signal.SIG_DFL)  # as in an interactive shell
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         with StopSignals() as signals:
@@ -113,6 +138,21 @@ def test_the_first_signal_asks_to_stop_and_a_second_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)  # again: Ctrl-C's own KeyboardInterrupt, now
             raise AssertionError("a second signal must not be ignored")
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+@pytest.mark.parametrize("inherited", ["SIGINT", "SIGHUP"])
+def test_a_signal_inherited_as_ignored_stays_ignored(dispositions, inherited):
+    """`cmd &` starts the job with SIGINT ignored, `nohup cmd` with SIGHUP ignored: such a signal
+    is not meant for the job, so it neither asks training to stop nor ends it."""
+    dispositions(SIGINT=signal.default_int_handler, SIGTERM=signal.SIG_DFL, SIGHUP=signal.SIG_DFL)
+    dispositions(**{inherited: signal.SIG_IGN})
+    with StopSignals() as signals:
+        os.kill(os.getpid(), getattr(signal, inherited))
+        os.kill(os.getpid(), getattr(signal, inherited))
+        assert signals.received is None
+        os.kill(os.getpid(), signal.SIGTERM)  # the others still ask to stop
+        assert signals.received == signal.SIGTERM
+    assert signal.getsignal(getattr(signal, inherited)) is signal.SIG_IGN
 
 
 def test_a_stop_before_the_first_step_of_a_resumed_run_writes_no_second_row_of_its_step(tmp_path):

@@ -7,6 +7,7 @@ from diffiner.script_util import create_model_and_diffusion, model_and_diffusion
 from diffiner.unet import QKVAttention, UNetModel, attention_softmax, set_sdpa
 
 from conftest import REFERENCE, requires_reference, tiny_model_and_diffusion
+from tolerances import reordering_atol
 
 
 @requires_reference("published_unet_state_dict.tsv")
@@ -42,7 +43,9 @@ def test_sdpa_matches_explicit_softmax():
         pytest.skip("this torch has no scaled_dot_product_attention")
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # Each output sums 16 products of softmax weights (at most 1) and values (|v| < 5 for 240
+    # standard normal draws), after a softmax over 16 scores of 40 terms each.
+    torch.testing.assert_close(out, ref, rtol=0, atol=reordering_atol(torch.float32, 16 * 40, v.abs().max().item()))
 
 
 def test_new_attention_order_differs_from_legacy_but_both_run():

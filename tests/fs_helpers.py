@@ -1,4 +1,4 @@
-"""Helpers for the folder-walking and writer tests: a deadline for code that used to hang, digests
+"""Helpers for the folder-walking and writer tests: a deadline for code that must not hang, digests
 of whole trees (to prove that inputs stay byte for byte the same), and stand-ins for failures that
 a root user cannot provoke with chmod (unreadable folders, full disks)."""
 
@@ -10,6 +10,8 @@ import signal
 from typing import Dict, Iterator
 
 import soundfile as sf
+
+from diffiner.audio.folders import LOCK_FILE
 
 
 @contextlib.contextmanager
@@ -39,6 +41,12 @@ def tree_digest(root: str) -> Dict[str, str]:
                 with open(path, "rb") as f:
                     digests[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
     return digests
+
+
+def output_digest(root: str) -> Dict[str, str]:
+    """`tree_digest` of an output folder without its lock file, which every run rewrites with
+    its own pid and start time."""
+    return {rel: digest for rel, digest in tree_digest(root).items() if rel != LOCK_FILE}
 
 
 def deny_listing(monkeypatch, *folders: str) -> None:
@@ -72,12 +80,20 @@ def fill_disk(monkeypatch, after: int = 0) -> None:
 
 def deny_writing(monkeypatch, folder: str) -> None:
     """Make opening a file for writing below `folder` fail with 'Permission denied', as in a
-    read-only folder (which chmod cannot provoke for root)."""
-    real = builtins.open
+    read-only folder (which chmod cannot provoke for root): through open() and through os.open()
+    (which tempfile.mkstemp and the lock file use)."""
+    real, real_os_open = builtins.open, os.open
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT
 
     def opener(path, mode="r", *args, **kwargs):
         if str(path).startswith(folder) and any(m in mode for m in "wax+"):
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, mode, *args, **kwargs)
 
+    def os_opener(path, flags, *args, **kwargs):
+        if str(path).startswith(folder) and flags & writing:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_os_open(path, flags, *args, **kwargs)
+
     monkeypatch.setattr(builtins, "open", opener)
+    monkeypatch.setattr(os, "open", os_opener)

@@ -5,6 +5,9 @@ import pytest
 import soundfile as sf
 
 from diffiner.audio import io as audio
+from diffiner.checkpoints import INTERRUPTED_SAVE
+
+from fs_helpers import deadline
 
 
 def test_load_audio_gives_channels_first_float32(tmp_path):
@@ -97,3 +100,72 @@ def test_a_failed_write_is_an_output_error_naming_the_file(tmp_path, monkeypatch
     blocker.write_text("")
     with pytest.raises(audio.OutputError, match=str(blocker)):
         audio.write_text_atomic(str(blocker / "x.txt"), "text")
+
+
+# ----- finite outputs -----
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_audio_is_refused_naming_the_file_and_nothing_is_written(tmp_path, bad):
+    path = str(tmp_path / "out.wav")
+    samples = np.zeros((2, 100), np.float32)
+    samples[1, 7] = bad
+    with pytest.raises(audio.AudioError, match=f"^{path}: the audio to write has 1 NaN or infinite sample"):
+        audio.save_audio(path, samples, 16000)
+    assert os.listdir(tmp_path) == []
+
+
+# ----- temporary names within the file system's limit -----
+
+@pytest.mark.parametrize("name", ["a" * 251 + ".wav", "é" * 125 + "z.wav", "語" * 83 + "zz.wav", "𝄞" * 62 + "zzz.wav",
+                                  "x." + "e" * 253, "a" * 240 + "\udcff" * 11 + ".wav"])
+def test_the_temporary_name_of_a_255_byte_name_fits_and_the_write_succeeds(tmp_path, name):
+    assert len(os.fsencode(name)) == 255
+    path = str(tmp_path / name)
+    with audio.atomic_output(path) as tmp:
+        temporary = os.path.basename(tmp)
+        assert temporary.startswith(audio.TEMPORARY_PREFIX) and len(os.fsencode(temporary)) <= 255
+        os.fsencode(temporary).decode("utf-8", "surrogateescape")  # whole characters: no split
+        with open(tmp, "w") as f:
+            f.write("whole")
+    assert os.listdir(tmp_path) == [name] and open(path).read() == "whole"
+
+
+@pytest.mark.parametrize("name", ["model000100.pt", "opt000100.pt", "ema_0.9999_000100.pt"])
+def test_checkpoint_temporary_names_are_still_recognised_as_interrupted_saves(tmp_path, name):
+    with audio.atomic_output(str(tmp_path / name)) as tmp:
+        assert INTERRUPTED_SAVE.fullmatch(os.path.basename(tmp))
+        open(tmp, "wb").close()
+
+
+# ----- records read whoever wrote them -----
+
+BILLION_LAUGHS = "\n".join(["diffiner_version: 0.1.0", "refiner: {method: diffiner+}", "a: &a {x: 1, y: 1}"] +
+                           [f"{chr(98 + k)}: &{chr(98 + k)} {{" +
+                            ", ".join(f"k{j}: *{chr(97 + k)}" for j in range(10)) + "}" for k in range(9)]) + "\n"
+
+
+@pytest.mark.parametrize("text", [BILLION_LAUGHS, "a: &a [*a]\n", "model: &m {self: *m}\n", "x: &x 1\ny: *x\n"])
+def test_a_record_with_anchors_or_aliases_is_refused_at_once_in_one_line(tmp_path, text):
+    path = tmp_path / "config.yml"
+    path.write_text(text)
+    with deadline(5):
+        with pytest.raises(audio.RecordError, match="anchors and aliases") as raised:
+            audio.read_yaml_record(str(path))
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_a_record_too_large_too_deep_or_not_a_file_is_refused(tmp_path):
+    path = tmp_path / "config.yml"
+    path.write_text("x: " + "y" * 100 + "\n")
+    with pytest.raises(audio.RecordError, match="larger than 64 bytes"):
+        audio.read_yaml_record(str(path), max_bytes=64)
+    path.write_text("[" * 100000 + "]" * 100000 + "\n")
+    with pytest.raises(audio.RecordError, match="nested too deeply"):
+        audio.read_yaml_record(str(path))
+    fifo = tmp_path / "fifo.yml"
+    os.mkfifo(str(fifo))
+    with deadline(5):
+        with pytest.raises(audio.RecordError, match="not a regular file"):
+            audio.read_yaml_record(str(fifo))
+    path.write_text("refiner: {method: diffiner+}\nseed: 0\n")
+    assert audio.read_yaml_record(str(path)) == {"refiner": {"method": "diffiner+"}, "seed": 0}

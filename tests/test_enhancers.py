@@ -15,7 +15,7 @@ from diffiner.commands.enhance import main
 from diffiner.evaluation.metrics import si_sdr
 
 from conftest import speech_like, with_noise, write_wav
-from fs_helpers import tree_digest
+from fs_helpers import output_digest
 
 RATE = 16000
 CLEAN = os.path.join(os.path.dirname(__file__), "..", "demo", "audio", "clean")
@@ -67,6 +67,7 @@ def test_noisereduce_improves_si_sdr_and_removes_noise_energy():
     assert np.sum(left ** 2) < 0.3 * np.sum(noise_only ** 2)  # at least 5 dB less noise
 
 
+@pytest.mark.slow
 def test_deepfilternet_raises_si_sdr_and_pesq_on_real_speech_at_5_db():
     needs("deepfilternet")
     from diffiner.evaluation.metrics import pesq_wb
@@ -79,6 +80,17 @@ def test_deepfilternet_raises_si_sdr_and_pesq_on_real_speech_at_5_db():
         enhanced = enhance("deepfilternet", noisy[None], rate)[0]
         assert si_sdr(clean, enhanced) > si_sdr(clean, noisy), name
         assert pesq_wb(clean, enhanced) > pesq_wb(clean, noisy), name
+
+
+@pytest.mark.parametrize("name", ENHANCERS)
+def test_a_silent_channel_comes_back_silent_and_the_other_one_enhanced(name):
+    """noisereduce divided by the zero level of silence: NaN, written as full-scale DC."""
+    needs(name)
+    noisy = with_noise(speech_like(1.0, RATE, seed=1), 0.0, seed=2)
+    both = enhance(name, np.stack([np.zeros_like(noisy), noisy]), RATE)
+    assert np.isfinite(both).all() and not both[0].any()
+    assert np.array_equal(both[1], enhance(name, noisy[None], RATE)[0])
+    assert not enhance(name, np.zeros((1, RATE), np.float32), RATE).any()
 
 
 @pytest.mark.parametrize("name", ENHANCERS)
@@ -139,19 +151,19 @@ def test_folder_keeps_paths_rates_and_lengths_and_skips_existing(name, noisy_dir
         assert (dst.samplerate, dst.frames, dst.channels, dst.subtype) == expected
     if name == "none":  # 16-bit in, 16-bit out: the very same samples
         assert np.array_equal(sf.read(os.path.join(out, "a.wav"))[0], sf.read(os.path.join(noisy_dir, "a.wav"))[0])
-    first = tree_digest(out)
+    first = output_digest(out)
     # A stand-in of other content where an output was: kept when skipping, rewritten with --overwrite.
     stand_in = os.path.join(out, "sub", "b.wav")
     info = sf.info(stand_in)
     write_wav(stand_in, np.zeros(info.frames, np.float32), info.samplerate)
-    replaced = tree_digest(out)
+    replaced = output_digest(out)
     assert replaced[os.path.join("sub", "b.wav")] != first[os.path.join("sub", "b.wav")]
     again = enhance_folder(name, noisy_dir, out)
     assert again.written == [] and sorted(again.skipped) == sorted(result.written)
-    assert tree_digest(out) == replaced  # nothing rewritten
+    assert output_digest(out) == replaced  # nothing rewritten
     overwritten = enhance_folder(name, noisy_dir, out, overwrite=True)
     assert sorted(overwritten.written) == sorted(result.written) and overwritten.skipped == []
-    assert tree_digest(out) == first  # the stand-in replaced by the enhancer's output, the rest the same
+    assert output_digest(out) == first  # the stand-in replaced by the enhancer's output, the rest the same
 
 
 def test_command_line(noisy_dir, tmp_path, capsys):

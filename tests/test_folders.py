@@ -1,13 +1,17 @@
+import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
 import yaml
 
-from diffiner.audio.folders import (RUN_RECORD, FolderError, check_write_rules, convert_folder, is_inside,
-                                    list_audio_files, pair_files, pair_folders, scan_audio_files)
+from diffiner.audio.folders import (LOCK_FILE, REFINE_WRITER, RUN_RECORD, FolderError, check_write_rules,
+                                    convert_folder, earlier_writer, is_inside, list_audio_files, output_lock,
+                                    pair_files, pair_folders, read_run_record, scan_audio_files)
 from diffiner.audio.io import OutputError
 
 from conftest import write_wav
@@ -45,6 +49,7 @@ def test_no_common_file_is_an_error(tmp_path):
         pair_files({"noisy": str(tmp_path / "n"), "processed": str(tmp_path / "p")}, warn=False)
 
 
+@pytest.mark.slow
 def test_inference_imports_neither_mpi4py_nor_blobfile():
     code = ("import sys, diffiner.commands.refine, diffiner.pipeline; "
             "print(any(m in sys.modules for m in ('mpi4py', 'blobfile')))")
@@ -52,7 +57,7 @@ def test_inference_imports_neither_mpi4py_nor_blobfile():
     assert out.stdout.strip() == "False"
 
 
-# ----- one walker: links, loops, odd files, unreadable folders (issue 11, part 3) -----
+# ----- one walker: links, loops, odd files, unreadable folders -----
 
 def test_a_link_to_the_parent_folder_ends_and_lists_each_file_once(tmp_path):
     touch(str(tmp_path / "a.wav"))
@@ -134,13 +139,13 @@ def test_folders_holding_a_previous_refinement_are_not_inputs(tmp_path):
     assert list_audio_files(str(refined)) == ["a.wav"]
 
 
-# ----- the write rules every writer follows (issue 11, part 1) -----
+# ----- the write rules every writer follows -----
 
 def test_write_rules(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     os.makedirs(a)
     os.makedirs(b)
-    check_write_rules({"IN": a}, os.path.join(a, "out"))  # an output folder inside an input: allowed
+    check_write_rules({"IN": a}, os.path.join(a, "out"))  # a new output folder inside an input: allowed
     check_write_rules({"NOISY": a, "PROC": b}, os.path.join(b, "refined"))
     with pytest.raises(FolderError, match="is the input folder IN"):
         check_write_rules({"IN": a}, a)
@@ -153,19 +158,63 @@ def test_write_rules(tmp_path):
         check_write_rules({"IN": a}, str(tmp_path / "link"))
 
 
+def test_an_output_folder_inside_an_input_is_taken_only_when_nothing_in_it_is_input(tmp_path):
+    """New, empty or holding no audio: taken. Holding audio: taken only as the output folder of an
+    earlier run of the same writer (its lock file says which), or, with no writer named, of any."""
+    root = tmp_path / "in"
+    out = root / "out"
+    (out / "notes").mkdir(parents=True)
+    (out / "notes" / "readme.txt").write_text("no audio")
+    check_write_rules({"IN": str(root)}, str(out), "w")
+    touch(str(out / "deep" / "x.flac"))
+    for writer in ("w", None):
+        with pytest.raises(FolderError, match=f"{out} lies inside the input folder IN .* holds 1 audio file.*"
+                                              "x.flac written by no diffiner run"):
+            check_write_rules({"IN": str(root)}, str(out), writer)
+    with output_lock(str(out), "w"):
+        pass
+    assert earlier_writer(str(out)) == "w"
+    check_write_rules({"IN": str(root)}, str(out), "w")
+    check_write_rules({"IN": str(root)}, str(out))
+    with pytest.raises(FolderError, match="written by w, not v"):
+        check_write_rules({"IN": str(root)}, str(out), "v")
+    # A refinement made before lock files existed: its config.yml says who wrote it.
+    refined = root / "refined"
+    touch(str(refined / "a.wav"))
+    (refined / RUN_RECORD).write_text(yaml.safe_dump({"diffiner_version": "0.1.0", "refiner": {"method": "x"}}))
+    check_write_rules({"IN": str(root)}, str(refined), REFINE_WRITER)
+    with pytest.raises(FolderError, match="written by diffiner-refine, not diffiner-evaluate"):
+        check_write_rules({"IN": str(root)}, str(refined), "diffiner-evaluate")
+
+
+def test_an_output_folder_made_while_the_input_is_listed_is_not_entered(tmp_path, monkeypatch):
+    """The output folder is excluded by its path too: one that a writer creates (and fills) while
+    the walker lists the input is never read as input."""
+    touch(str(tmp_path / "a.wav"))
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.path.realpath(path) == str(tmp_path):
+            touch(str(tmp_path / "out" / "a.wav"))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert scan_audio_files(str(tmp_path), exclude=[str(tmp_path / "out")]).files == ["a.wav"]
+
+
 def test_an_output_subfolder_linking_into_the_input_is_not_written_through(tmp_path):
     write_wav(str(tmp_path / "in" / "sub" / "x.wav"), np.full(100, 0.25, dtype=np.float32), 16000)
     os.makedirs(str(tmp_path / "out"))
     os.symlink(str(tmp_path / "in" / "sub"), str(tmp_path / "out" / "sub"))
     before = tree_digest(str(tmp_path / "in"))
     result = convert_folder(str(tmp_path / "in"), str(tmp_path / "out"), lambda rel, a, sr: (a * 0, sr),
-                            overwrite=True, progress=False)
+                            overwrite=True, progress=False, writer="test")
     assert tree_digest(str(tmp_path / "in")) == before
     assert list(result.failed) == [os.path.join("sub", "x.wav")]
     assert "leads out of the output folder" in result.failed[os.path.join("sub", "x.wav")]
 
 
-# ----- convert_folder: one error boundary per file, progress, resumable (issue 11, part 2) -----
+# ----- convert_folder: one error boundary per file, progress, resumable -----
 
 @pytest.fixture
 def three_files(tmp_path):
@@ -182,12 +231,26 @@ def test_one_failing_file_is_named_and_the_others_are_written(three_files):
             raise RuntimeError("padding size should be less than the input dimension")
         return audio, rate
 
-    result = convert_folder(in_root, out_root, convert, progress=False)
+    result = convert_folder(in_root, out_root, convert, progress=False, writer="test")
     assert result.written == ["a.wav", os.path.join("sub", "c.wav")]
     assert list(result.failed) == ["b.wav"]
     reason = result.failed["b.wav"]
     assert os.path.join(in_root, "b.wav") in reason and "RuntimeError" in reason and "padding" in reason
-    assert sorted(os.listdir(out_root)) == ["a.wav", "sub"]
+    assert sorted(os.listdir(out_root)) == [LOCK_FILE, "a.wav", "sub"]
+
+
+def test_a_non_finite_result_fails_that_file_by_name_and_the_others_are_written(three_files):
+    in_root, out_root = three_files
+
+    def convert(rel, audio, rate):
+        return (np.full_like(audio, np.inf) if rel == "b.wav" else audio), rate
+
+    result = convert_folder(in_root, out_root, convert, progress=False, writer="test")
+    assert result.written == ["a.wav", os.path.join("sub", "c.wav")]
+    assert list(result.failed) == ["b.wav"]
+    reason = result.failed["b.wav"]
+    assert os.path.join(out_root, "b.wav") + ": the audio to write has 201 NaN or infinite sample(s)" in reason
+    assert sorted(os.listdir(out_root)) == [LOCK_FILE, "a.wav", "sub"]
 
 
 def test_an_interruption_is_not_swallowed_and_a_rerun_resumes(three_files):
@@ -199,9 +262,9 @@ def test_an_interruption_is_not_swallowed_and_a_rerun_resumes(three_files):
         return audio, rate
 
     with pytest.raises(KeyboardInterrupt):
-        convert_folder(in_root, out_root, interrupted, progress=False)
-    assert os.listdir(out_root) == ["a.wav"]  # written whole, nothing half-written beside it
-    result = convert_folder(in_root, out_root, lambda rel, a, sr: (a, sr), progress=False)
+        convert_folder(in_root, out_root, interrupted, progress=False, writer="test")
+    assert sorted(os.listdir(out_root)) == [LOCK_FILE, "a.wav"]  # written whole, nothing half-written beside it
+    result = convert_folder(in_root, out_root, lambda rel, a, sr: (a, sr), progress=False, writer="test")
     assert result.skipped == ["a.wav"] and result.written == ["b.wav", os.path.join("sub", "c.wav")]
 
 
@@ -209,12 +272,72 @@ def test_a_failed_write_stops_the_run_with_the_file_named(three_files, monkeypat
     in_root, out_root = three_files
     fill_disk(monkeypatch, after=1)
     with pytest.raises(OutputError, match="b.wav.*System error"):
-        convert_folder(in_root, out_root, lambda rel, a, sr: (a, sr), progress=False)
-    assert os.listdir(out_root) == ["a.wav"]
+        convert_folder(in_root, out_root, lambda rel, a, sr: (a, sr), progress=False, writer="test")
+    assert sorted(os.listdir(out_root)) == [LOCK_FILE, "a.wav"]
 
 
 def test_progress_bar_counts_files(three_files, capsys):
     in_root, out_root = three_files
-    convert_folder(in_root, out_root, lambda rel, a, sr: (a, sr), progress=True, desc="copying")
+    convert_folder(in_root, out_root, lambda rel, a, sr: (a, sr), progress=True, desc="copying", writer="test")
     err = capsys.readouterr().err
     assert "copying" in err and "3/3" in err
+
+
+# ----- records read whoever wrote them -----
+
+@pytest.mark.parametrize("bomb", ["laughs", "recursive"])
+def test_a_hostile_run_record_is_no_record_and_costs_nothing(tmp_path, bomb):
+    """A config.yml with the refiner's keys and an alias bomb: a billion nested keys, or a
+    mapping holding itself. Read as a record, anything that walks it never ends or recurses
+    without end; it is no record of ours, and its folder is input like any other."""
+    folder = tmp_path / "refined"
+    touch(str(folder / "a.wav"))
+    lines = ["diffiner_version: 0.1.0", "refiner: {method: diffiner+}"]
+    if bomb == "laughs":
+        lines += ["l0: &l0 {x: 1, y: 1}"] + [f"l{k}: &l{k} {{" + ", ".join(f"k{j}: *l{k - 1}" for j in range(10)) + "}"
+                                             for k in range(1, 10)]
+    else:
+        lines += ["model: &m {self: *m}"]
+    (folder / RUN_RECORD).write_text("\n".join(lines) + "\n")
+    with deadline(5):
+        assert read_run_record(str(folder)) is None
+        assert list_audio_files(str(tmp_path)) == [os.path.join("refined", "a.wav")]
+
+
+# ----- one run per output folder -----
+
+def test_a_lock_file_left_behind_is_not_a_lock_and_is_never_listed(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_FILE).write_text('{"writer": "w", "pid": 999999999, "host": "gone", "started": "then"}\n')
+    touch(str(out / "a.wav"))
+    with output_lock(str(out), "v"):
+        record = json.loads((out / LOCK_FILE).read_text())
+        assert (record["writer"], record["pid"], record["host"]) == ("v", os.getpid(), socket.gethostname())
+        with output_lock(str(out), "v"):  # the same thread again: a writer calling another writer
+            pass
+        refused = []
+        thread = threading.Thread(target=lambda: refused.append(pytest.raises(FolderError, output_lock(
+            str(out), "u").__enter__).value))
+        thread.start()
+        thread.join(10)
+        assert len(refused) == 1 and f"in use by v (pid {os.getpid()}" in str(refused[0])
+    assert scan_audio_files(str(out)).files == ["a.wav"]
+    assert earlier_writer(str(out)) == "v"
+
+
+@pytest.mark.parametrize("plant", ["fifo", "hard link"])
+def test_a_lock_file_that_is_not_a_plain_file_of_its_own_is_refused_at_once(tmp_path, plant):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's")
+    if plant == "fifo":
+        os.mkfifo(str(out / LOCK_FILE))
+    else:
+        os.link(str(victim), str(out / LOCK_FILE))
+    with deadline(5):
+        with pytest.raises(FolderError, match="not a plain file of its own"):
+            with output_lock(str(out), "w"):
+                pass
+    assert victim.read_text() == "someone else's"

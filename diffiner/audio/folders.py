@@ -13,9 +13,16 @@ root, and nothing that would make a run hang, repeat itself or read its own outp
 - excluded folders (outputs), subfolders holding a previous refinement (they have the refiner's
   `config.yml`) and the temporary files of atomic writes are not input.
 
-Writing follows one rule, whoever writes (refiner, enhancers, resampler, demo data): never onto an
-input file, never into a root that is read except into the writer's own output folder, and never
-reading an output folder as input (`check_write_rules`, `output_path`, `prepare_output_folder`).
+Writing follows one rule, whoever writes (refiner, enhancers, resampler, demo data, evaluation): no
+writer ever writes into a folder it reads from, nested or not, and no output folder is read as
+input (`check_write_rules`, `output_path`, `prepare_output_folder`). An output folder may lie
+inside an input root only because the walker never enters it (every writer passes it in
+`exclude`) and only where nothing in it is an input: it is new or holds no audio file, or it holds
+the outputs of an earlier run of the same writer (resumed). Otherwise the files in it would be
+overwritten, or taken for outputs already made.
+
+A run holds an exclusive lock on its output folder for its whole life (`output_lock`), so that two
+runs never mix their files in one folder; the lock file also records which writer last wrote there.
 
 `convert_folder` is the one way the package turns an input tree into an output tree (preceding
 enhancers, resampling, demo noise): every audio file under the input folder becomes one file at
@@ -24,28 +31,51 @@ exist are skipped, so an interrupted run is resumed by running it again.
 """
 
 import contextlib
+import datetime
+import errno
+import fcntl
+import json
 import logging
 import os
+import shlex
+import socket
 import stat
+import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 
-from .io import AUDIO_EXTENSIONS, TEMPORARY_PREFIX, AudioError, OutputError, error_text, load_audio, save_audio
+from ..errors import EXIT_USAGE, DiffinerError, error_text
+from .io import (AUDIO_EXTENSIONS, TEMPORARY_PREFIX, AudioError, OutputError, RecordError, load_audio,
+                 read_yaml_record, save_audio)
 
 logger = logging.getLogger(__name__)
 
 # The file in which diffiner-refine records the settings of the files beside it; a folder holding
 # one (with the refiner's keys) is a refinement, never input.
 RUN_RECORD = "config.yml"
+# The writer that leaves RUN_RECORD: a folder holding one holds that writer's outputs.
+REFINE_WRITER = "diffiner-refine"
+# The lock file of an output folder (`output_lock`). It is never removed: a run that opened it
+# while another held it must find the same file, and it records the last writer of the folder.
+LOCK_FILE = ".diffiner.lock"
+LOCK_MAX_BYTES = 4096  # what a lock record may take; more is not one of ours
+# How long a run that finds the lock taken waits for its holder to record itself (it does so just
+# after taking the lock) or to end, before it is refused.
+HOLDER_WAIT_S = 2.0
 
 
-class FolderError(Exception):
-    """A folder that cannot be used as asked: unreadable, not creatable or writable, or a layout
-    that the write rules refuse. The message names the folder."""
+class FolderError(DiffinerError):
+    """A folder that cannot be used as asked: unreadable, not creatable or writable, a layout
+    that the write rules refuse, or one that another run holds. The message names the folder;
+    exit status 2."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass
@@ -67,14 +97,15 @@ def _identity(st: os.stat_result) -> Tuple[int, int]:
 
 def read_run_record(folder: str) -> Optional[Dict]:
     """The refiner's config.yml in `folder`, or None where there is none (someone else's
-    config.yml, or one that cannot be read, does not count)."""
+    config.yml, or one that `read_yaml_record` refuses: too large, with aliases, not a regular
+    file, does not count; the reason is logged at DEBUG level)."""
     path = os.path.join(folder, RUN_RECORD)
     if not os.path.isfile(path):
         return None
     try:
-        with open(path) as f:
-            record = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        record = read_yaml_record(path)
+    except (OSError, RecordError) as exc:
+        logger.debug("%s: not read as a run record (%s)", path, error_text(exc))
         return None
     return record if isinstance(record, dict) and "refiner" in record and "diffiner_version" in record else None
 
@@ -84,12 +115,15 @@ def scan_audio_files(root: str, exclude: Iterable[str] = ()) -> Listing:
 
     Folders in `exclude` (absolute or relative to the working directory) are never entered, so an
     output folder placed inside an input folder is not read back as input; `root` itself is always
-    listed. Raises FileNotFoundError when `root` is not a folder, FolderError when it cannot be
-    listed.
+    listed. They are known by identity (whatever link leads to them) and by path, so that one
+    created while the listing runs (by a writer working into it) is not entered either. Raises
+    FileNotFoundError when `root` is not a folder, FolderError when it cannot be listed.
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"{root}: not a folder")
+    exclude = list(exclude)
     excluded = {_identity(os.stat(p)) for p in exclude if os.path.isdir(p)}
+    excluded_paths = {os.path.realpath(p) for p in exclude}
     visited = {_identity(os.stat(root))}
     files: List[str] = []
     unreadable: Dict[str, str] = {}
@@ -98,7 +132,7 @@ def scan_audio_files(root: str, exclude: Iterable[str] = ()) -> Listing:
     links: List[Tuple[str, Tuple[int, int]]] = []
 
     def enterable(path: str, identity: Tuple[int, int]) -> bool:
-        if identity in visited or identity in excluded:
+        if identity in visited or identity in excluded or os.path.realpath(path) in excluded_paths:
             logger.debug("%s: already listed or excluded; not entered", path)
             return False
         if read_run_record(path) is not None:
@@ -229,14 +263,13 @@ def _described(name: str, path: str) -> str:
     return f"{name} ({path})" if name and name != path else path
 
 
-def check_write_rules(inputs: Dict[str, str], output: Optional[str]) -> None:
+def check_write_rules(inputs: Dict[str, str], output: Optional[str], writer: Optional[str] = None) -> None:
     """Refuse a layout in which a writer could write onto what it reads.
 
     `inputs` maps a name for the user (a flag, or the path itself) to each folder read; `output`
-    is the folder written (None: only the inputs are checked). Two inputs may not be the same
-    folder, and the output may be neither an input nor a folder containing one. An output inside
-    an input is allowed: it is never read back (`scan_audio_files` excludes it). Raises
-    FolderError.
+    is the folder written (None: only the inputs are checked); `writer` names the command that
+    writes (see `check_output_folder`). Two inputs may not be the same folder, and the output must
+    pass `check_output_folder`. Raises FolderError.
     """
     items = list(inputs.items())
     for i, (name_a, path_a) in enumerate(items):
@@ -244,15 +277,50 @@ def check_write_rules(inputs: Dict[str, str], output: Optional[str]) -> None:
             if os.path.realpath(path_a) == os.path.realpath(path_b):
                 raise FolderError(f"{name_a} and {name_b} are the same folder ({path_a}); each file would be "
                                   "paired with itself")
-    if output is None:
-        return
-    for name, path in items:
+    if output is not None:
+        check_output_folder(inputs, output, writer)
+
+
+def check_output_folder(inputs: Dict[str, str], output: str, writer: Optional[str] = None) -> None:
+    """Refuse an output folder that is an input folder, contains one, or lies inside one while
+    something in it may be an input.
+
+    An output folder inside an input root is never read (the writers pass it to the walker in
+    `exclude`), so an audio file in it is no input of the run, but it would be overwritten (with
+    --overwrite) or taken for an output already made. It is accepted only when it does not exist,
+    holds no audio file, or holds the outputs of an earlier run of `writer` (the last writer its
+    lock file records, or the refiner, whose config.yml marks its folders). With `writer` None an
+    earlier run of any diffiner writer will do. Raises FolderError.
+    """
+    for name, path in inputs.items():
         if os.path.realpath(output) == os.path.realpath(path):
             raise FolderError(f"the output folder {output} is the input folder {_described(name, path)}; "
                               "choose another output folder")
         if is_inside(path, output):
             raise FolderError(f"the output folder {output} contains the input folder {_described(name, path)}; "
                               "choose another output folder")
+    around = [(name, path) for name, path in inputs.items() if is_inside(output, path)]
+    if not around or not os.path.isdir(output):
+        return
+    listing = scan_audio_files(output)
+    previous = earlier_writer(output)
+    if (listing.files or listing.unreadable) and (previous is None or writer not in (None, previous)):
+        name, path = around[0]
+        shown = (f"{len(listing.files)} audio file(s), e.g. {listing.files[0]}" if listing.files
+                 else f"folders that cannot be listed ({', '.join(listing.unreadable)})")
+        made = f"written by {previous}, not {writer}" if previous else "written by no diffiner run"
+        raise FolderError(f"the output folder {output} lies inside the input folder {_described(name, path)} "
+                          f"and holds {shown} {made}; they would be overwritten or taken for outputs: "
+                          f"choose a new folder or one outside {path} (or move those files away)")
+
+
+def earlier_writer(folder: str) -> Optional[str]:
+    """The writer that last wrote into `folder`: the one its lock file records, else the refiner
+    where it holds the refiner's config.yml, else None."""
+    record = _lock_record(os.path.join(folder, LOCK_FILE))
+    if isinstance(record.get("writer"), str):
+        return record["writer"]
+    return REFINE_WRITER if read_run_record(folder) is not None else None
 
 
 def output_path(out_root: str, rel: str) -> str:
@@ -288,13 +356,140 @@ def prepare_output_folder(folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
     except OSError as exc:
         raise FolderError(f"{folder}: cannot create the output folder ({error_text(exc)})") from exc
-    probe = os.path.join(folder, f"{TEMPORARY_PREFIX}write-test-{os.getpid()}")
+    # mkstemp picks a name no one can plant a link at in advance, and creates it with O_EXCL and
+    # O_NOFOLLOW: in a shared folder a fixed name could lead the probe onto someone else's file.
     try:
-        with open(probe, "wb"):
-            pass
+        fd, probe = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}write-test-", dir=folder)
+        os.close(fd)
         os.remove(probe)
     except OSError as exc:
         raise FolderError(f"{folder}: cannot write into the output folder ({error_text(exc)})") from exc
+
+
+# ----- one run per output folder -----
+
+class _HeldLocks(threading.local):
+    """Identities of the folders this thread holds locked: a writer may call another writer into
+    the same folder (make_noisy_set calls convert_folder) without refusing itself."""
+
+    def __init__(self) -> None:
+        self.folders: Set[Tuple[int, int]] = set()
+
+
+_HELD = _HeldLocks()
+
+
+def _lock_record(path: str) -> Dict:
+    """What a lock file records ({} for none, a link, or anything that is not a small JSON object
+    of ours): read without following links or blocking, since anyone may plant anything there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return {}
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}
+        return _parse_lock(os.read(fd, LOCK_MAX_BYTES))
+    finally:
+        os.close(fd)
+
+
+def _parse_lock(data: bytes) -> Dict:
+    """The JSON object at the start of `data`, {} for anything else. What follows it is ignored:
+    a holder writes its record over the previous one before cutting the file to its length."""
+    try:
+        record, _ = json.JSONDecoder().raw_decode(data.decode("utf-8", "replace"))
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _names_a_live_run(record: Dict) -> bool:
+    """Whether `record` can be the current holder's: a process of another host (which cannot be
+    checked from here), or one of this host that still runs."""
+    pid = record.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if record.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _take_lock(fd: int, folder: str) -> None:
+    """flock `fd` exclusively, or raise FolderError naming the run that holds it.
+
+    The holder records itself just after taking the lock, so for a moment the file may be empty,
+    or name the previous holder, which has ended (and the holder may end just then too): the lock
+    is tried again until it is taken or the file names a live run, for HOLDER_WAIT_S at most.
+    """
+    give_up = time.monotonic() + HOLDER_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError as exc:
+            record = _parse_lock(os.pread(fd, LOCK_MAX_BYTES, 0))
+            live = _names_a_live_run(record)
+            if live or time.monotonic() >= give_up:
+                holder = (f"{record.get('writer', '?')} (pid {record['pid']} on {record.get('host', '?')}, started "
+                          f"{record.get('started', '?')}: {record.get('command', '?')})" if live
+                          else "another run (it has not recorded itself)")
+                raise FolderError(f"{folder}: in use by {' '.join(holder.split())}; wait for that run to end or "
+                                  "choose another output folder") from exc  # split: a command line may hold a newline
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def output_lock(folder: str, writer: str) -> Iterator[None]:
+    """Create `folder` (`prepare_output_folder`) and hold an exclusive lock on it for the block.
+
+    The lock is flock(2) on LOCK_FILE in the folder, which records the holder: `writer` (the
+    command, e.g. "diffiner-resample"), pid, host, start time and command line. A second run,
+    from any process, raises FolderError naming the holder instead of mixing its files with the
+    first run's. The kernel releases the lock when its holder ends, however it ends (crash, kill
+    -9), so a lock file left behind is not a lock: the next run takes it over. The same thread
+    may take the lock of a folder it holds again (a writer calling another writer). The lock
+    file is not audio: the walker never lists it. Raises FolderError also where the lock file is
+    a link, a hard link or not a regular file (never written through), or cannot be created.
+    """
+    prepare_output_folder(folder)
+    identity = _identity(os.stat(folder))
+    held = _HELD.folders
+    if identity in held:
+        yield
+        return
+    path = os.path.join(folder, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0),
+                     0o644)
+    except OSError as exc:
+        reason = "it is a link; remove it" if exc.errno == errno.ELOOP else error_text(exc)
+        raise FolderError(f"{path}: cannot open the lock file of the output folder ({reason})") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise FolderError(f"{path}: the lock file is not a plain file of its own (a FIFO, a device or a "
+                              "hard link); remove it")
+        _take_lock(fd, folder)
+        record = {"writer": writer, "pid": os.getpid(), "host": socket.gethostname(),
+                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                  "command": shlex.join(sys.argv)}
+        data = (json.dumps(record) + "\n").encode("utf-8")
+        os.pwrite(fd, data, 0)  # over the previous record, then cut: never an empty file to a reader
+        os.ftruncate(fd, len(data))
+        held.add(identity)
+        try:
+            yield
+        finally:
+            held.discard(identity)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # ----- one file's error boundary -----
@@ -345,32 +540,33 @@ class FolderResult:
 
 
 def convert_folder(in_root: str, out_root: str, convert: Conversion, overwrite: bool = False,
-                   progress: bool = True, desc: str = "converting", listing: Optional[Listing] = None
-                   ) -> FolderResult:
+                   progress: bool = True, desc: str = "converting", listing: Optional[Listing] = None, *,
+                   writer: str) -> FolderResult:
     """Apply `convert` to every audio file under `in_root`, writing the same relative paths
-    under `out_root` as 16-bit PCM (`out_root` may lie inside `in_root`: it is never read back
-    as input).
+    under `out_root` as 16-bit PCM (`out_root` may lie inside `in_root` as `check_write_rules`
+    allows: it is never read back as input), holding `output_lock(out_root, writer)`.
 
     `listing` is `scan_audio_files(in_root, exclude=[out_root])` for a caller that needed it
-    first. Every file's failure (unreadable, rejected by `convert`) is recorded in `failed` and
-    the rest go on, so one broken file in a corpus of hundreds does not stop the run. Raises
-    FileNotFoundError when `in_root` is not a folder, FolderError for a layout the write rules
-    refuse or an output folder that cannot be written, OutputError when a write fails.
+    first. Every file's failure (unreadable, rejected by `convert`, a non-finite result) is
+    recorded in `failed` and the rest go on, so one broken file in a corpus of hundreds does not
+    stop the run. Raises FileNotFoundError when `in_root` is not a folder, FolderError for a
+    layout the write rules refuse, an output folder that cannot be written or one that another
+    run holds, OutputError when a write fails.
     """
-    check_write_rules({in_root: in_root}, out_root)
+    check_write_rules({in_root: in_root}, out_root, writer)
     if listing is None:
         listing = scan_audio_files(in_root, exclude=[out_root])
-    prepare_output_folder(out_root)
-    result = FolderResult(failed=dict(listing.unreadable))
-    for rel in tqdm(listing.files, desc=desc, unit="file", disable=not progress):
-        if os.path.exists(os.path.join(out_root, rel)) and not overwrite:
-            result.skipped.append(rel)
-            continue
-        in_path = os.path.join(in_root, rel)
-        with file_errors(result.failed, rel, in_path):
-            target = output_path(out_root, rel)
-            audio, rate = load_audio(in_path)
-            converted, out_rate = convert(rel, audio, rate)
-            save_audio(target, converted, out_rate)
-            result.written.append(rel)
+    with output_lock(out_root, writer):
+        result = FolderResult(failed=dict(listing.unreadable))
+        for rel in tqdm(listing.files, desc=desc, unit="file", disable=not progress):
+            if os.path.exists(os.path.join(out_root, rel)) and not overwrite:
+                result.skipped.append(rel)
+                continue
+            in_path = os.path.join(in_root, rel)
+            with file_errors(result.failed, rel, in_path):
+                target = output_path(out_root, rel)
+                audio, rate = load_audio(in_path)
+                converted, out_rate = convert(rel, audio, rate)
+                save_audio(target, converted, out_rate)
+                result.written.append(rel)
     return result

@@ -3,25 +3,37 @@
 Everything the rest of the package touches is float32 numpy of shape (channels, samples).
 Writes are atomic: a temporary file in the destination folder is renamed into place, so an
 interrupted run never leaves a truncated file behind. A write that fails (full disk, read-only
-folder) raises `OutputError` naming the file: the caller cannot go on writing, unlike a bad input,
-which concerns one file only (`AudioError`).
+folder) raises `OutputError` naming the file: the caller cannot go on writing, unlike a bad input
+or a non-finite result, which concern one file only (`AudioError`).
+
+Records that runs leave beside their outputs (YAML) are read by `read_yaml_record`, which bounds
+what a hostile or broken file can cost: a size cap and no anchors or aliases.
 """
 
 import contextlib
 import logging
 import os
 import shutil
+import stat
 import struct
 import uuid
-from typing import Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import numpy as np
 import soundfile as sf
+import yaml
+
+from ..errors import EXIT_USAGE, DiffinerError, error_text
 
 MODEL_SAMPLE_RATE = 16000
 AUDIO_EXTENSIONS = (".wav", ".flac")
 # Names of files being written (atomic_output); folder listings skip them.
 TEMPORARY_PREFIX = ".tmp-"
+# The longest file name, in bytes, of the file systems this runs on (NAME_MAX of ext4, XFS, btrfs,
+# tmpfs, ZFS and APFS): a temporary name longer than this cannot be created, whatever the folder.
+NAME_MAX = 255
+# Records (config.yml and the like) are a few kB; a larger file is not one of ours.
+RECORD_MAX_BYTES = 1 << 20
 # What libsndfile raises for a failed write (soundfile < 0.11 raised a plain RuntimeError).
 _SOUNDFILE_ERROR = getattr(sf, "LibsndfileError", RuntimeError)
 
@@ -29,15 +41,24 @@ _SOUNDFILE_ERROR = getattr(sf, "LibsndfileError", RuntimeError)
 logger = logging.getLogger(__name__)
 
 
-class AudioError(Exception):
-    """A file that cannot be used as audio input; the message names the file and the problem."""
+class AudioError(DiffinerError):
+    """A file that cannot be used as audio input, or audio that must not be written to it (NaN or
+    infinite samples); the message names the file and the problem."""
 
 
-class OutputError(OSError):
+class OutputError(DiffinerError, OSError):
     """A file that cannot be written (disk full, folder read-only); the message names the file.
 
     An OSError, so that code handling failed writes in general handles it too.
     """
+
+
+class RecordError(DiffinerError, ValueError):
+    """A record file that cannot be read as one (too large, not a regular file, not YAML, or YAML
+    with anchors or aliases); the message is one line naming the file. Exit status 2: the user
+    has to remove or mend it."""
+
+    exit_code = EXIT_USAGE
 
 
 def audio_info(path: str) -> Tuple[int, int, int]:
@@ -146,9 +167,15 @@ def save_audio(path: str, audio: np.ndarray, sample_rate: int, subtype: str = "P
     """Write (channels, samples) or (samples,) audio atomically, creating parent folders.
 
     The container follows the extension (.wav or .flac). Samples are clipped to [-1, 1]
-    so that 16-bit conversion cannot wrap around.
+    so that 16-bit conversion cannot wrap around. Raises AudioError naming `path`, and writes
+    nothing, when a sample is NaN or infinite: a clipped NaN becomes full-scale DC (-32768 in
+    16-bit PCM), a wrong result that would pass for a written file.
     """
     audio = np.asarray(audio, dtype=np.float32)
+    bad = audio.size - int(np.count_nonzero(np.isfinite(audio)))
+    if bad:
+        raise AudioError(f"{path}: the audio to write has {bad} NaN or infinite sample(s) of {audio.size}; "
+                         "not written")
     data = audio if audio.ndim == 1 else audio.T
     data = np.clip(data, -1.0, 1.0)
     ext = os.path.splitext(path)[1].lower()
@@ -188,11 +215,6 @@ def atomic_output(path: str) -> Iterator[str]:
             os.remove(tmp)
 
 
-def error_text(exc: BaseException) -> str:
-    """The message of an exception on one line (its type name when it has none)."""
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _free_space(folder: str) -> str:
     """"; N MB free on that disk", or nothing where that cannot be told."""
     while folder and not os.path.isdir(folder):
@@ -204,11 +226,65 @@ def _free_space(folder: str) -> str:
 
 
 def _temporary_path(path: str) -> str:
-    """A unique hidden name beside `path` with the same extension (audio.folders' listings skip
-    names that start with TEMPORARY_PREFIX).
+    """A unique hidden name beside `path`, `<TEMPORARY_PREFIX><12 hex digits>-<name>`, with `name`
+    shortened where the whole would pass NAME_MAX (audio.folders' listings skip names that start
+    with TEMPORARY_PREFIX; the hex digits alone make the name unique).
 
     Created with the process's normal permissions (unlike mkstemp's 0600), so the renamed
     result is as readable as any other output.
     """
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f"{TEMPORARY_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
+    tag = f"{TEMPORARY_PREFIX}{uuid.uuid4().hex[:12]}-"
+    return os.path.join(folder, tag + _shortened(name, NAME_MAX - len(tag)))
+
+
+def _shortened(name: str, room: int) -> str:
+    """`name` within `room` bytes as the file system stores it: unchanged when it fits, else cut
+    by whole characters (a multi-byte UTF-8 character, or an undecodable byte, is never split)
+    before its extension, which is kept where it is short."""
+    if len(os.fsencode(name)) <= room:
+        return name
+    stem, ext = os.path.splitext(name)
+    if len(os.fsencode(ext)) > room // 2:  # "a.<200 bytes>": an extension only in name
+        stem, ext = name, ""
+    while len(os.fsencode(stem + ext)) > room:
+        stem = stem[:-1]
+    return stem + ext
+
+
+class _RecordLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without anchors and aliases (`&a`, `*a`): no record of ours uses them, and
+    they let a few hundred bytes expand to gigabytes ("billion laughs") or make a structure that
+    contains itself, on which any recursive comparison ends in RecursionError."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if event.anchor is not None:  # an AliasEvent's anchor is the name it refers to
+            raise yaml.composer.ComposerError(None, None, "anchors and aliases (&, *) are not allowed in a record",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def read_yaml_record(path: str, max_bytes: int = RECORD_MAX_BYTES) -> Any:
+    """The YAML document in the file `path`, read safely whoever wrote it.
+
+    Raises RecordError (one line naming the file) for a file that is not a regular file (a FIFO
+    would block the open for ever: it is opened non-blocking and checked), is larger than
+    `max_bytes`, is not UTF-8 or YAML, uses anchors or aliases, or nests too deeply; OSError when
+    it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RecordError(f"{path}: not a regular file; not read")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise RecordError(f"{path}: larger than {max_bytes} bytes; not a record, not read")
+    try:
+        return yaml.load(data.decode("utf-8"), Loader=_RecordLoader)
+    except UnicodeDecodeError as exc:
+        raise RecordError(f"{path}: not UTF-8 text ({error_text(exc)})") from exc
+    except yaml.YAMLError as exc:
+        raise RecordError(f"{path}: not a usable record ({error_text(exc)})") from exc
+    except RecursionError as exc:  # the composer recurses once per level of nesting
+        raise RecordError(f"{path}: nested too deeply to be a record") from exc

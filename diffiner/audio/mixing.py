@@ -22,10 +22,12 @@ from typing import Dict, Sequence, Tuple
 import numpy as np
 
 from ..seeding import numpy_rng
-from .folders import FolderResult, convert_folder, scan_audio_files
+from .folders import FolderResult, check_write_rules, convert_folder, output_lock, scan_audio_files
 from .io import write_text_atomic
 
 logger = logging.getLogger(__name__)
+
+WRITER = "make_noisy_set"  # in output folders' lock files
 
 NOISE_COLOURS = ("white", "pink", "brown", "babble", "hum")
 DEFAULT_SNRS = (0.0, 5.0, 10.0)
@@ -148,12 +150,14 @@ def make_noisy_set(clean_dir: str, out_dir: str, snrs: Sequence[float] = DEFAULT
     call with other SNRs or colours must not leave stale files behind. A clean file that cannot
     be read or is silent is recorded in the result's `failed`, and the others are still written.
     Raises ValueError for unknown colours or an empty SNR or colour list, FileNotFoundError for a
-    missing folder, FolderError when `out_dir` is `clean_dir` or contains it.
+    missing folder, FolderError for an output folder that the write rules refuse or that another
+    run holds (the lock covers conditions.csv too).
     """
     unknown = [c for c in colours if c not in _GENERATORS]
     if unknown or not colours or not snrs:
         raise ValueError(f"need at least one SNR and colours from {', '.join(NOISE_COLOURS)}; got "
                          f"snrs={list(snrs)}, colours={list(colours)}")
+    check_write_rules({clean_dir: clean_dir}, out_dir, WRITER)
     # Conditions are assigned over the whole sorted listing, so it is made before any file is written.
     listing = scan_audio_files(clean_dir, exclude=[out_dir])
     conditions = assign_conditions(listing.files, snrs, colours)
@@ -166,9 +170,10 @@ def make_noisy_set(clean_dir: str, out_dir: str, snrs: Sequence[float] = DEFAULT
         conditions[rel] = Condition(cond.colour, cond.snr_db, gain)
         return noisy, rate
 
-    result = convert_folder(clean_dir, out_dir, add_noise, overwrite=True, progress=progress, desc="adding noise",
-                            listing=listing)
-    written = {rel: conditions[rel] for rel in result.written}
-    write_text_atomic(os.path.join(out_dir, CONDITIONS_FILE), format_conditions_csv(written))
+    with output_lock(out_dir, WRITER):
+        result = convert_folder(clean_dir, out_dir, add_noise, overwrite=True, progress=progress,
+                                desc="adding noise", listing=listing, writer=WRITER)
+        written = {rel: conditions[rel] for rel in result.written}
+        write_text_atomic(os.path.join(out_dir, CONDITIONS_FILE), format_conditions_csv(written))
     logger.info("wrote %d noisy file(s) to %s", len(result.written), out_dir)
     return result

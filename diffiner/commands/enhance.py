@@ -5,7 +5,8 @@ from typing import Optional, Sequence
 
 from ..audio.enhancers import ENHANCERS, enhance_folder
 from ..flags import NO_PROGRESS_FLAG, OVERWRITE_FLAG, Flag, command_parser
-from .common import report_folder, run_command, setup_logging, usage_errors
+from ..errors import usage_errors
+from .common import report_folder, run_command, setup_logging
 
 
 def build_parser():
@@ -17,7 +18,8 @@ def build_parser():
             NO_PROGRESS_FLAG,
         ]}, prog="diffiner-enhance")
     parser.add_argument("noisy", metavar="NOISY", help="folder of noisy recordings (searched recursively)")
-    parser.add_argument("output", metavar="OUT", help="output folder (not NOISY; inside it is allowed)")
+    parser.add_argument("output", metavar="OUT", help="output folder (not NOISY; inside NOISY only when new or "
+                        "holding earlier diffiner-enhance outputs)")
     return parser
 
 

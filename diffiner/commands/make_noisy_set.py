@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 
 from ..audio.mixing import CONDITIONS_FILE, DEFAULT_SNRS, NOISE_COLOURS, make_noisy_set
 from ..flags import NO_PROGRESS_FLAG, Flag, command_parser
-from .common import report_folder, run_command, setup_logging, usage_errors
+from ..errors import usage_errors
+from .common import report_folder, run_command, setup_logging
 
 
 def build_parser():
@@ -19,7 +20,8 @@ def build_parser():
             NO_PROGRESS_FLAG,
         ]}, prog="python -m diffiner.commands.make_noisy_set")
     parser.add_argument("clean", metavar="CLEAN", help="folder of clean clips")
-    parser.add_argument("output", metavar="OUT", help="where the noisy clips and conditions.csv go (not CLEAN)")
+    parser.add_argument("output", metavar="OUT", help="where the noisy clips and conditions.csv go (not CLEAN; "
+                        "inside CLEAN only when new or holding earlier noisy sets)")
     return parser
 
 

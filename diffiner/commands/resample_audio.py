@@ -11,7 +11,11 @@ from typing import Optional, Sequence
 from ..audio.folders import FolderResult, convert_folder
 from ..audio.io import MODEL_SAMPLE_RATE, resample
 from ..flags import NO_PROGRESS_FLAG, OVERWRITE_FLAG, Flag, command_parser
-from .common import check_number, report_folder, run_command, setup_logging, usage_errors
+from ..errors import usage_errors
+from .common import check_number, report_folder, run_command, setup_logging
+
+
+WRITER = "diffiner-resample"  # in output folders' lock files
 
 
 def resample_folder(in_root: str, out_root: str, rate: int = MODEL_SAMPLE_RATE,
@@ -22,7 +26,7 @@ def resample_folder(in_root: str, out_root: str, rate: int = MODEL_SAMPLE_RATE,
     sox wrote in the original script.
     """
     return convert_folder(in_root, out_root, lambda rel, audio, sr: (resample(audio, sr, rate), rate), overwrite,
-                          progress=progress, desc=f"resampling to {rate} Hz")
+                          progress=progress, desc=f"resampling to {rate} Hz", writer=WRITER)
 
 
 def build_parser():
@@ -34,7 +38,8 @@ def build_parser():
             NO_PROGRESS_FLAG,
         ]}, prog="diffiner-resample")
     parser.add_argument("input", metavar="IN", help="folder searched recursively (OUT inside it is ignored)")
-    parser.add_argument("output", metavar="OUT", help="output folder (not IN, nor a folder containing it)")
+    parser.add_argument("output", metavar="OUT", help="output folder (not IN, nor a folder containing it; inside "
+                        "IN only when new or holding earlier diffiner-resample outputs)")
     return parser
 
 

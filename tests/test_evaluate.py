@@ -11,14 +11,14 @@ import pytest
 import soundfile as sf
 
 from diffiner.audio.io import resample, save_audio
-from diffiner.commands.common import UsageError
+from diffiner.errors import UsageError
 from diffiner.commands.evaluate import main
 from diffiner.evaluation import run as evaluation_run
 from diffiner.evaluation import scoring
 from diffiner.evaluation.run import EvaluationSetup, choose_plot_files
 from diffiner.evaluation.scoring import ALL_METRICS, METRIC_BACKENDS, EvaluationError, resolve_metrics
 
-from conftest import speech_like, with_noise
+from conftest import snr_folders, speech_like, with_noise
 
 SR = 16000
 # One DNSMOS window after speechmos's tiling (2.4 s doubles to 9.6 s): keeps the tests fast.
@@ -37,13 +37,7 @@ def no_nisqa_weights(tmp_path, monkeypatch):
 @pytest.fixture
 def corpus(tmp_path: Path) -> Dict[str, Path]:
     """clean/ plus noisy/ (0 dB), sysA/ (10 dB) and sysB/ (25 dB SNR), each with FILES."""
-    folders = {name: tmp_path / name for name in ("clean", *SNRS)}
-    for index, relative in enumerate(FILES):
-        clean = speech_like(SECONDS, seed=index)
-        save_audio(str(folders["clean"] / relative), clean, SR)
-        for name, snr in SNRS.items():
-            save_audio(str(folders[name] / relative), with_noise(clean, snr, seed=10 + index), SR)
-    return folders
+    return snr_folders(tmp_path, FILES, SNRS, SECONDS, SR)
 
 
 def base_args(corpus: Dict[str, Path], output: Path, *systems: str) -> List[str]:
@@ -59,6 +53,7 @@ def read_rows(output: Path) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_end_to_end_writes_all_outputs(corpus, tmp_path, capsys):
     output = tmp_path / "results"
     argv = [
@@ -280,6 +275,7 @@ def test_unusable_output_folder_is_one_line_before_any_scoring(corpus, tmp_path,
     assert len(errors) == 1 and errors[0].startswith(f"error: {output}: cannot create the output folder")
 
 
+@pytest.mark.slow
 def test_workers_without_nisqa_start_without_torch_setup(corpus, tmp_path, monkeypatch):
     """Without NISQA no metric needs torch: the worker pool gets no initializer."""
     pools = []

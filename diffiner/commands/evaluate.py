@@ -6,14 +6,17 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..audio.io import AudioError
-from ..evaluation.nisqa import CACHE_DIR, WEIGHTS_LICENCE, WEIGHTS_NAME, NisqaWeightsError
+from ..errors import UsageError, usage_errors
+from ..evaluation.nisqa import CACHE_DIR, WEIGHTS_LICENCE, WEIGHTS_NAME
 from ..evaluation.run import CLEAN, NOISY, EvaluationSetup, evaluate
-from ..evaluation.scoring import ALL_METRICS, EvaluationError
+from ..evaluation.scoring import ALL_METRICS
 from ..flags import Flag, command_parser
-from .common import UsageError, check_number, run_command, setup_logging, usage_errors
+from .common import check_number, run_command, setup_logging
 
 # What the user has to fix (a folder, a file, a flag): one line and exit status 2.
-INPUT_ERRORS = (EvaluationError, NisqaWeightsError, AudioError, FileNotFoundError)
+# Raised by readers of the user's files: what was asked is wrong (EvaluationError and
+# NisqaWeightsError are usage errors of their own).
+INPUT_ERRORS = (AudioError, FileNotFoundError)
 
 
 def _system_spec(text: str) -> Tuple[str, str]:
@@ -39,8 +42,8 @@ FOLDER_FLAGS = (
          action="append", metavar="NAME=DIR"),
     Flag("clean", help="clean references (enables PESQ, ESTOI and SI-SDR)", metavar="DIR"),
     Flag("noisy", help="noisy inputs, scored as system 'noisy'", metavar="DIR"),
-    Flag("output_dir", "./eval_results", "where per_file.csv, summary.md, summary.json and spectrograms.png go",
-         metavar="DIR"),
+    Flag("output_dir", "./eval_results", "where per_file.csv, summary.md, summary.json, spectrograms.png and the "
+         "listening page report.html go", metavar="DIR"),
 )
 SCORING_FLAGS = (
     Flag("metrics", None, f"comma list from {','.join(ALL_METRICS)} (default: every one the inputs allow: pesq, "
@@ -53,6 +56,11 @@ SCORING_FLAGS = (
     Flag("workers", os.cpu_count() or 1, "worker processes (1 scores in-process; default: the number of CPUs, "
          "here %(default)s)",
          type=int, metavar="N"),
+)
+REPORT_FLAGS = (
+    Flag("report_copy_audio", False, "copy every played file under DIR/report_files/audio, so that the output "
+         "folder holds everything report.html plays and can be zipped and shared (default: the page links to "
+         "the files where they lie, by relative paths)"),
 )
 PLOT_FLAGS = (
     Flag("plot_files", None, "comma list of relative paths to draw spectrograms of", type=_path_list,
@@ -67,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "A system's output gets a metric's floor where the metric is undefined for it (e.g. "
                           "silent) or its score is lower; a file whose clean reference "
                           "is unusable is left out of the intrusive metrics for every system.", {
-        "folders": FOLDER_FLAGS, "scoring": SCORING_FLAGS, "spectrograms": PLOT_FLAGS}, prog="diffiner-evaluate")
+        "folders": FOLDER_FLAGS, "scoring": SCORING_FLAGS, "listening page": REPORT_FLAGS,
+        "spectrograms": PLOT_FLAGS}, prog="diffiner-evaluate")
 
 
 def _setup_from_args(args: argparse.Namespace) -> EvaluationSetup:
@@ -90,6 +99,7 @@ def _setup_from_args(args: argparse.Namespace) -> EvaluationSetup:
         plot_files=args.plot_files,
         num_plot_files=args.num_plot_files,
         nisqa_weights=args.nisqa_weights,
+        report_copy_audio=args.report_copy_audio,
     )
 
 
@@ -113,6 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _print_missing(result.missing)
         print(result.markdown, end="")
         print(f"results written to {setup.output_dir}")
+        print(f"listening page: {result.report_path}")
         return 0
 
     return run_command(body, args.debug)

@@ -11,7 +11,7 @@ import io
 import json
 import math
 import os
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence
 
 from ..audio.io import write_text_atomic
 from . import metrics
@@ -48,7 +48,7 @@ def floored_files(rows: Sequence[Dict[str, object]], systems: Sequence[str]) -> 
     return {system: sum(1 for r in rows if r["system"] == system and r["floored"]) for system in systems}
 
 
-def _format_cell(stats: Dict[str, float], num_files: int) -> str:
+def format_cell(stats: Dict[str, float], num_files: int) -> str:
     """'mean ± ci95' for the table, noting n when some files could not be scored."""
     if stats["n"] == 0:
         return "n/a"
@@ -58,6 +58,29 @@ def _format_cell(stats: Dict[str, float], num_files: int) -> str:
     if stats["n"] != num_files:
         text += f" (n={stats['n']})"
     return text
+
+
+def summary_notes(
+    summary: Dict[str, Dict[str, Dict[str, float]]], columns: Sequence[str], num_files: int,
+    floors: Dict[str, float],
+) -> List[str]:
+    """The sentences under the summary table (Markdown and the listening page share them): what
+    the numbers are, what the floors are and which files were not scored."""
+    notes = [f"Mean ± half-width of the 95% confidence interval (Student's t) over {num_files} file(s)."]
+    floor_text = ", ".join(f"{name} {value:g}{' dB' if name == 'sisdr' else ''}" for name, value in floors.items())
+    notes.append(
+        f"floored: files on which a score of the system was set to its metric's floor ({floor_text}): "
+        "the metric was undefined for the output (e.g. silent), or the score was lower; per metric in "
+        "summary.json, per file in per_file.csv."
+    )
+    first = next(iter(summary.values()), {})
+    left_out = [f"{c} {first[c]['not_scored']}" for c in columns if first[c]["not_scored"]]
+    if left_out:
+        notes.append(
+            f"Not scored for any system, as undefined for the file itself (e.g. a silent or too short clean "
+            f"reference), file(s) per column: {', '.join(left_out)}; listed in per_file.csv (not_scored)."
+        )
+    return notes
 
 
 def format_summary_markdown(
@@ -71,25 +94,10 @@ def format_summary_markdown(
         "| --- | " + " | ".join("---:" for _ in columns) + " | ---: |",
     ]
     for system, per_column in summary.items():
-        cells = [_format_cell(per_column[c], num_files) for c in columns]
+        cells = [format_cell(per_column[c], num_files) for c in columns]
         lines.append(f"| {system} | " + " | ".join(cells) + f" | {floored[system]} |")
     lines.append("")
-    lines.append(
-        f"Mean ± half-width of the 95% confidence interval (Student's t) over {num_files} file(s)."
-    )
-    floor_text = ", ".join(f"{name} {value:g}{' dB' if name == 'sisdr' else ''}" for name, value in floors.items())
-    lines.append(
-        f"floored: files on which a score of the system was set to its metric's floor ({floor_text}): "
-        "the metric was undefined for the output (e.g. silent), or the score was lower; per metric in "
-        "summary.json, per file in per_file.csv."
-    )
-    first = next(iter(summary.values()), {})
-    left_out = [f"{c} {first[c]['not_scored']}" for c in columns if first[c]["not_scored"]]
-    if left_out:
-        lines.append(
-            f"Not scored for any system, as undefined for the file itself (e.g. a silent or too short clean "
-            f"reference), file(s) per column: {', '.join(left_out)}; listed in per_file.csv (not_scored)."
-        )
+    lines.extend(summary_notes(summary, columns, num_files, floors))
     return "\n".join(lines) + "\n"
 
 

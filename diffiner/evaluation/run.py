@@ -1,6 +1,7 @@
 """An evaluation run: pair the folders, check the lengths, score, summarize, write and plot.
 
-Outputs in the output folder: per_file.csv, summary.md, summary.json and spectrograms.png.
+Outputs in the output folder: per_file.csv, summary.md, summary.json, spectrograms.png and the
+listening page report.html (with its images, and copies of the audio if asked, under report_files/).
 """
 
 import logging
@@ -8,7 +9,8 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..audio.folders import pair_files, prepare_output_folder
+from ..audio.folders import check_output_folder, pair_files, prepare_output_folder
+from .listening_page import PageData, write_listening_page
 from .plots import ovrl_ranking, plot_spectrograms
 from . import nisqa
 from .report import floored_files, format_summary_markdown, summarize, write_outputs
@@ -31,6 +33,8 @@ class EvaluationSetup:
     default spectrogram choice compares. `metrics` None means every metric the inputs allow
     (NISQA among them only when its weights are here); naming NISQA there allows downloading
     its weights. `nisqa_weights` is a local nisqa.tar to use instead of torchmetrics' cache.
+    `report_copy_audio` copies every played file beside the listening page instead of linking
+    to it where it lies.
     """
 
     systems: Dict[str, str]
@@ -42,6 +46,7 @@ class EvaluationSetup:
     plot_files: Optional[Sequence[str]] = None
     num_plot_files: int = 2
     nisqa_weights: Optional[str] = None
+    report_copy_audio: bool = False
 
     def scored_systems(self) -> Dict[str, str]:
         """Every scored folder by name: noisy first (when given), then the systems."""
@@ -58,6 +63,7 @@ class EvaluationResult:
     summary: Dict[str, Dict[str, Dict[str, float]]]
     markdown: str
     plotted_files: List[str]
+    report_path: str
 
 
 def _comparison_pair(setup: EvaluationSetup) -> Optional[Tuple[str, str]]:
@@ -94,12 +100,13 @@ def _with_nisqa_weights(
 
 
 def evaluate(setup: EvaluationSetup) -> EvaluationResult:
-    """Pair, check, score, summarize and plot; raises EvaluationError, NisqaWeightsError, AudioError
-    or FileNotFoundError (no common file, missing folder) for inputs the user must fix, and
-    FolderError for an output folder that cannot be created or written."""
+    """Pair, check, score, summarize, plot and write the listening page; raises EvaluationError,
+    NisqaWeightsError, AudioError or FileNotFoundError (no common file, missing folder) for inputs
+    the user must fix, and FolderError for an output folder that cannot be created or written."""
     metric_names = resolve_metrics(setup.metrics, setup.clean is not None)
     systems = setup.scored_systems()
     sources = {**({CLEAN: setup.clean} if setup.clean else {}), **systems}
+    check_output_folder(sources, setup.output_dir, "diffiner-evaluate")
     files, missing = pair_files(sources, exclude=[setup.output_dir])
     _validate_plot_files(setup.plot_files, files)
     if setup.clean:
@@ -117,8 +124,11 @@ def evaluate(setup: EvaluationSetup) -> EvaluationResult:
     columns = metric_columns(metric_names)
     summary = summarize(rows, list(systems), columns)
     floors = {name: FLOORS[name] for name in metric_names}
-    markdown = format_summary_markdown(summary, columns, len(files), floored_files(rows, list(systems)), floors)
+    floored = floored_files(rows, list(systems))
+    markdown = format_summary_markdown(summary, columns, len(files), floored, floors)
     write_outputs(setup.output_dir, rows, columns, summary, markdown)
+    page = PageData(files, sources, CLEAN if setup.clean else None, rows, metric_names, columns, summary, floored)
+    report_path = write_listening_page(setup.output_dir, page, setup.workers, setup.report_copy_audio)
 
     plotted = choose_plot_files(rows, files, setup)
     if plotted:
@@ -126,7 +136,7 @@ def evaluate(setup: EvaluationSetup) -> EvaluationResult:
     else:
         logger.info("no file chosen for plotting; spectrograms.png not written")
     missing = {name: paths for name, paths in missing.items() if paths}
-    return EvaluationResult(files, missing, summary, markdown, plotted)
+    return EvaluationResult(files, missing, summary, markdown, plotted, report_path)
 
 
 def choose_plot_files(

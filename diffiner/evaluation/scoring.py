@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..audio.io import MODEL_SAMPLE_RATE, audio_info, load_audio, resample, to_mono
+from ..errors import UsageError
 from . import metrics, nisqa
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,8 @@ METRIC_BACKENDS = {
 MAX_LENGTH_DIFFERENCE = Fraction(1, 100)
 
 
-class EvaluationError(Exception):
-    """An input problem the user has to fix; the command reports it as a usage error (exit 2)."""
+class EvaluationError(UsageError):
+    """An input problem the user has to fix: a usage error (exit 2)."""
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
-"""Shared pieces of the benchmarks: the test-set length distribution and the results log."""
+"""Shared pieces of the benchmarks: the test-set length distribution, the results log, and the
+GPU check of gpu_acceptance.sh."""
 
 import datetime
 import os
 import platform
 import subprocess
 import sys
-from typing import List, Optional, Sequence
+import warnings
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +36,70 @@ def machine_description() -> str:
         device = f"CPU: {_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return (f"{device}; Python {platform.python_version()}, torch {torch.__version__}, "
             f"numpy {np.__version__}")
+
+
+def can_run_on(capability: Tuple[int, int], arches: Sequence[str]) -> bool:
+    """Whether a torch build compiled for `arches` (torch.cuda.get_arch_list(): sm_XY machine
+    code, compute_XY PTX) has kernels for a GPU of compute `capability` (major, minor).
+
+    Machine code runs on GPUs of its major version and an equal or higher minor one (sm_86 on an
+    8.9 card, not sm_86 on a 9.0 one); PTX is compiled by the driver for its own or any later
+    capability.
+    """
+    for arch in arches:
+        kind, _, number = arch.partition("_")
+        digits = number.rstrip("abcdefghijklmnopqrstuvwxyz")  # sm_90a, sm_100f: variants of 9.0, 10.0
+        if not digits.isdigit():
+            continue
+        built = (int(digits[:-1]), int(digits[-1]))
+        if kind == "sm" and built[0] == capability[0] and built[1] <= capability[1]:
+            return True
+        if kind == "compute" and built <= capability:
+            return True
+    return False
+
+
+def cuda_problem(listed: Sequence[str]) -> Optional[str]:
+    """Why this torch cannot run on the GPUs that nvidia-smi lists (`listed`: its CSV lines of
+    index, name, compute capability and driver), in one line naming the driver and torch's
+    kernels; None when it can run on every GPU it sees and sees them all.
+
+    Each visible GPU must have kernels in the build (`can_run_on`) and run a matrix product.
+    """
+    cuda = torch.version.cuda or "none: a CPU build"
+    problem = None
+    # Asked first, so that torch's warning about why (torch warns once) lands here.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    # get_arch_list() answers [] whenever CUDA is unusable; the build's own flags still say what
+    # it was compiled for.
+    arches = torch.cuda.get_arch_list() or (getattr(torch._C, "_cuda_getArchFlags", lambda: "")() or "").split()
+    if not available:
+        # torch's warning, if any, says why (e.g. "The NVIDIA driver on your system is too old").
+        why = "; ".join(str(w.message).splitlines()[0] for w in caught)
+        problem = "torch.cuda.is_available() is False" + (f" ({why})" if why else "")
+    elif torch.cuda.device_count() < len(listed) and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        problem = f"torch sees {torch.cuda.device_count()} of them"
+    else:
+        for index in range(torch.cuda.device_count()):
+            capability = torch.cuda.get_device_capability(index)
+            if not can_run_on(capability, arches):
+                problem = f"GPU {index} is sm_{capability[0]}{capability[1]}, which this build has no kernels for"
+                break
+            try:
+                x = torch.ones(64, 64, device=f"cuda:{index}")
+                if (x @ x).sum().item() != 64 ** 3:
+                    problem = f"GPU {index} computed a wrong matrix product"
+                    break
+            except RuntimeError as exc:
+                problem = f"GPU {index} fails to run a matrix product: {str(exc).splitlines()[0]}"
+                break
+    if problem is None:
+        return None
+    gpus = "; ".join(line.strip() for line in listed)
+    return (f"nvidia-smi lists {len(listed)} GPU(s) (index, name, compute capability, driver: {gpus}) but torch "
+            f"{torch.__version__} (CUDA {cuda}; torch.cuda.get_arch_list(): {arches}) cannot use them: {problem}")
 
 
 def _cpu_model() -> str:

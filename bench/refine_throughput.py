@@ -8,15 +8,19 @@ the speed-up is measured side by side in one run.
 On CUDA it uses the published-size model and ddim200 over all 824 files. On a CPU-only machine
 that would take days, so it uses a small model, a few files and few steps, and says so.
 
-Each configuration's refined audio is compared with fp32's from the same run (relative rms
-difference over all files; the same seeds, so only the arithmetic differs), and the fastest
-configuration within --tolerance of it is printed: the candidate for the default precision.
+Each configuration refines with its own copy of the model, so that no switch (channels-last
+converts the weights in place) carries over to the configurations after it. Its refined audio
+is compared with fp32's from the same run (relative rms difference over all files; the same
+seeds, so only the arithmetic differs), and the fastest configuration within --tolerance of it
+is printed: the candidate for the default precision. Compiled configurations run at fp32's
+widths for that comparison, not at --compile's 128-frame buckets.
 
 How long the full CUDA run takes is estimated from FLOP counts in BENCHMARKS.md (section "GPU
 acceptance"). `--configs` and `--num-files` / `--steps` run a part of it.
 """
 
 import argparse
+import copy
 import time
 from typing import Dict, List, Tuple
 
@@ -26,6 +30,11 @@ import torch
 from common import markdown_table, record, voicebank_like_durations
 from diffiner.pipeline import Refiner
 from diffiner.script_util import create_model_and_diffusion
+
+try:
+    from torch.utils.flop_counter import FlopCounterMode
+except ImportError:  # torch < 2.1 (the torch 1.11 image) has no FLOP counter: TFLOP/s is left out
+    FlopCounterMode = None
 
 SMALL_MODEL = dict(num_channels=32, num_res_blocks=1, channel_mult="1,1,2,2", attention_resolutions="8", num_heads=2)
 # Dense bf16 tensor-core peaks from the vendors' data sheets, TFLOP/s.
@@ -88,10 +97,11 @@ def peak_tflops(override: float) -> Tuple[float, str]:
 
 
 def network_flops(refiner: Refiner, batch: int, width: int, cache: Dict) -> float:
-    """FLOPs of one network call on a (batch, 2, 256, width) input, counted by torch."""
+    """FLOPs of one network call on a (batch, 2, 256, width) input, counted by torch; NaN where
+    this torch cannot count them."""
+    if FlopCounterMode is None:
+        return float("nan")
     if (batch, width) not in cache:
-        from torch.utils.flop_counter import FlopCounterMode
-
         x = torch.zeros(batch, 2, 256, width, device=refiner.device)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             refiner.model(x, torch.zeros(batch, dtype=torch.long, device=refiner.device))
@@ -104,18 +114,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def batch_shapes(refiner, segments) -> List[Tuple[int, int]]:
+    """(segments, width) of each batch the refiner runs `segments` in (`run_segments` batches
+    the segments of each width in turn, `batch_size_for` that width at a time)."""
+    counts: Dict[int, int] = {}
+    for seg in segments:
+        counts[seg.width] = counts.get(seg.width, 0) + 1
+    shapes = []
+    for width, count in counts.items():
+        size = refiner.batch_size_for(width)
+        shapes += [(min(size, count - start), width) for start in range(0, count, size)]
+    return shapes
+
+
 def run_config(name: str, settings: Dict, model, diffusion, recordings: List[np.ndarray], args, flop_cache: Dict):
-    """Refine every recording with one configuration; the timing covers the network's work only."""
+    """Refine every recording with one configuration, on a copy of `model`; the timing covers the
+    network's work only."""
     options = dict(batch_size=args.batch_size, max_batch_frames=args.max_batch_frames, device=args.device)
+    if settings.get("compile") or settings.get("cuda_graphs"):
+        # fp32's widths (the network's multiple): a segment's noise is drawn at its padded width,
+        # so only at the same widths can the audio be compared with fp32's.
+        options["width_bucket"] = model.downsample_factor
     options.update(settings)
-    refiner = Refiner(model, diffusion, **options)
+    refiner = Refiner(copy.deepcopy(model), diffusion, **options)
     segments = [seg for k, wave in enumerate(recordings)
                 for seg in refiner.prepare(wave, wave * 0.8, 16000, key=str(k)).segments]
     if refiner.device.type == "cuda" and args.max_batch_frames is None and "max_batch_frames" not in settings:
         refiner.auto_max_batch_frames(max(seg.width for seg in segments))
-    batches = refiner.plan_batches(segments)
+    batches = batch_shapes(refiner, segments)
     with torch.no_grad():  # warm-up: one call per batch shape (compilation happens here)
-        for shape in sorted({(len(b), segments[b[0]].width) for b in batches}):
+        for shape in sorted(set(batches)):
             x = torch.zeros(shape[0], 2, 256, shape[1], device=refiner.device)
             refiner.network(x, torch.zeros(shape[0], dtype=torch.long, device=refiner.device))
     synchronize(refiner.device)
@@ -124,9 +152,9 @@ def run_config(name: str, settings: Dict, model, diffusion, recordings: List[np.
     synchronize(refiner.device)
     wall = time.perf_counter() - start
     steps = diffusion.num_timesteps
-    flops = steps * sum(network_flops(refiner, len(b), segments[b[0]].width, flop_cache) for b in batches)
+    flops = steps * sum(network_flops(refiner, size, width, flop_cache) for size, width in batches)
     return dict(wall=wall, frames=sum(seg.width for seg in segments), flops=flops, waves=waves,
-                width_bucket=refiner.width_bucket, batches=len(batches), max_batch=max(len(b) for b in batches))
+                width_bucket=refiner.width_bucket, batches=len(batches), max_batch=max(size for size, _ in batches))
 
 
 def relative_difference(waves: List[torch.Tensor], reference: List[torch.Tensor]) -> float:
@@ -182,7 +210,7 @@ def main() -> None:
         if name == "fp32":
             reference = result
         # Only at fp32's widths: a segment's noise is drawn at its padded width, so other widths
-        # (--compile's 128-frame buckets, the original's 768) give other noise, not other arithmetic.
+        # (the original's 768 frames) give other noise, not other arithmetic.
         if reference is None:
             difference, shown = float("nan"), "n/a (fp32 not run)"
         elif result["width_bucket"] != reference["width_bucket"]:
@@ -193,10 +221,12 @@ def main() -> None:
         if difference <= args.tolerance:
             equivalent[name] = result["wall"]
         tflops = result["flops"] / result["wall"] / 1e12
+        counted = tflops == tflops  # NaN where torch has no FLOP counter
         rows.append([
             name, f"{audio_seconds / result['wall']:.2f}", f"{result['wall'] / audio_seconds:.4f}",
             f"{result['wall']:.1f}", f"{result['frames'] / audio_frames:.3f}", result["max_batch"],
-            f"{tflops:.2f}", f"{100 * tflops / peak:.1f}%" if peak == peak else "n/a", shown,
+            f"{tflops:.2f}" if counted else "n/a",
+            f"{100 * tflops / peak:.1f}%" if counted and peak == peak else "n/a", shown,
         ])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
     table = markdown_table(["config", "audio s/s", "RTF", "wall s", "frames per audio frame", "max batch",
@@ -212,7 +242,7 @@ def main() -> None:
         else "published-size model (164.3 M parameters, random weights)"
     notes = (f"Diffiner+ ddim{args.steps}, {len(durations)} files ({audio_seconds:.1f} s of audio), {model_desc}. "
              "Network time only: reading and writing files is overlapped by the CLI's threads and not timed here. "
-             "TFLOP/s counts the network's FLOPs (torch.utils.flop_counter) over the timed run; "
+             "TFLOP/s counts the network's FLOPs (torch.utils.flop_counter; n/a on torch < 2.1) over the timed run; "
              f"peak: {peak:.3f} TFLOP/s ({peak_source}). Difference from fp32: relative rms difference of the "
              "refined audio from fp32's in this run, same seeds; n/a where fp32 had not run yet, or where the "
              f"padded widths, and with them the noise drawn, differ. Random weights (none zero). {verdict}")

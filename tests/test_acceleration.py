@@ -2,10 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffiner.acceleration import ExecutionSettings, NetworkRunner, autocast, build_runner, frames_that_fit
+from diffiner.acceleration import (ExecutionSettings, NetworkRunner, autocast, build_runner, frames_that_fit,
+                                  largest_tensor_per_frame, max_frames_by_elements, measurement_batches, memory_model)
 from diffiner.pipeline import Refiner
+from diffiner.script_util import create_model_and_diffusion
 
-from conftest import tiny_model_and_diffusion
+from conftest import requires_cuda, tiny_model_and_diffusion
 
 # Stated tolerances of reduced precision against float32: the largest output difference relative
 # to the output's largest magnitude, for the network alone. Measured on this tiny model on the
@@ -80,6 +82,7 @@ def test_unsupported_autocast_is_a_clear_error():
             pass
 
 
+@pytest.mark.slow
 def test_compile_switch_buckets_widths_and_matches_eager():
     if not hasattr(torch, "compile"):
         pytest.skip("torch.compile needs torch >= 2.0")
@@ -97,12 +100,91 @@ def test_compile_switch_buckets_widths_and_matches_eager():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4 * eager.abs().max().item())
 
 
+MB = 2 ** 20
+
+
 def test_the_batch_budget_separates_fixed_memory_from_memory_per_frame():
-    mb = 2 ** 20
     # A network call needing 300 MB whatever its size (workspaces) plus 2 MB per frame, measured
-    # on one and two segments of 32 frames, with 10 GB free of which 80% may be used.
-    one, two = 300 * mb + 64 * mb, 300 * mb + 128 * mb
-    assert frames_that_fit(one, two, 32, 10000 * mb, 0.8) == (8000 - 300) // 2 == 3850
-    # Scaling the one-segment peak alone counts the 300 MB per frame: 5.5x too few frames.
-    assert frames_that_fit(one, one, 32, 10000 * mb, 0.8) == int(8000 / (364 / 32)) == 703
-    assert frames_that_fit(one, two, 32, 100 * mb, 0.8) == 32  # never less than one segment
+    # on 128 and 256 frames, with 10 GB free of which 80% may be used; the cap is far away.
+    small, large = (128, 300 * MB + 256 * MB), (256, 300 * MB + 512 * MB)
+    assert memory_model(small, large) == (2 * MB, 300 * MB)
+    assert frames_that_fit(small, large, 10000 * MB, 0.8, 32, 10 ** 6) == (8000 - 300) // 2 == 3850
+    # Dividing one peak by its frames would count the 300 MB once per frame: 2522 frames, a third
+    # fewer. That ratio is only the fallback for a larger batch that measured no more memory.
+    assert memory_model((128, 812 * MB), (256, 812 * MB)) == (812 * MB / 256, 0.0)
+    assert frames_that_fit(small, large, 100 * MB, 0.8, 32, 10 ** 6) == 32  # never less than one segment
+
+
+def test_the_slope_is_fitted_over_enough_frames_to_drown_workspace_noise():
+    """At 32 frames, one segment more adds about as much as cuDNN's workspace
+    choice varies (30 MB). Fitted over at least 128 frames, such a swing moves the per-frame
+    estimate by under a quarter; over one 32-frame segment it doubled it."""
+    assert measurement_batches(32) == (4, 8) and measurement_batches(64) == (2, 4)
+    assert measurement_batches(640) == (2, 4)  # never fewer than 2 and 4 segments
+    for width in (32, 64, 128, 320, 640):
+        small, large = measurement_batches(width)
+        fixed, per_frame, swing = 2000 * MB, 1 * MB, 30 * MB
+        measured = [(n * width, fixed + per_frame * n * width) for n in (small, large)]
+        noisy = [measured[0], (measured[1][0], measured[1][1] + swing)]
+        assert (large - small) * width >= 128
+        assert abs(memory_model(*noisy)[0] / per_frame - 1) < 0.25, width
+
+
+def test_the_budget_keeps_every_tensor_below_2_to_the_31_elements():
+    """The published network's widest tensor per frame is a decoder input at full resolution:
+    128 upsampled + 128 skip channels x 256 bins. With the memory of an 80 GB card (1.1 MB per
+    frame measured) the budget would be about 58,000 frames; the cap holds it to 32,767."""
+    model, _ = create_model_and_diffusion()
+    assert largest_tensor_per_frame(model, 640) == 256 * 256
+    cap = max_frames_by_elements(model, 640)
+    assert cap == 32767 and cap * 256 * 256 < 2 ** 31 <= (cap + 1) * 256 * 256
+    measured = [(n * 640, 1500 * MB + n * 640 * 1.1 * MB) for n in measurement_batches(640)]
+    uncapped = frames_that_fit(*measured, 80 * 1024 * MB, 0.8, 640, 10 ** 9)
+    assert uncapped > 55000
+    assert frames_that_fit(*measured, 80 * 1024 * MB, 0.8, 640, cap) == cap
+
+
+def test_the_per_frame_bound_covers_every_tensor_a_forward_passes_between_blocks():
+    """Every input and output of every module in a real forward (the decoder's concatenations
+    included) stays within the bound, and the widest of them reaches it: the bound is tight."""
+    model, _ = tiny_model_and_diffusion()
+    seen = []
+
+    def note(module, inputs, output):
+        for tensor in list(inputs) + [output]:
+            if isinstance(tensor, torch.Tensor):
+                seen.append(tensor.numel())
+
+    handles = [m.register_forward_hook(note) for m in model.modules()]
+    batch, width = 2, 32
+    with torch.no_grad():
+        model(torch.zeros(batch, 2, 256, width), torch.zeros(batch, dtype=torch.long))
+    for handle in handles:
+        handle.remove()
+    bound = largest_tensor_per_frame(model, width)
+    assert max(seen) == bound * batch * width
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_auto_budget_with_cuda_graphs_runs_every_width_without_running_out_of_memory():
+    """--cuda-graphs with the auto budget: the graph pool recorded while sizing stays allocated,
+    and batches of two widths, each filling the budget, then record their graphs in what is left.
+    Free memory is cut to 3 GiB by a ballast tensor, so that memory, not the tensor-size cap,
+    sets the budget."""
+    model, diffusion = tiny_model_and_diffusion(timestep_respacing="ddim2")
+    refiner = Refiner(model, diffusion, device="cuda", cuda_graphs=True, width_bucket=32)
+    free, _ = torch.cuda.mem_get_info()
+    ballast = torch.empty(free - 3 * 2 ** 30, dtype=torch.uint8, device="cuda")
+    refiner.auto_max_batch_frames(128)
+    assert refiner.max_batch_frames is not None
+    assert refiner.max_batch_frames < max_frames_by_elements(refiner.model, 128)
+    for width in (128, 64):
+        samples = (width - 2) * 256  # one frame and one hop short of `width`: padded to it
+        assert refiner.padded_width(samples) == width
+        noisy = np.sin(np.arange(samples) / 9.0).astype(np.float32) * 0.1
+        segment = refiner.prepare(noisy, 0.9 * noisy, 16000).segments[0]
+        waves = refiner.run_segments([segment] * refiner.batch_size_for(width))
+        assert all(torch.isfinite(w).all() for w in waves)
+    assert refiner.fitting_batch == {}, "a batch ran out of memory and was split"
+    del ballast

@@ -3,8 +3,8 @@ where torch sees none; `.ci/run` runs them with the rest of the suite on a machi
 
 Tolerances compare the largest difference with the reference's largest magnitude. They were set
 from CPU measurements of the same comparisons (tiny model, Diffiner+ ddim4, two 0.5 s recordings;
-torch 2.13) with a margin of about 5x for the GPU's own kernels, and are unconfirmed until a GPU
-session runs this file:
+torch 2.13) with a margin of about 5x for the GPU's own kernels, and are not yet confirmed on a
+GPU:
 
 - fp32 (also channels-last, --compile, --cuda-graphs): 5e-3. cuDNN runs float32 convolutions in
   TF32 by default (torch.backends.cudnn.allow_tf32), a 10-bit mantissa like float16's, whose
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffiner.acceleration import ExecutionSettings, build_runner
+from diffiner.acceleration import ExecutionSettings, build_runner, max_frames_by_elements
 from diffiner.logger import MetricsLogger
 from diffiner.pipeline import Refiner, padded_width
 from diffiner.refiner import refine
@@ -149,7 +149,9 @@ def segments_of_width(refiner: Refiner, width: int, count: int):
 @pytest.mark.parametrize("width", AUTO_WIDTHS)
 def test_auto_batch_budget_fits_the_published_model_and_uses_most_of_the_free_memory(width):
     """--max-batch-frames auto: a batch sized from the free memory runs without running out of
-    it (no halving was needed), and its peak uses at least half of the memory that was free."""
+    it (no halving was needed), and its peak uses at least half of the memory that was free,
+    unless the tensor-size cap set the batch (a card with more memory than 2**31-element tensors
+    can use)."""
     refiner = published_refiner()
     refiner.auto_max_batch_frames(width)
     assert refiner.max_batch_frames is not None
@@ -164,7 +166,9 @@ def test_auto_batch_budget_fits_the_published_model_and_uses_most_of_the_free_me
     peak = torch.cuda.max_memory_allocated() - before
     assert refiner.fitting_batch == {}, f"ran out of memory at {width} frames with {count} segments"
     assert len(waves) == count and all(torch.isfinite(w).all() for w in waves)
-    assert peak >= 0.5 * free, f"{width} frames x {count}: peak {peak / 2 ** 30:.1f} GiB of {free / 2 ** 30:.1f} GiB free"
+    capped = refiner.max_batch_frames >= max_frames_by_elements(refiner.model, width)
+    assert capped or peak >= 0.5 * free, \
+        f"{width} frames x {count}: peak {peak / 2 ** 30:.1f} GiB of {free / 2 ** 30:.1f} GiB free"
 
 
 def test_the_published_state_dict_layout_loads_and_refines(tmp_path):
@@ -196,7 +200,7 @@ def test_training_steps_in_reduced_precision_stay_finite(precision):
     with tempfile.TemporaryDirectory() as log_dir:
         loop = TrainLoop(model=model, diffusion=diffusion, batch_size=4, lr=1e-4, log_dir=log_dir,
                          metrics=MetricsLogger(log_dir, columns=["step"], enabled=False),
-                         use_fp16=precision == "fp16", bf16=precision == "bf16")
+                         precision=precision)
         assert next(loop.model.parameters()).device.type == "cuda"
         before = [p.detach().clone() for p in loop.model.parameters()]
         # Spectrograms of speech-like audio: the raw STFT values the published model trains on.
@@ -213,6 +217,7 @@ def test_training_steps_in_reduced_precision_stay_finite(precision):
     assert torch.isfinite(losses["loss"]).all()
 
 
+@pytest.mark.slow  # starts a two-process torchrun job
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 GPUs for a 2-process NCCL job")
 def test_two_process_nccl_training(tmp_path):
     """torchrun, 2 processes, one GPU each, NCCL (dist_util's default on CUDA): the ranks stay

@@ -22,6 +22,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from ..audio.io import MODEL_SAMPLE_RATE, TEMPORARY_PREFIX
+from ..errors import UsageError
 from .metrics import UnscorableFile, check_signal
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,14 @@ _OUTPUT_INDEX = (0, 1, 3, 2, 4)
 _loaded: Optional[Tuple[str, Dict]] = None
 
 
-class NisqaWeightsError(Exception):
+class NisqaWeightsError(UsageError):
     """The NISQA weights named (or found in the cache) are missing or not a NISQA checkpoint."""
+
+
+class NisqaUnavailable(NisqaWeightsError):
+    """The installed torchmetrics has no NISQA (it arrived in 1.6, which needs Python >= 3.9 and
+    torch >= 2.0: not in the torch 1.11 image). A NisqaWeightsError, so that the commands report
+    it in one line as they report unusable weights."""
 
 
 def cache_path() -> str:
@@ -70,7 +77,10 @@ def load_weights(path: str) -> None:
         raise NisqaWeightsError(
             f"{path}: NISQA weights must be a file named {WEIGHTS_NAME}, the name torchmetrics loads"
         )
-    import torchmetrics.functional.audio.nisqa as tm_nisqa
+    try:
+        import torchmetrics.functional.audio.nisqa as tm_nisqa
+    except ImportError as exc:
+        raise NisqaUnavailable(f"NISQA needs torchmetrics >= 1.6, with torch >= 2.0 and Python >= 3.9 ({exc})") from exc
 
     default_dir = tm_nisqa.NISQA_DIR
     tm_nisqa.NISQA_DIR = os.path.dirname(path)

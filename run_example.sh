@@ -35,7 +35,7 @@ settings=(
     "demo||run the offline demo instead (environment: demo=true)"
     "demo_dir|DIR|output folder of the demo"
     "demo_model|FILE|checkpoint for the demo"
-    "demo_model_flags|FLAGS|model flags matching the demo checkpoint; default: model_flags.txt next to it"
+    "demo_steps|RESPACING|the demo's reverse steps (the refiner's --timestep-respacing)"
 )
 vbd_dir="${vbd_dir:-data}"
 python_path="${python_path:-python3}"
@@ -53,7 +53,7 @@ download_dir_local="${download_dir_local:-}"
 demo="${demo:-false}"
 demo_dir="${demo_dir:-exp/demo}"
 demo_model="${demo_model:-$root/demo/model/diffiner_demo.pt}"
-demo_model_flags="${demo_model_flags-"(model_flags.txt next to demo_model)"}"
+demo_steps="${demo_steps:-ddim50}"
 
 die() {
     echo "error: $*" >&2
@@ -368,15 +368,8 @@ run_demo() {
     if run_stage 2; then
         echo "Stage 2: refining with the demo model"
         [[ -f "$demo_model" ]] || die "no demo model at $demo_model (set demo_model to a checkpoint)"
-        local flags_file
-        flags_file="$(dirname "$demo_model")/model_flags.txt"
-        if [[ "$demo_model_flags" == "(model_flags.txt next to demo_model)" ]]; then
-            demo_model_flags=""
-            [[ -f "$flags_file" ]] && demo_model_flags="$(sed '/^[[:space:]]*#/d' "$flags_file" | tr '\n' ' ')"
-        fi
-        local -a model_flags
-        read -r -a model_flags <<<"$demo_model_flags"
-        refine_all "$noisy" "$demo_model" ${model_flags[@]+"${model_flags[@]}"}
+        # The model's settings travel beside it (model_config.yml); only the sampler's steps are the demo's.
+        refine_all "$noisy" "$demo_model" --timestep-respacing "$demo_steps"
     fi
     if run_stage 3; then
         echo "Stage 3: evaluating against the clean clips"

@@ -14,16 +14,13 @@ Gaussian noise (about 2-3).
 import argparse
 import glob
 import os
-import shlex
 
 import numpy as np
 
 from common import markdown_table, record
 from diffiner.audio.io import load_audio
 from diffiner.checkpoints import load_model
-from diffiner.flags import command_parser, values_of
 from diffiner.pipeline import Refiner
-from diffiner.script_util import model_and_diffusion_flags
 from diffiner.seeding import numpy_rng
 from diffiner.spectrogram import HOP_LENGTH, num_frames
 
@@ -31,17 +28,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL = os.path.join(REPO, "demo", "model", "diffiner_demo.pt")
 TAIL = 8
 BEFORE = 4000
-
-
-def demo_model_settings(flags_path: str) -> dict:
-    """Model settings from the demo's model_flags.txt, parsed by the model flags' own parser."""
-    tokens = []
-    with open(flags_path) as f:
-        for line in f:
-            tokens += shlex.split(line.split("#", 1)[0])
-    flags = model_and_diffusion_flags()
-    parser = command_parser("model flags", {"model": flags})
-    return values_of(parser.parse_args(tokens), flags)
 
 
 def length_with(frames_mod: int, multiple: int, tail: int, minimum: int) -> int:
@@ -61,7 +47,8 @@ def tail_ratio(audio: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEMO_MODEL, help="checkpoint (default: the demo model); its model_flags.txt must lie beside it")
+    parser.add_argument("--model", default=DEMO_MODEL, help="checkpoint (default: the demo model), with its model_config.yml beside it")
+    parser.add_argument("--steps", default="ddim50", help="the sampler's respacing (default: the demo's ddim50)")
     parser.add_argument("--excerpt", type=float, default=1.5,
                         help="seconds of speech kept from the end of each clip (the tail is what matters; "
                              "shorter inputs keep this affordable on a CPU)")
@@ -72,8 +59,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="print only, do not append to BENCHMARKS.md")
     args = parser.parse_args()
 
-    settings = demo_model_settings(os.path.join(os.path.dirname(args.model), "model_flags.txt"))
-    model, diffusion = load_model(args.model, settings)
+    model, diffusion = load_model(args.model, timestep_respacing=args.steps)
     refiner = Refiner(model, diffusion, device="cpu")
     multiple = refiner.width_bucket
     rows, worst = [], {}
@@ -95,7 +81,7 @@ def main() -> None:
     table = markdown_table(["file", "samples", "frames", "network width", "case", "input ratio",
                             "refined ratio", "refined peak of last 8"], rows)
     notes = (f"Ratio = peak of the last {TAIL} samples / rms of the {BEFORE} before them (bound: 6). Demo model "
-             f"({os.path.relpath(args.model, REPO)}, {settings['timestep_respacing']}), Diffiner+ defaults, seed 0; "
+             f"({os.path.relpath(args.model, REPO)}, {args.steps}), Diffiner+ defaults, seed 0; "
              f"the last {args.excerpt} s of each demo clip with {args.silence} s of silence appended, white noise of rms {args.noise_rms} in the noisy side, processed "
              f"= 0.9 x noisy, last hop {args.tail_samples} samples. Worst refined ratio: "
              + ", ".join(f"{case}: {value:.2f}" for case, value in worst.items()) + ".")

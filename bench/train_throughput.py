@@ -22,9 +22,9 @@ SMALL_MODEL = dict(image_size=64, num_channels=32, num_res_blocks=1, channel_mul
                    attention_resolutions="8", num_heads=2)
 CONFIGS = {
     "fp32": dict(), "fp32+channels-last": dict(channels_last=True), "fp32-no-sdpa": dict(sdpa=False),
-    "bf16": dict(bf16=True), "bf16+channels-last": dict(bf16=True, channels_last=True),
-    "bf16-no-sdpa": dict(bf16=True, sdpa=False),
-    "fp16": dict(use_fp16=True), "fp16+channels-last": dict(use_fp16=True, channels_last=True),
+    "bf16": dict(precision="bf16"), "bf16+channels-last": dict(precision="bf16", channels_last=True),
+    "bf16-no-sdpa": dict(precision="bf16", sdpa=False),
+    "fp16": dict(precision="fp16"), "fp16+channels-last": dict(precision="fp16", channels_last=True),
 }
 
 

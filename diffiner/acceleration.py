@@ -15,6 +15,10 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
+from .flags import PRECISION_FLAGS, Flag, flags_of, setting
+from .spectrogram import NUM_BINS
+from .unet import QKVAttention
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -32,10 +36,13 @@ class ExecutionSettings:
     torch.compile(mode="reduce-overhead"), so it implies `compile`.
     """
 
+    # Precision changes the audio; the others change it by float rounding at most.
     precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    cuda_graphs: bool = False
+    channels_last: bool = setting(False, "run the network in channels-last memory format", affects_output=False)
+    compile: bool = setting(False, "torch.compile the network (widths bucketed to 128 frames)",
+                            affects_output=False)
+    cuda_graphs: bool = setting(False, "capture each step's network call as a CUDA graph (torch.compile mode "
+                                       "reduce-overhead)", affects_output=False)
 
     def __post_init__(self):
         autocast_dtype(self.precision)  # refuses an unknown precision when the settings are made
@@ -43,6 +50,12 @@ class ExecutionSettings:
     @property
     def compiled(self) -> bool:
         return self.compile or self.cuda_graphs
+
+
+def execution_flags(*names: str) -> Tuple[Flag, ...]:
+    """The flags of the execution settings: --precision with its aliases, then those of `names`
+    (all when none is named)."""
+    return PRECISION_FLAGS + flags_of(ExecutionSettings, only=names or None)
 
 
 def autocast_dtype(precision: str) -> Optional[torch.dtype]:
@@ -107,23 +120,64 @@ def build_runner(model: torch.nn.Module, settings: ExecutionSettings = Execution
     return runner
 
 
+# Several CUDA kernels that the network runs (cuDNN convolutions among them) index with 32-bit
+# integers, and torch refuses or splits their tensors from 2**31 elements on, so no tensor of a
+# batch may reach that size.
+MAX_TENSOR_ELEMENTS = 2 ** 31 - 1
+# The per-frame slope of the memory model is fitted over at least this many frames: at 32 frames
+# per segment, one segment more adds about as much as cuDNN's workspace choice varies.
+MIN_SLOPE_FRAMES = 128
+# Calls of a new shape through torch.compile(mode="reduce-overhead"): CUDA graph trees run it
+# once eagerly (warm-up), record it on the second call and replay it from the third.
+GRAPH_WARM_UP_CALLS = 3
+
+
 def estimate_max_batch_frames(runner, model: torch.nn.Module, device: torch.device, width: int,
                               memory_fraction: float = 0.8) -> Optional[int]:
-    """Frames per batch that fit in `memory_fraction` of the free GPU memory; None off CUDA.
+    """Frames per batch that fit in `memory_fraction` of the free GPU memory, and that keep every
+    tensor below 2**31 elements (`max_frames_by_elements`); None off CUDA.
 
-    Measures the peak memory of one network call on 1 and on 2 segments of `width` frames and
+    Measures the peak memory of one network call on the two batches of `measurement_batches` and
     extrapolates (`frames_that_fit`): activation memory grows linearly with the frame count when
-    attention runs through memory-efficient kernels.
+    attention runs through memory-efficient kernels. The peaks are those of the eager network,
+    because a compiled runner's first calls also hold compilation's and graph recording's
+    transient buffers. A compiled runner is then warmed up at the larger batch before the free
+    memory is read: the kernels it loads and, with --cuda-graphs, the graph pool that it records
+    stay allocated for the rest of the run (empty_cache cannot release a graph pool), so the
+    budget is sized from what is left after them. Graph trees share one pool between the graphs
+    of all shapes, which reuse each other's memory, so a larger batch recorded later needs only
+    the difference, and the budget is conservative by the pool of the warm-up batch.
     """
     if device.type != "cuda":
         return None
-    peak_one, peak_two = (_peak_memory_of_call(runner, model, device, batch, width) for batch in (1, 2))
+    eager = getattr(runner, "_orig_mod", runner)  # torch.compile's wrapper keeps the module here
+    small, large = measurement_batches(width)
+    measured_small, measured_large = ((n * width, _peak_memory_of_call(eager, model, device, n, width))
+                                      for n in (small, large))
+    if eager is not runner:
+        _warm_up(runner, model, device, large, width)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
-    frames = frames_that_fit(peak_one, peak_two, width, free, memory_fraction)
-    per_frame, fixed = memory_model(peak_one, peak_two, width)
-    logger.info("memory budget: %.1f MB fixed + %.2f MB per frame: %d frames per batch",
-                fixed / 2 ** 20, per_frame / 2 ** 20, frames)
+    cap = max_frames_by_elements(model, width)
+    frames = frames_that_fit(measured_small, measured_large, free, memory_fraction, width, cap)
+    per_frame, fixed = memory_model(measured_small, measured_large)
+    logger.info("memory budget: %.1f MiB fixed + %.2f MiB per frame, %.1f GiB free: %d frames per batch "
+                "(tensor-size cap %d)", fixed / 2 ** 20, per_frame / 2 ** 20, free / 2 ** 30, frames, cap)
     return frames
+
+
+def measurement_batches(width: int) -> Tuple[int, int]:
+    """Segments per batch of the two calls whose peaks give the memory model: n and 2n, with n at
+    least 2 and n segments at least MIN_SLOPE_FRAMES frames, so that the slope is measured over
+    a difference far above the noise of the workspaces."""
+    small = max(2, -(-MIN_SLOPE_FRAMES // width))
+    return small, 2 * small
+
+
+def _network_input(model: torch.nn.Module, device: torch.device, batch: int, width: int):
+    return (torch.zeros(batch, model.in_channels, NUM_BINS, width, device=device),
+            torch.zeros(batch, dtype=torch.long, device=device))
 
 
 def _peak_memory_of_call(runner, model: torch.nn.Module, device: torch.device, batch: int, width: int) -> int:
@@ -133,33 +187,75 @@ def _peak_memory_of_call(runner, model: torch.nn.Module, device: torch.device, b
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    x = torch.zeros(batch, model.in_channels, 256, width, device=device)
     with torch.no_grad():
-        runner(x, torch.zeros(batch, dtype=torch.long, device=device))
+        runner(*_network_input(model, device, batch, width))
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def memory_model(peak_one: int, peak_two: int, width: int) -> Tuple[float, float]:
-    """(bytes per frame, fixed bytes) of a network call, from its peak memory on one and on two
-    segments of `width` frames.
+def _warm_up(runner, model: torch.nn.Module, device: torch.device, batch: int, width: int) -> None:
+    """Call a compiled runner until its graph for (batch, width) is compiled, recorded and replayed."""
+    with torch.no_grad():
+        for _ in range(GRAPH_WARM_UP_CALLS):
+            runner(*_network_input(model, device, batch, width))
+    torch.cuda.synchronize(device)
 
-    Memory is modelled as fixed + frames x per-frame. Dividing the one-segment peak by its frames
-    would count the fixed part (cuDNN workspaces, the model's own buffers) once per frame, which at
-    narrow widths makes the budget several times too small.
+
+def largest_tensor_per_frame(model: torch.nn.Module, width: int) -> int:
+    """An upper bound on the elements, per frame of a batch of `width`-frame segments, of the
+    largest tensor a call of the UNet makes.
+
+    At level l (downsampled 2**l times) a frame covers NUM_BINS / 4**l positions. The widest
+    tensor there is a decoder block's input: the block's own or the upsampled lower level's
+    channels concatenated with a skip of its own or the upper level's channels, so at most twice
+    the widest of the three levels' channel counts; attention levels add the packed q, k, v
+    (3x the channels) and, where attention is computed explicitly (torch without SDPA, or SDPA's
+    math kernel), a heads x T x T weight over the T positions of a segment.
     """
-    per_frame = (peak_two - peak_one) / width
+    channels = [int(mult * model.model_channels) for mult in model.channel_mult]
+    heads = max((m.n_heads for m in model.modules() if isinstance(m, QKVAttention)), default=0)
+    largest = 0
+    for level, ch in enumerate(channels):
+        ds = 2 ** level
+        rows = NUM_BINS // ds
+        widest = 2 * max(channels[max(level - 1, 0):level + 2])
+        # The middle block attends at the lowest level whatever attention_resolutions says.
+        attends = ds in model.attention_resolutions or level == len(channels) - 1
+        if attends:
+            widest = max(widest, 3 * ch)
+            positions = rows * (width // ds)
+            largest = max(largest, -(-heads * positions * positions // width))
+        largest = max(largest, -(-widest * rows // ds))  # a frame is 1/ds of a column at this level
+    return largest
+
+
+def max_frames_by_elements(model: torch.nn.Module, width: int) -> int:
+    """Frames per batch beyond which a tensor of the network would reach 2**31 elements."""
+    return MAX_TENSOR_ELEMENTS // largest_tensor_per_frame(model, width)
+
+
+def memory_model(small: Tuple[int, int], large: Tuple[int, int]) -> Tuple[float, float]:
+    """(bytes per frame, fixed bytes) of a network call, from its peak memory at two batch sizes,
+    each given as (frames, peak bytes).
+
+    Memory is modelled as fixed + frames x per-frame. Dividing one peak by its frames would count
+    the fixed part (cuDNN workspaces, the model's own buffers) once per frame, which at narrow
+    widths makes the budget several times too small.
+    """
+    (frames_small, peak_small), (frames_large, peak_large) = small, large
+    per_frame = (peak_large - peak_small) / (frames_large - frames_small)
     if per_frame > 0:
-        return per_frame, max(peak_one - per_frame * width, 0.0)
-    # The second segment cost nothing measurable: fall back to the one-segment ratio.
-    return max(peak_one, 1) / width, 0.0
+        return per_frame, max(peak_small - per_frame * frames_small, 0.0)
+    # The larger batch cost nothing measurable: fall back to its own ratio.
+    return max(peak_large, 1) / frames_large, 0.0
 
 
-def frames_that_fit(peak_one: int, peak_two: int, width: int, free: int, memory_fraction: float) -> int:
+def frames_that_fit(small: Tuple[int, int], large: Tuple[int, int], free: int, memory_fraction: float,
+                    width: int, max_frames: int) -> int:
     """Frames per batch that fit in `memory_fraction` of `free` bytes (see `memory_model`), at
-    least one segment's worth."""
-    per_frame, fixed = memory_model(peak_one, peak_two, width)
-    return max(int((free * memory_fraction - fixed) / per_frame), width)
+    most `max_frames`, and at least one segment's worth (`width`)."""
+    per_frame, fixed = memory_model(small, large)
+    return max(min(int((free * memory_fraction - fixed) / per_frame), max_frames), width)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

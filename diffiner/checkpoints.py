@@ -22,13 +22,15 @@ import inspect
 import logging
 import os
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import yaml
 
-from .audio.io import TEMPORARY_PREFIX, atomic_output
+from .audio.io import TEMPORARY_PREFIX, atomic_output, read_yaml_record, write_text_atomic
 from .respace import SpacedDiffusion
-from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
+from .script_util import ARCHITECTURE_KEYS, create_model_and_diffusion, model_and_diffusion_defaults
 from .unet import UNetModel
 
 logger = logging.getLogger(__name__)
@@ -108,39 +110,116 @@ def _diagnose(path: str, head: bytes, exc: Exception) -> str:
     return f"the checkpoint is corrupt ({size} bytes; torch: {reason})"
 
 
-def load_weights(model: torch.nn.Module, path: str, settings: Optional[Dict[str, Any]] = None) -> None:
+# ----- the settings a checkpoint carries -----
+# Beside the weights, one per folder (as diffusers' config.json): every model and diffusion
+# setting of the checkpoints in that folder, written by training. The weight files stay plain
+# state dicts, as the authors' code reads them.
+MODEL_CONFIG = "model_config.yml"
+MODEL_CONFIG_MAX_BYTES = 64 * 1024  # a few dozen settings; more is not a model config
+PUBLISHED = "the published defaults"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Every model and diffusion setting of a checkpoint, and where they came from."""
+
+    values: Dict[str, Any]
+    source: str  # the model_config.yml read, or PUBLISHED
+    carried: Dict[str, Any]  # what the model_config.yml holds ({} without one)
+
+
+def model_config_path(model_path: str) -> str:
+    """Where the settings of the checkpoint at `model_path` are: its folder's model_config.yml."""
+    return os.path.join(os.path.dirname(os.path.abspath(model_path)), MODEL_CONFIG)
+
+
+def read_model_config(model_path: str) -> Dict[str, Any]:
+    """The settings carried beside the checkpoint at `model_path` ({} when there are none).
+
+    ValueError naming the file when it is not a mapping of known settings.
+    """
+    path = model_config_path(model_path)
+    if not os.path.exists(path):
+        return {}
+    config = read_yaml_record(path, MODEL_CONFIG_MAX_BYTES)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a mapping of model settings, got {type(config).__name__}")
+    known = model_and_diffusion_defaults()
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: unknown model settings {', '.join(unknown)}")
+    return config
+
+
+def resolve_model_settings(model_path: str, given: Optional[Dict[str, Any]] = None, *,
+                           refuse: Sequence[str] = ARCHITECTURE_KEYS) -> ModelSettings:
+    """The settings to build the checkpoint's network with: each one given (not None), else the
+    carried one, else the published default.
+
+    ValueError naming the setting and both values when a given setting in `refuse` contradicts
+    the carried one (the weights cannot fit it). A given diffusion setting that differs from the
+    carried one wins, with a warning: the network still fits, the process is the user's choice.
+    """
+    carried = read_model_config(model_path)
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    for key, value in given.items():
+        if key in carried and not _same_setting(carried[key], value):
+            if key in refuse:
+                raise ValueError(f"--{key.replace('_', '-')} {value} contradicts {key}: {carried[key]} carried by "
+                                 f"{model_config_path(model_path)}; leave the flag out")
+            logger.warning("%s %s replaces %s carried by %s", key, value, carried[key], model_config_path(model_path))
+    values = {**model_and_diffusion_defaults(), **carried, **given}
+    return ModelSettings(values, model_config_path(model_path) if carried else PUBLISHED, carried)
+
+
+def _same_setting(carried: Any, given: Any) -> bool:
+    """Equal as settings: "16,8" from the command line equals 16,8 parsed by YAML as a string."""
+    return carried == given or str(carried).replace(" ", "") == str(given).replace(" ", "")
+
+
+def write_model_config(folder: str, values: Dict[str, Any]) -> None:
+    """Write `folder`/model_config.yml: the settings of the checkpoints written there."""
+    write_text_atomic(os.path.join(folder, MODEL_CONFIG), yaml.safe_dump(dict(values), sort_keys=False))
+
+
+def load_weights(model: torch.nn.Module, path: str, source: str = PUBLISHED) -> None:
     """Load the state dict at `path` into `model` strictly.
 
-    Raises ValueError naming the file when it cannot be read (see `load_state_dict`), or when its
-    weights do not fit the model (naming the main `settings`, when given).
+    Raises ValueError naming the file when it cannot be read (see `load_state_dict`), or, in one
+    short line, when its weights do not fit the model built from the settings of `source`.
     """
     state = load_state_dict(path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        described = ""
-        if settings:
-            described = (f" (image_size={settings['image_size']}, num_channels={settings['num_channels']}, "
-                         f"num_res_blocks={settings['num_res_blocks']}, ...)")
-        raise ValueError(f"{path}: the weights do not fit the model settings{described}: "
-                         f"{_summarise_mismatch(exc)}") from exc
+    difference = first_difference(model.state_dict(), state)
+    if difference is not None:
+        raise ValueError(f"{path}: the weights do not fit the model settings from {source}: {difference}")
+    model.load_state_dict(state, strict=True)
 
 
-def _summarise_mismatch(exc: RuntimeError) -> str:
-    """torch's many-line "Error(s) in loading state_dict" as one line: its first problem and a count."""
-    problems = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()] or [str(exc).strip()]
-    first = problems[0] if len(problems[0]) <= 300 else problems[0][:300] + "..."
-    return first + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+def first_difference(expected: Dict[str, torch.Tensor], state: Dict[str, Any]) -> Optional[str]:
+    """The first tensor (in the model's order) in which a state dict does not fit a model's,
+    and how many others differ; None when it fits."""
+    problems = []
+    for key, tensor in expected.items():
+        if key not in state:
+            problems.append(f"{key} is missing from the file")
+        elif not isinstance(state[key], torch.Tensor) or state[key].shape != tensor.shape:
+            shape = tuple(state[key].shape) if isinstance(state[key], torch.Tensor) else type(state[key]).__name__
+            problems.append(f"{key} is {shape} in the file, {tuple(tensor.shape)} in the model")
+    problems += [f"{key} in the file is not in the model" for key in state if key not in expected]
+    if not problems:
+        return None
+    return problems[0] + (f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else "")
 
 
-def load_model(model_path: str, model_settings: Optional[Dict[str, Any]] = None
-               ) -> Tuple[UNetModel, SpacedDiffusion]:
-    """(model, diffusion) built from `model_settings` (defaults: the published configuration)
-    with the weights at `model_path`, on the CPU."""
-    settings = model_and_diffusion_defaults()
-    settings.update(model_settings or {})
-    model, diffusion = create_model_and_diffusion(**settings)
-    load_weights(model, model_path, settings)
+def load_model(model_path: str, model_settings: Union[None, Dict[str, Any], ModelSettings] = None, *,
+               timestep_respacing: str = "") -> Tuple[UNetModel, SpacedDiffusion]:
+    """(model, diffusion) for the checkpoint at `model_path`, on the CPU: built from the
+    settings it carries, each overridden by `model_settings` (see `resolve_model_settings`; or
+    settings it already resolved), the diffusion respaced by `timestep_respacing`."""
+    settings = model_settings if isinstance(model_settings, ModelSettings) else \
+        resolve_model_settings(model_path, model_settings)
+    model, diffusion = create_model_and_diffusion(timestep_respacing=timestep_respacing, **settings.values)
+    load_weights(model, model_path, settings.source)
     return model, diffusion
 
 

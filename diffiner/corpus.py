@@ -33,12 +33,6 @@ logger = logging.getLogger(__name__)
 LENGTH_TOLERANCE_S = 0.1  # noisy/processed length difference accepted (and fixed) silently
 
 
-def output_folder_name(method: str, etas: Dict[str, float]) -> str:
-    """`diffiner+_etaA=0.4_etaB=0.6_etaC=0.0_etaD=0.6`, as the original named its outputs."""
-    parts = [f"eta{name[-1].upper()}={etas[name]}" for name in ("eta_a", "eta_b", "eta_c", "eta_d") if name in etas]
-    return "_".join([method] + parts)
-
-
 @dataclass
 class FileJob:
     """One pair of recordings on its way through the refiner."""
@@ -163,7 +157,7 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
         noisy, processed, rate = load_pair(job)
         return refiner.prepare(noisy, processed, rate, seed=seed, key=job.rel)
 
-    def readable(load_pool: ThreadPoolExecutor) -> Iterator[Tuple[FileJob, Prepared]]:
+    def readable(load_pool: ThreadPoolExecutor) -> Iterator[Tuple[Tuple[FileJob, Prepared], List]]:
         for job, future in prefetched(load_pool, jobs, prepare, lookahead=2 * loaders):
             prepared = None
             with file_errors(summary.failed, job.rel, job.processed_path):
@@ -171,7 +165,7 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
             if prepared is None:
                 bar.update(1)
                 continue
-            yield job, prepared
+            yield (job, prepared), prepared.segments
 
     def finish(job: FileJob, prepared: Prepared, waves: List) -> None:
         with file_errors(summary.failed, job.rel, job.processed_path):
@@ -188,11 +182,12 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
         with ThreadPoolExecutor(loaders) as load_pool, ThreadPoolExecutor(1) as write_pool:
             writes: "deque[Future]" = deque()
             for done in refiner.refine_stream(readable(load_pool)):
+                job, prepared = done.item
                 if done.error is not None:
-                    summary.failed[done.item.rel] = describe_failure(done.item.processed_path, done.error)
+                    summary.failed[job.rel] = describe_failure(job.processed_path, done.error)
                     bar.update(1)
                 else:
-                    writes.append(write_pool.submit(finish, done.item, done.prepared, done.waves))
+                    writes.append(write_pool.submit(finish, job, prepared, done.waves))
                 while writes and writes[0].done():
                     writes.popleft().result()  # a failed write (disk full) stops the run here
             for write in writes:

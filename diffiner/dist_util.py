@@ -15,15 +15,18 @@ not need to branch on whether it is distributed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from typing import Iterable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
+
+from .audio.folders import FolderError, output_lock
 
 logger = logging.getLogger(__name__)
 
@@ -219,3 +222,21 @@ def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
     _INFO = None
+
+
+@contextlib.contextmanager
+def job_output_lock(folder: str, writer: str) -> Iterator[None]:
+    """Hold `audio.folders.output_lock` on `folder` for the block, taken by process 0 of the job
+    for all of them (flock is per open file: the job's own processes would refuse each other);
+    every process raises process 0's refusal, so that the job ends together."""
+    with contextlib.ExitStack() as held:
+        refusal = ""
+        if is_main():
+            try:
+                held.enter_context(output_lock(folder, writer))
+            except FolderError as exc:
+                refusal = str(exc)
+        refusal = all_gather_objects(refusal)[0]
+        if refusal:
+            raise FolderError(refusal)
+        yield

@@ -62,6 +62,19 @@ class Flag:
         """The same flag explained for one command."""
         return dataclasses.replace(self, help=help)
 
+    def unset(self, help: str) -> "Flag":
+        """The same flag with no default (None when absent), so that a command can tell a value
+        given on the command line from one taken elsewhere; parsed as the default's type."""
+        parse = self.type or (str2bool if isinstance(self.default, bool) else
+                              str if self.default is None or isinstance(self.default, (list, tuple))
+                              else type(self.default))
+        return dataclasses.replace(self, default=None, type=parse, help=help)
+
+    @property
+    def is_switch(self) -> bool:
+        """A boolean flag: given bare, or with an explicit value."""
+        return isinstance(self.default, bool) or self.type is str2bool
+
     def add_to(self, parser) -> None:
         """Add this flag to an argparse parser or argument group."""
         spellings = flag_spellings(self.name) + [s for alias in self.aliases for s in flag_spellings(alias)]
@@ -70,7 +83,7 @@ class Flag:
             kwargs["required"] = True
         else:
             kwargs["default"] = self.default
-        if isinstance(self.default, bool):
+        if self.is_switch:
             kwargs.update(type=str2bool, nargs="?", const=True)
         else:
             if self.action is not None:
@@ -83,6 +96,41 @@ class Flag:
                 if getattr(self, key) is not None:
                     kwargs[key] = getattr(self, key)
         parser.add_argument(*spellings, **kwargs)
+
+
+# ----- settings dataclasses as the one declaration of a setting -----
+def setting(default: Any, help: str, *, affects_output: bool = True, **flag: Any) -> Any:
+    """A field of a settings dataclass that is also a command-line flag.
+
+    The field is the one declaration of the setting: its name and default are the flag's, and
+    `help` and the other `Flag` options (choices, metavar, type, aliases) ride in the field's
+    metadata. `affects_output=False` marks how a run executes (batch sizes, memory format): such
+    settings change results by float rounding at most, so runs that differ in them may fill one
+    output folder.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "affects_output": affects_output,
+                                                        "flag": flag})
+
+
+def flags_of(settings_type: type, *, only: Optional[Sequence[str]] = None, **replacements: Flag) -> Tuple[Flag, ...]:
+    """The flags of a settings dataclass: one per field declared with `setting` (or named in
+    `only`), in field order; `replacements[name]` stands instead of the derived flag where a
+    command takes the setting in its own form (e.g. "auto" for a number)."""
+    flags = []
+    for field in dataclasses.fields(settings_type):
+        if only is not None and field.name not in only:
+            continue
+        if field.name in replacements:
+            flags.append(replacements[field.name])
+        elif "flag" in field.metadata:
+            flags.append(Flag(field.name, field.default, field.metadata["help"], **field.metadata["flag"]))
+    return tuple(flags)
+
+
+def affects_output(settings_type: type, name: str) -> bool:
+    """Whether the setting `name` of a settings dataclass changes what a run writes."""
+    field = {f.name: f for f in dataclasses.fields(settings_type)}[name]
+    return field.metadata.get("affects_output", True)
 
 
 def add_flags(parser, flags: Iterable[Flag]) -> None:
@@ -166,15 +214,20 @@ MODEL_GROUP = "model and diffusion (must match the checkpoint; default: the publ
 OVERWRITE_FLAG = Flag("overwrite", False, "rewrite outputs that already exist")
 NO_PROGRESS_FLAG = Flag("no_progress", False, "no progress bar")
 
+PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_FLAGS = (
-    Flag("use_fp16", False, "run the network under float16 autocast (training adds dynamic loss scaling)"),
-    Flag("bf16", False, "run the network under bfloat16 autocast"),
-    Flag("channels_last", False, "run the network in channels-last memory format"),
+    Flag("precision", None, "the network's precision: fp32, or bf16 / fp16 autocast (training adds dynamic loss "
+                            "scaling to fp16) (default: fp32)", choices=PRECISIONS),
+    Flag("use_fp16", False, "the same as --precision fp16 (the original's switch)"),
+    Flag("bf16", False, "the same as --precision bf16"),
 )
 
 
 def precision_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
-    """"fp16", "bf16" or "fp32" from the precision switches; both switches is a usage error."""
-    if args.use_fp16 and args.bf16:
-        parser.error("choose one of --use_fp16 and --bf16")
-    return "fp16" if args.use_fp16 else "bf16" if args.bf16 else "fp32"
+    """The precision asked for by --precision and its aliases --use_fp16 and --bf16 (fp32 when
+    none is given); two that disagree are a usage error."""
+    asked = {args.precision} - {None}
+    asked |= {name for name, on in (("fp16", args.use_fp16), ("bf16", args.bf16)) if on}
+    if len(asked) > 1:
+        parser.error(f"the precision flags disagree: {' and '.join(sorted(asked))}; give one --precision")
+    return asked.pop() if asked else "fp32"

@@ -7,11 +7,11 @@ This is the one code path shared by the Python API, the folder command and the b
    silence only up to the network's multiple of frames (32 for the published model), keeping at
    least one frame past the signal (see `padded_width`). Recordings shorter than the STFT allows
    are zero-padded first (`MIN_SAMPLES`).
-2. `Refiner.plan_batches` groups segments of equal width into batches, and `Refiner.run_batch`
-   refines one batch. Every segment has its own random generator, seeded from the seed and the
-   segment's identity, so its result does not depend on which other segments share its batch.
-   `Refiner.run_segments` and `Refiner.refine_stream` (recordings that arrive one by one, a
-   folder) run the batches; a batch that runs out of GPU memory is halved and retried, and the
+2. `Refiner.refine_stream`, the one batch runner, groups the segments of recordings that arrive
+   one by one (a folder, or `run_segments`' list) into batches of equal width, and
+   `Refiner.run_batch` refines one batch. Every segment has its own random generator, seeded
+   from the seed and the segment's identity, so its result does not depend on which other
+   segments share its batch. A batch that runs out of GPU memory is halved and retried, and the
    smaller size is kept for later batches of that width.
 3. `Refiner.assemble` joins segments with a normalised cross-fade and trims to the input length.
 
@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -31,8 +31,10 @@ import torch
 from .acceleration import (ExecutionSettings, build_runner, estimate_max_batch_frames, is_out_of_memory,
                            release_cached_memory)
 from .audio.io import MODEL_SAMPLE_RATE, fit_length, resample, resampled_length
-from .checkpoints import load_model
-from .refiner import refine, resolve_etas
+from .checkpoints import ModelSettings, load_model
+from .flags import affects_output, setting
+from .methods import DEFAULT_METHOD, get_method, resolve_etas
+from .refiner import refine
 from .script_util import SAMPLING_RESPACING
 from .seeding import derive_seed, torch_generator
 from .spectrogram import HOP_LENGTH, MIN_SAMPLES, noise_map, num_frames, spec_to_wave, wave_to_spec
@@ -42,30 +44,37 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MethodSettings:
-    """Which reverse process runs and with which etas (None: the paper's default for the method)."""
+    """Which reverse process runs (a name registered in `diffiner.methods`) and with which etas.
 
-    method: str = "diffiner+"
-    eta_a: Optional[float] = None
-    eta_b: Optional[float] = None
-    eta_c: Optional[float] = None
-    eta_d: Optional[float] = None
-    clip_denoised: bool = False
+    `etas` may name some of the method's etas; the others take the method's defaults, and after
+    construction `etas` holds them all.
+    """
+
+    method: str = DEFAULT_METHOD
+    etas: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    clip_denoised: bool = setting(False, "clamp the predicted x0 to [-1, 1] at every step")
 
     def __post_init__(self):
-        self.etas  # validates: unknown method, etas out of range or not used by the method
+        # Validates: an unknown method, an eta the method does not use, a value it cannot.
+        object.__setattr__(self, "etas", resolve_etas(self.method, **dict(self.etas)))
 
     @property
-    def etas(self) -> Dict[str, float]:
-        """The etas the method uses: the given ones, the paper's defaults for the rest."""
-        return resolve_etas(self.method, self.eta_a, self.eta_b, self.eta_c, self.eta_d)
+    def folder_name(self) -> str:
+        """The default output folder name of a run with these settings."""
+        method = get_method(self.method)
+        return method.folder_name(method.resolve_etas(self.etas))
+
+    def describe(self) -> Dict[str, Any]:
+        """The method, its etas and clip_denoised, as config.yml records them."""
+        return {"method": self.method, **self.etas, "clip_denoised": self.clip_denoised}
 
 
 @dataclass(frozen=True)
 class SegmentSettings:
     """How long recordings are cut: windows of `max_dur` seconds overlapping by `segment_overlap`."""
 
-    max_dur: float = 10.0
-    segment_overlap: float = 1.0
+    max_dur: float = setting(10.0, "longer files are refined in overlapping segments of this many seconds")
+    segment_overlap: float = setting(1.0, "overlap between segments, seconds (cross-faded)")
 
     def __post_init__(self):
         if not (self.max_dur > 0 and 0 <= self.segment_overlap < self.max_dur):
@@ -78,8 +87,11 @@ class BatchSettings:
     spectrogram frames per batch; widths are padded to `width_bucket` (default: the network's
     multiple, or 128 frames when compiled, so that a compiled network sees few shapes)."""
 
-    batch_size: int = 8
-    max_batch_frames: Optional[int] = None
+    batch_size: int = setting(8, "segments of equal width refined together", affects_output=False)
+    max_batch_frames: Optional[int] = setting(None, "instead of batch_size: a budget of spectrogram frames per "
+                                                    "batch (short files run in large batches, long ones in small)",
+                                              affects_output=False)
+    # The width sets the padding, hence the noise drawn: it changes the audio.
     width_bucket: Optional[int] = None
 
     def __post_init__(self):
@@ -99,10 +111,26 @@ class RefinerSettings:
     batching: BatchSettings = BatchSettings()
     execution: ExecutionSettings = ExecutionSettings()
 
+    def describe(self, width_bucket: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        """(what shapes the output, how the run executes) as config.yml records them; the
+        width bucket is the one in effect (`Refiner.width_bucket`)."""
+        shaping = {**self.method.describe(), **dataclasses.asdict(self.segmenting), "width_bucket": width_bucket}
+        execution = {}
+        for group in (self.batching, self.execution):
+            for name, value in dataclasses.asdict(group).items():
+                if not affects_output(type(group), name):
+                    execution[name] = value
+        return shaping, execution
+
     @classmethod
     def from_flat(cls, **settings: Any) -> "RefinerSettings":
         """Settings from flat keywords (method=..., eta_a=..., max_dur=..., precision=...), each
-        routed to the group that has it; TypeError for a keyword no group has."""
+        routed to the group that has it (the method's eta names to its etas); TypeError for a
+        keyword no group has."""
+        names = get_method(settings.get("method", DEFAULT_METHOD)).eta_names()
+        etas = {k: settings.pop(k) for k in list(settings) if k in names}
+        if etas:
+            settings["etas"] = dict(settings.get("etas") or {}, **etas)
         groups = {}
         for field in dataclasses.fields(cls):
             names = {f.name for f in dataclasses.fields(field.type)}
@@ -239,23 +267,19 @@ class Refiner:
         return self.settings.execution.precision
 
     @classmethod
-    def from_checkpoint(cls, model_path: str, *, device=None, timestep_respacing: Optional[str] = None,
-                        model_settings: Optional[Dict] = None, **settings: Any) -> "Refiner":
-        """Build the network from `model_settings` (defaults: the published configuration),
-        load the weights at `model_path`, and wrap it with the given refinement settings
-        (a `settings=RefinerSettings(...)` or flat keywords).
-
-        The respacing is `timestep_respacing`, or the one in `model_settings`, or the published sampler's
-        (SAMPLING_RESPACING); ValueError when the two disagree.
+    def from_checkpoint(cls, model_path: str, *, device=None, timestep_respacing: str = SAMPLING_RESPACING,
+                        model_settings: Union[None, Dict[str, Any], ModelSettings] = None, **settings: Any
+                        ) -> "Refiner":
+        """Load the checkpoint at `model_path` with the settings it carries (its folder's
+        model_config.yml; without one, the published configuration), each overridden by
+        `model_settings`, and wrap it with the given refinement settings (a
+        `settings=RefinerSettings(...)` or flat keywords). The sampler takes the
+        `timestep_respacing` steps (default: the published ddim200).
         """
-        model_settings = dict(model_settings or {})
-        given = model_settings.get("timestep_respacing")
-        if timestep_respacing is not None and given is not None and given != timestep_respacing:
-            raise ValueError(f"timestep_respacing {timestep_respacing!r} and model_settings' {given!r} disagree")
-        if timestep_respacing is None:
-            timestep_respacing = SAMPLING_RESPACING if given is None else given
-        model_settings["timestep_respacing"] = timestep_respacing
-        model, diffusion = load_model(model_path, model_settings)
+        if isinstance(model_settings, dict) and "timestep_respacing" in model_settings:
+            raise ValueError("timestep_respacing is a sampler setting, not a model setting: pass "
+                             "from_checkpoint(..., timestep_respacing=...)")
+        model, diffusion = load_model(model_path, model_settings, timestep_respacing=timestep_respacing)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(model, diffusion, device=device, **settings)
@@ -322,34 +346,23 @@ class Refiner:
                                         seed=segment_seed(seed, key, channel, index)))
         return Prepared(segments, bounds, channels, samples, sample_rate, input_samples)
 
-    def plan_batches(self, segments: Sequence[Segment]) -> List[List[int]]:
-        """Indices of `segments` grouped into batches: equal widths only, sized by batch_size_for."""
-        by_width: Dict[int, List[int]] = {}
-        for i, seg in enumerate(segments):
-            by_width.setdefault(seg.width, []).append(i)
-        batches = []
-        for width, indices in by_width.items():
-            size = self.batch_size_for(width)
-            batches += [indices[lo:lo + size] for lo in range(0, len(indices), size)]
-        return batches
-
     def run_segments(self, segments: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:
         """Refine segments (any widths) and return their waveforms at 16 kHz, in order.
 
-        A batch that runs out of GPU memory is halved and retried (see `_run_fitting`); raises
-        SegmentTooLarge when a single segment does not fit.
+        The segments of each width go through `refine_stream` together, so they are batched and
+        recovered from running out of GPU memory as a folder's are; raises SegmentTooLarge when a
+        single segment does not fit.
         """
+        by_width: Dict[int, List[int]] = {}
+        for i, seg in enumerate(segments):
+            by_width.setdefault(seg.width, []).append(i)
         results: List[Optional[torch.Tensor]] = [None] * len(segments)
-        todo = list(range(len(segments)))
-        while todo:
-            # Planned again after every batch: an out-of-memory error may have lowered the size.
-            batch = [todo[k] for k in self.plan_batches([segments[i] for i in todo])[0]]
-            for k, wave in self._run_fitting([segments[i] for i in batch], progress):
-                if isinstance(wave, SegmentTooLarge):
-                    raise wave
-                results[batch[k]] = wave
-            done = set(batch)
-            todo = [i for i in todo if i not in done]
+        groups = ((indices, [segments[i] for i in indices]) for indices in by_width.values())
+        for done in self.refine_stream(groups, progress=progress):
+            if done.error is not None:
+                raise done.error
+            for i, wave in zip(done.item, done.waves):
+                results[i] = wave
         return results
 
     def _run_fitting(self, batch: Sequence[Segment], progress: bool = False
@@ -413,47 +426,50 @@ class Refiner:
         spec = spec.float().cpu()
         return [spec_to_wave(spec[k], seg.samples) for k, seg in enumerate(batch)]
 
-    def refine_stream(self, recordings: Iterable[Tuple[Any, Prepared]]) -> Iterator["Refined"]:
-        """Refine prepared recordings as they arrive; yield a `Refined` for each one as soon as all
-        its segments are done (or as soon as it has failed).
+    def refine_stream(self, recordings: Iterable[Tuple[Any, Sequence[Segment]]], progress: bool = False
+                      ) -> Iterator["Refined"]:
+        """Refine recordings as they arrive, each given as (item, its segments, all of one width);
+        yield a `Refined` for each one as soon as all its segments are done (or as soon as it has
+        failed). The one batch runner: the folder command and the Python API both refine here.
 
         Segments of consecutive recordings of equal width share batches (of `batch_size_for` that
         width), so recordings sorted by width fill the batches; a batch runs as soon as it
         is full, so only a batch's worth of segments waits in memory. A recording with a segment
         that does not fit in GPU memory even alone fails alone (its `error` is a SegmentTooLarge);
-        the others go on.
+        the others go on. `progress` shows each batch's reverse steps.
         """
         pending: List[Tuple[_InProgress, int]] = []  # (recording, segment index), all of one width
-        for item, prepared in recordings:
-            if pending and pending[0][0].prepared.segments[0].width != prepared.segments[0].width:
-                yield from self._run_pending(pending, flush=True)
-            entry = _InProgress(item, prepared)
-            pending.extend((entry, i) for i in range(len(prepared.segments)))
-            yield from self._run_pending(pending, flush=False)
-        yield from self._run_pending(pending, flush=True)
+        for item, segments in recordings:
+            entry = _InProgress(item, list(segments))
+            if pending and pending[0][0].width != entry.width:
+                yield from self._run_pending(pending, flush=True, progress=progress)
+            pending.extend((entry, i) for i in range(len(entry.segments)))
+            yield from self._run_pending(pending, flush=False, progress=progress)
+        yield from self._run_pending(pending, flush=True, progress=progress)
 
-    def _run_pending(self, pending: List[Tuple["_InProgress", int]], flush: bool) -> Iterator["Refined"]:
+    def _run_pending(self, pending: List[Tuple["_InProgress", int]], flush: bool, progress: bool = False
+                     ) -> Iterator["Refined"]:
         """Run the full batches of `pending` (every batch with `flush`) and drop them from it."""
         while True:
             pending[:] = [(entry, i) for entry, i in pending if not entry.failed]
             if not pending:
                 return
-            size = self.batch_size_for(pending[0][0].prepared.segments[0].width)  # one width (refine_stream)
+            size = self.batch_size_for(pending[0][0].width)  # one width (refine_stream)
             if not flush and len(pending) < size:
                 return  # wait for more segments of this width
             batch = pending[:size]
-            for k, wave in self._run_fitting([entry.prepared.segments[i] for entry, i in batch]):
+            for k, wave in self._run_fitting([entry.segments[i] for entry, i in batch], progress):
                 entry, i = batch[k]
                 if entry.failed:
                     continue
                 if isinstance(wave, SegmentTooLarge):
                     entry.failed = True
-                    yield Refined(entry.item, entry.prepared, None, wave)
+                    yield Refined(entry.item, None, wave)
                     continue
                 entry.waves[i] = wave
                 entry.remaining -= 1
                 if entry.remaining == 0:
-                    yield Refined(entry.item, entry.prepared, entry.waves)
+                    yield Refined(entry.item, entry.waves)
             del pending[:len(batch)]
 
     def assemble(self, prepared: Prepared, waves: Sequence[torch.Tensor],
@@ -502,7 +518,6 @@ class Refined:
     error that stopped it (then `waves` is None)."""
 
     item: Any
-    prepared: Prepared
     waves: Optional[List[torch.Tensor]]
     error: Optional[Exception] = None
 
@@ -512,12 +527,16 @@ class _InProgress:
     """A recording whose segments are being refined."""
 
     item: Any
-    prepared: Prepared
+    segments: List[Segment]
 
     def __post_init__(self):
-        self.waves: List[Optional[torch.Tensor]] = [None] * len(self.prepared.segments)
+        self.waves: List[Optional[torch.Tensor]] = [None] * len(self.segments)
         self.remaining = len(self.waves)
         self.failed = False
+
+    @property
+    def width(self) -> int:
+        return self.segments[0].width
 
 
 def _as_2d(audio: np.ndarray, name: str) -> np.ndarray:

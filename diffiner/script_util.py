@@ -39,15 +39,12 @@ MODEL_FLAGS = (
     Flag("use_new_attention_order", False, "split QKV before the heads (the published model uses the legacy order)"),
 )
 
-# The published sampler: DDIM over 200 of the 4000 steps (refining and sampling default to it).
-SAMPLING_RESPACING = "ddim200"
-
-# Every diffusion setting (Diffiner trains with 4000 linear steps).
+# Every diffusion setting (Diffiner trains with 4000 linear steps). They describe the process
+# the network was trained for, so they travel with the weights like the model settings.
 DIFFUSION_FLAGS = (
     Flag("learn_sigma", False, "also learn the reverse-process variance"),
     Flag("diffusion_steps", 4000, "number of diffusion steps T"),
     Flag("noise_schedule", "linear", "beta schedule: linear or cosine", aliases=("noise_scheduler",)),
-    Flag("timestep_respacing", "", "respacing of the T steps, e.g. ddim200 or 250 (empty: all steps)"),
     Flag("use_kl", False, "train on the variational bound instead of the epsilon MSE"),
     Flag("predict_xstart", False, "predict x0 instead of the noise"),
     Flag("rescale_timesteps", False, "feed timesteps scaled to [0, 1000) to the network"),
@@ -55,6 +52,18 @@ DIFFUSION_FLAGS = (
 )
 
 MODEL_AND_DIFFUSION_FLAGS = MODEL_FLAGS + DIFFUSION_FLAGS
+
+# Settings that decide the network's shape: a checkpoint's weights fit only the values it was
+# trained with (learn_sigma doubles the output channels).
+ARCHITECTURE_KEYS = tuple(f.name for f in MODEL_FLAGS) + ("learn_sigma",)
+
+# The published sampler: DDIM over 200 of the 4000 steps (refining and sampling default to it).
+# Respacing is a sampler setting (as diffusers' set_timesteps), chosen at inference: never a
+# model setting.
+SAMPLING_RESPACING = "ddim200"
+RESPACING_FLAG = Flag("timestep_respacing", SAMPLING_RESPACING,
+                      "the sampler's steps: ddimN (N evenly spaced steps, DDIM spacing) or a comma list of "
+                      "step counts per section, e.g. 250 (empty: all diffusion steps)")
 
 
 def diffusion_defaults() -> Dict[str, Any]:
@@ -67,14 +76,17 @@ def model_and_diffusion_defaults() -> Dict[str, Any]:
     return flag_defaults(MODEL_AND_DIFFUSION_FLAGS)
 
 
-def model_and_diffusion_flags(timestep_respacing: str = "") -> Tuple[Flag, ...]:
-    """The model and diffusion flags, with a command's own default respacing."""
-    return tuple(f.with_default(timestep_respacing) if f.name == "timestep_respacing" else f
-                 for f in MODEL_AND_DIFFUSION_FLAGS)
+def carried_setting_flags() -> Tuple[Flag, ...]:
+    """The model and diffusion flags for commands that load a checkpoint: absent means "what
+    the checkpoint carries, else the published value", so each defaults to None and its help
+    names the published value."""
+    return tuple(flag.unset(f"{flag.help} (published: {flag.default if flag.default != '' else 'empty'})")
+                 for flag in MODEL_AND_DIFFUSION_FLAGS)
 
 
-def create_model_and_diffusion(**kwargs) -> Tuple[UNetModel, SpacedDiffusion]:
-    """Build (model, diffusion) from the settings of `model_and_diffusion_defaults()`.
+def create_model_and_diffusion(timestep_respacing="", **kwargs) -> Tuple[UNetModel, SpacedDiffusion]:
+    """Build (model, diffusion) from the settings of `model_and_diffusion_defaults()`, the
+    diffusion respaced by `timestep_respacing` (guided-diffusion's signature).
 
     Unknown keywords raise TypeError; missing ones take the defaults.
     """
@@ -93,7 +105,7 @@ def create_model_and_diffusion(**kwargs) -> Tuple[UNetModel, SpacedDiffusion]:
         predict_xstart=settings["predict_xstart"],
         rescale_timesteps=settings["rescale_timesteps"],
         rescale_learned_sigmas=settings["rescale_learned_sigmas"],
-        timestep_respacing=settings["timestep_respacing"],
+        timestep_respacing=timestep_respacing,
     )
     return model, diffusion
 

@@ -19,8 +19,8 @@ Files are visited in a fresh random order every epoch (each file once per epoch)
 shuffled sampler, and each visit takes a new random excerpt.
 
 A file whose samples cannot be read raises AudioError naming it from the batch iterator, in the
-training process, whichever DataLoader worker read it. The workers leave SIGINT, and SIGTERM
-from any other process, to the training process (it stops at a step boundary and saves).
+training process, whichever DataLoader worker read it. The workers leave SIGINT, SIGHUP, and
+SIGTERM from any other process, to the training process (it stops at a step boundary and saves).
 """
 
 from __future__ import annotations
@@ -174,15 +174,17 @@ def collate_examples(examples: List[Dict]) -> Dict:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker start: leave SIGINT and SIGTERM to the training process.
+    """DataLoader worker start: leave SIGINT, SIGHUP and SIGTERM to the training process.
 
-    Ctrl-C reaches every process of the terminal's foreground group and a scheduler's SIGTERM
-    every process of the job; a worker that died of it would make the training process fail
+    Ctrl-C and a closed terminal's SIGHUP reach every process of the terminal's foreground group
+    and a scheduler's SIGTERM every process of the job; a worker that died of it would make the training process fail
     on its next batch instead of finishing the step and saving. A SIGTERM from the training
     process itself still ends the worker: that is how the DataLoader and multiprocessing end
     workers that did not stop on their own (torch's own handler makes the same distinction).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):  # not on macOS or Windows: torch's handler stays
         return
     parent = os.getppid()

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from . import dist_util
-from .acceleration import NetworkRunner
+from .acceleration import NetworkRunner, autocast_dtype
 from .audio.io import AudioError
 from .checkpoints import (checkpoint_step, ema_filename, load_state_dict, load_weights, missing_set_files,
                           model_filename, opt_filename, remove_interrupted_saves, save_checkpoint_set)
@@ -199,7 +199,8 @@ class TrainLoop:
     :param microbatch: examples per forward/backward pass (-1: the whole batch); gradients
         are accumulated so that the step is the same whatever the microbatch size.
     :param ema_rate: "0.9999" or a comma list; one EMA of the parameters per rate.
-    :param use_fp16: float16 autocast with dynamic loss scaling; `bf16`: bfloat16 autocast.
+    :param precision: "fp32", "bf16" (bfloat16 autocast) or "fp16" (float16 autocast with dynamic
+        loss scaling).
     :param lr_anneal_steps: when > 0, the learning rate falls linearly to 0 at this step, where
         training stops.
     :param grad_clip: clip the global gradient norm to this (0: no clipping).
@@ -213,14 +214,13 @@ class TrainLoop:
     def __init__(
         self, *, model: torch.nn.Module, diffusion, batch_size: int, lr: float, log_dir: str,
         microbatch: int = -1, ema_rate="0.9999", log_interval: int = 10, save_interval: int = 10000,
-        resume_checkpoint: str = "", allow_fresh_optimizer: bool = False, use_fp16: bool = False,
-        bf16: bool = False, fp16_scale_growth: float = 1e-3,
+        resume_checkpoint: str = "", allow_fresh_optimizer: bool = False, precision: str = "fp32",
+        fp16_scale_growth: float = 1e-3,
         initial_lg_loss_scale: float = INITIAL_LG_LOSS_SCALE, schedule_sampler: Optional[ScheduleSampler] = None,
         weight_decay: float = 0.0, lr_anneal_steps: int = 0, grad_clip: float = 0.0, max_steps: int = 0,
         seed: int = 0, metrics: Optional[MetricsLogger] = None, channels_last: bool = False,
     ):
-        if use_fp16 and bf16:
-            raise ValueError("choose one of use_fp16 and bf16")
+        autocast_dtype(precision)  # refuses an unknown precision before any work
         self.model = model.to(dist_util.dev())
         self.diffusion = diffusion
         self.batch_size = batch_size
@@ -236,8 +236,8 @@ class TrainLoop:
         self.grad_clip = grad_clip
         self.max_steps = max_steps
         self.seed = seed
-        self.scaler = DynamicLossScaler(initial_lg_loss_scale, fp16_scale_growth) if use_fp16 else None
-        self.precision = "fp16" if use_fp16 else "bf16" if bf16 else "fp32"
+        self.precision = precision
+        self.scaler = DynamicLossScaler(initial_lg_loss_scale, fp16_scale_growth) if precision == "fp16" else None
 
         self.step = 0  # training steps done, resumed ones included
         self.data_position = 0  # examples consumed by the whole job

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models, checkpoints and generated audio."""
 
 import os
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -33,9 +34,11 @@ def tiny_model_and_diffusion(seed: int = 0, **overrides):
     return model.eval(), diffusion
 
 
-def tiny_cli_flags(respacing: str = "ddim2"):
-    return ["--image-size", "64", "--num-channels", "32", "--num-res-blocks", "1", "--channel-mult", "1,1,2,2",
-            "--attention-resolutions", "8", "--num-heads", "2", "--timestep-respacing", respacing]
+def tiny_cli_flags(respacing: Optional[str] = "ddim2"):
+    """The TINY settings as flags, and the sampler's respacing (None: no respacing flag, as for training)."""
+    flags = ["--image-size", "64", "--num-channels", "32", "--num-res-blocks", "1", "--channel-mult", "1,1,2,2",
+             "--attention-resolutions", "8", "--num-heads", "2"]
+    return flags + (["--timestep-respacing", respacing] if respacing is not None else [])
 
 
 @pytest.fixture
@@ -44,6 +47,21 @@ def tiny_checkpoint(tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), path)
     return str(path)
+
+
+@pytest.fixture
+def carried_tiny_checkpoint(tmp_path):
+    """A tiny checkpoint in a folder of its own, with its settings beside it (model_config.yml),
+    as training leaves it."""
+    from diffiner.checkpoints import write_model_config
+    from diffiner.script_util import model_and_diffusion_defaults
+
+    folder = tmp_path / "tiny_model"
+    folder.mkdir()
+    model, _ = tiny_model_and_diffusion()
+    torch.save(model.state_dict(), folder / "ema_0.9999_000010.pt")
+    write_model_config(str(folder), dict(model_and_diffusion_defaults(), **TINY))
+    return str(folder / "ema_0.9999_000010.pt")
 
 
 def speech_like(seconds: float, rate: int = 16000, seed: int = 0) -> np.ndarray:
@@ -65,6 +83,22 @@ def with_noise(signal: np.ndarray, snr_db: float, seed: int = 1) -> np.ndarray:
     signal_power = np.mean(signal.astype(np.float64) ** 2)
     noise *= np.sqrt(signal_power / np.mean(noise ** 2) / 10 ** (snr_db / 10))
     return (signal + noise).astype(np.float32)
+
+
+def snr_folders(root, files, snrs, seconds, rate=16000):
+    """{name: folder} of clean/ and one folder per entry of `snrs` ({name: SNR in dB}) under
+    `root`, each holding `files`: speech-like clips and their noisy copies at those SNRs."""
+    from pathlib import Path
+
+    from diffiner.audio.io import save_audio
+
+    folders = {name: Path(root) / name for name in ("clean", *snrs)}
+    for index, relative in enumerate(files):
+        clean = speech_like(seconds, rate, seed=index)
+        save_audio(str(folders["clean"] / relative), clean, rate)
+        for name, snr in snrs.items():
+            save_audio(str(folders[name] / relative), with_noise(clean, snr, seed=10 + index), rate)
+    return folders
 
 
 def write_wav(path, audio, rate, subtype="PCM_16"):

@@ -267,6 +267,7 @@ class ResumeCheck:
         assert not [name for name in os.listdir(folder) if name.startswith(".tmp-")]
 
 
+@pytest.mark.slow  # a kill loop: one save interrupted at every file operation
 @pytest.mark.parametrize("overwrite", [False, True], ids=["new-step", "over-another-runs-set"])
 def test_a_save_killed_between_any_two_file_operations_leaves_complete_sets(tmp_path, overwrite):
     """Kill the save of step 2 at every point. Then every model file has its whole set (of one
@@ -352,6 +353,7 @@ def kill_during_training(folder, delay):
                for n in names)
 
 
+@pytest.mark.slow  # a kill loop of forked children
 @pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (1, 13),
                     reason="torch < 1.13 cannot run autograd in a forked child once the parent has used it")
 def test_kill_9_at_random_moments_of_saves_then_resume_is_exact(tmp_path):

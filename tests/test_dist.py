@@ -137,14 +137,17 @@ def train_two_ranks_and_compare(tmp_path, launch):
     assert opt["data_position"] == 6 and opt["global_batch"] == 2 and len(opt["rng"]) == 2
 
 
+@pytest.mark.slow  # starts a two-process launcher
 def test_torchrun_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
     train_two_ranks_and_compare(tmp_path, torchrun)
 
 
+@pytest.mark.slow  # starts a two-process launcher
 def test_mpiexec_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
     train_two_ranks_and_compare(tmp_path, mpiexec_or_skip())
 
 
+@pytest.mark.slow  # starts a two-process launcher
 def test_a_stuck_rank_ends_the_job_with_an_error(tmp_path):
     script = tmp_path / "stuck.py"
     script.write_text(STUCK_RANK)
@@ -156,6 +159,7 @@ def test_a_stuck_rank_ends_the_job_with_an_error(tmp_path):
     assert "monitoredBarrier" in result.stderr and "1" in result.stderr
 
 
+@pytest.mark.slow  # starts a two-process launcher
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_it_saved(tmp_path):
     """A signal that reaches only rank 1: the ranks agree at the next step boundary, all take
     part in saving that step's set, and all exit with 143 (none waits for the others forever)."""

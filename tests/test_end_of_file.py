@@ -1,4 +1,4 @@
-"""The end of a refined file (issue 11, item 5): no click where a recording ends in silence.
+"""The end of a refined file: no click where a recording ends in silence.
 
 The last partial hop of a signal (up to 255 samples) lies under the last frame's window alone,
 where the squared Hann window that normalises the overlap-add falls to zero; inverting the
@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL = os.path.join(ROOT, "demo", "model", "diffiner_demo.pt")  # TINY's settings, trained
 CLIP = os.path.join(ROOT, "demo", "audio", "clean", "arctic_a0007.wav")
 TAIL, BEFORE = 8, 4000
-BOUND = 6.0  # issue 11: peak of the last 8 samples <= 6 x the rms of the 4,000 before them
+BOUND = 6.0  # the peak of the last 8 samples may be at most 6 x the rms of the 4,000 before them
 
 
 def tail_ratio(audio):
@@ -74,7 +74,7 @@ def test_the_padding_past_the_signal_is_silence_so_inverting_every_frame_gives_t
 
 @pytest.fixture(scope="module")
 def demo_refiner():
-    model, diffusion = load_model(DEMO_MODEL, dict(TINY, timestep_respacing="ddim10"))
+    model, diffusion = load_model(DEMO_MODEL, timestep_respacing="ddim10")  # its settings travel beside it
     return Refiner(model, diffusion, device="cpu")
 
 
@@ -102,8 +102,8 @@ def test_no_click_at_the_end_of_a_file_that_ends_in_silence(demo_refiner, frames
     assert refined.shape == noisy.shape
     assert tail_ratio(noisy) < 3  # the input's tail is plain noise
     assert tail_ratio(refined) <= BOUND
-    # The defect, on the same generated spectrogram: cropped to the signal's frames before the
-    # inversion, its end clicks. So the bound above is a real test of the inversion.
+    # The same generated spectrogram, cropped to the signal's frames before the inversion instead,
+    # clicks at its end: so the bound above can fail, and it tests the inversion.
     (spec,) = generated
     assert spec.shape[-1] > num_frames(noisy.size)
     cropped = spec_to_wave(spec[..., :num_frames(noisy.size)], noisy.size).numpy()

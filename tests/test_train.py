@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from diffiner.commands import train as train_module
+from diffiner import training as train_module
 from diffiner.logger import MetricsLogger
 from diffiner.acceleration import autocast
 from diffiner.checkpoints import load_state_dict
@@ -22,10 +22,11 @@ from diffiner.speech_datasets import ExcerptDataset, build_index
 from diffiner.train_util import DynamicLossScaler, TrainLoop, global_norm
 
 from conftest import speech_like, tiny_cli_flags, tiny_model_and_diffusion, write_wav
+from fs_helpers import output_digest
 from tolerances import reordering_atol
 
 # The tiny model on 64-frame crops of 1 s excerpts, 100 diffusion steps, 2 examples per step.
-TRAIN_FLAGS = tiny_cli_flags("") + ["--diffusion_steps", "100", "--seq_dur", "1.0", "--num_workers", "0",
+TRAIN_FLAGS = tiny_cli_flags(None) + ["--diffusion_steps", "100", "--seq_dur", "1.0", "--num_workers", "0",
                                     "--log_interval", "1", "--batch_size", "2"]
 PROGRESS_COLUMNS = ["step", "samples", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm",
                     "param_norm", "samples_per_sec", "lr"]
@@ -51,6 +52,7 @@ def read_progress(log_dir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_three_steps_write_checkpoints_logs_and_settings(corpus, tmp_path):
     log_dir = str(tmp_path / "log")
     assert main(["--root", corpus, "--log_dir", log_dir, "--max_steps", "3", *TRAIN_FLAGS]) == 0
@@ -67,11 +69,13 @@ def test_three_steps_write_checkpoints_logs_and_settings(corpus, tmp_path):
     settings = json.load(open(os.path.join(log_dir, "args.json")))
     assert settings["lr"] == 1e-4 and settings["ema_rate"] == "0.9999" and settings["global_batch_size"] == 2
 
-    # The EMA checkpoint is what users refine with: it loads through the refiner.
+    # The EMA checkpoint is what users refine with: it loads through the refiner by its path
+    # alone, with the settings the run carries beside it (and no sampler setting among them).
     model_config = yaml.safe_load(open(os.path.join(log_dir, "model_config.yml")))
-    assert "use_fp16" not in model_config and model_config["num_channels"] == 32
+    assert "use_fp16" not in model_config and "timestep_respacing" not in model_config
+    assert model_config["num_channels"] == 32 and model_config["diffusion_steps"] == 100
     refiner = Refiner.from_checkpoint(os.path.join(log_dir, "ema_0.9999_000003.pt"), device="cpu",
-                                      timestep_respacing="ddim2", model_settings=model_config)
+                                      timestep_respacing="ddim2")
     model_state = load_state_dict(os.path.join(log_dir, "model000003.pt"))
     ema_state = refiner.model.state_dict()
     assert model_state.keys() == ema_state.keys()
@@ -85,6 +89,7 @@ def test_three_steps_write_checkpoints_logs_and_settings(corpus, tmp_path):
     (["0.99", "0.9999"], ["--num_workers", "2", "--schedule_sampler", "loss-second-moment", "--microbatch", "1",
                           "--lr_anneal_steps", "10", "--grad_clip", "0.5"]),
 ], ids=["defaults", "workers-lossaware-microbatch-anneal-clip"])
+@pytest.mark.slow
 def test_resume_is_exact(corpus, tmp_path, ema_rates, extra):
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
     common = ["--root", corpus, *TRAIN_FLAGS, "--ema_rate", ",".join(ema_rates), *extra]
@@ -122,7 +127,7 @@ def test_explicit_resume_of_an_incomplete_set_is_refused_unless_allowed(corpus, 
     (line,) = error_lines(capsys.readouterr().err)
     assert "model000001.pt" in line and "opt000001.pt" in line and "ema_0.9999_000001.pt" in line
     assert "--allow-fresh-optimizer" in line
-    assert sorted(os.listdir(second)) == ["model000001.pt"]  # nothing written
+    assert sorted(output_digest(second)) == ["model000001.pt"]  # nothing written (but the lock)
     shutil.copy(os.path.join(first, "opt000001.pt"), second)
     assert main(resume) == 2  # the EMA file is still missing
     assert "ema_0.9999_000001.pt" in error_lines(capsys.readouterr().err)[0]
@@ -140,15 +145,17 @@ def test_explicit_resume_of_an_incomplete_set_is_refused_unless_allowed(corpus, 
     assert not os.path.exists(os.path.join(second, "model000003.pt"))
 
 
+@pytest.mark.slow
 def test_a_refused_resume_leaves_the_run_settings_untouched(corpus, tmp_path, capsys):
     log_dir = str(tmp_path / "log")
     assert main(["--root", corpus, "--log_dir", log_dir, "--max_steps", "2", *TRAIN_FLAGS]) == 0
     settings = {name: open(os.path.join(log_dir, name), "rb").read() for name in ("args.json", "model_config.yml")}
     checkpoint = os.path.join(log_dir, "model000002.pt")
     wrong_flags = [
-        (["--num-channels", "64"], "do not fit"),  # another network: the weights do not load
+        (["--num-channels", "64"], "contradicts num_channels: 32 carried by"),  # another network
+        (["--diffusion_steps", "200"], "contradicts diffusion_steps: 100 carried by"),  # another process
         (["--ema_rate", "0.999"], "ema_0.999_000002.pt"),  # no such EMA in the set
-        (["--schedule_sampler", "loss-second-moment", "--diffusion_steps", "50"], "opt000002.pt"),
+        (["--schedule_sampler", "loss-second-moment"], "opt000002.pt"),
     ]
     for flags, named in wrong_flags:
         capsys.readouterr()
@@ -161,6 +168,7 @@ def test_a_refused_resume_leaves_the_run_settings_untouched(corpus, tmp_path, ca
     assert not os.path.exists(os.path.join(log_dir, "model000003.pt"))
 
 
+@pytest.mark.slow
 def test_resume_from_a_folder_or_auto_takes_the_newest_complete_set(corpus, tmp_path, capsys):
     log_dir = str(tmp_path / "log")
     common = ["--root", corpus, *TRAIN_FLAGS, "--save_interval", "2"]
@@ -203,6 +211,7 @@ def test_resume_from_a_folder_or_auto_takes_the_newest_complete_set(corpus, tmp_
     assert os.path.exists(str(incomplete / "model000003.pt"))
 
 
+@pytest.mark.slow
 def test_a_folder_resumes_from_its_newest_set_with_the_ema_files_of_ema_rate(corpus, tmp_path, capsys):
     """A model file whose set lacks an EMA file of --ema_rate is not the folder's newest complete
     set: the folder resumes from the one before it, and a folder without any is refused."""
@@ -244,12 +253,12 @@ def test_a_fresh_start_into_a_folder_of_checkpoints_is_refused_and_changes_nothi
     its settings, progress rows and same-step checkpoints replaced: refused, nothing touched."""
     log_dir = str(tmp_path / "log")
     assert main(["--root", corpus, "--log_dir", log_dir, "--max_steps", "2", *TRAIN_FLAGS]) == 0
-    before = {name: open(os.path.join(log_dir, name), "rb").read() for name in sorted(os.listdir(log_dir))}
+    before = output_digest(log_dir)
     capsys.readouterr()
     assert main(["--root", corpus, "--log_dir", log_dir, "--max_steps", "2", *TRAIN_FLAGS, "--lr", "1e-3"]) == 2
     errors = error_lines(capsys.readouterr().err)
     assert len(errors) == 1 and "model000002.pt" in errors[0] and "--resume_checkpoint auto" in errors[0]
-    assert {name: open(os.path.join(log_dir, name), "rb").read() for name in sorted(os.listdir(log_dir))} == before
+    assert output_digest(log_dir) == before
 
 
 @pytest.mark.parametrize("damage", ["truncated-model", "truncated-optimizer", "empty-ema", "text-model"])
@@ -274,6 +283,7 @@ def test_an_unreadable_checkpoint_is_one_line_naming_it(corpus, tmp_path, capsys
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_an_unreadable_training_file_mid_run_saves_the_steps_done_and_names_it(corpus, tmp_path, capsys):
     bad = os.path.join(corpus, "spk", "bad.wav")
     write_wav(bad, np.full(24000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")  # a valid header
@@ -304,7 +314,7 @@ def test_bad_settings_are_clear_errors(corpus, tmp_path, capsys, monkeypatch):
                   ["--ema_rate", "1.5"], ["--schedule_sampler", "random"]):
         with pytest.raises(SystemExit):
             main(["--root", corpus, *TRAIN_FLAGS, *flags])
-    assert "choose one of --use_fp16 and --bf16" in capsys.readouterr().err
+    assert "the precision flags disagree: bf16 and fp16" in capsys.readouterr().err
     assert main(["--root", corpus, *TRAIN_FLAGS, "--log_dir", str(tmp_path / "x"),
                  "--resume_checkpoint", str(tmp_path / "opt000001.pt")]) == 2
     assert "modelNNNNNN.pt" in capsys.readouterr().err
@@ -366,7 +376,7 @@ needs_cpu_fp16 = pytest.mark.skipif(not cpu_fp16_autocast(),
 @needs_cpu_fp16
 def test_fp16_overflow_skips_the_step_and_halves_the_scale(tmp_path):
     # 2**200 overflows even float32, so the gradients are inf/nan whatever autocast does.
-    loop = make_loop(tmp_path, use_fp16=True, initial_lg_loss_scale=200.0)
+    loop = make_loop(tmp_path, precision="fp16", initial_lg_loss_scale=200.0)
     before = [p.detach().clone() for p in loop.params]
     assert loop.run_step(small_batch()) is False
     assert loop.scaler.lg_loss_scale == 199.0 and loop.scaler.scale == 2.0 ** 199
@@ -381,7 +391,7 @@ def test_fp16_step_unscales_every_gradient(tmp_path):
     reference.forward_backward(small_batch())
     expected = grads(reference)
 
-    loop = make_loop(tmp_path, use_fp16=True, initial_lg_loss_scale=10.0, fp16_scale_growth=0.25)
+    loop = make_loop(tmp_path, precision="fp16", initial_lg_loss_scale=10.0, fp16_scale_growth=0.25)
     before = [p.detach().clone() for p in loop.params]
     assert loop.run_step(small_batch()) is True
     assert loop.scaler.lg_loss_scale == 10.25

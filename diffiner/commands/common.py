@@ -2,27 +2,20 @@
 several commands share, and folder-run reports.
 
 The error boundary is the contract of every command: an error is one line on stderr naming the
-problem (and the file), never a traceback (`--debug` shows it); exit status 2 for a problem with
-what was asked (flags, folders, checkpoints: `UsageError`, and a folder layout or output folder
-refused by `audio.folders`: `FolderError`), 1 for a run that failed or had failed files, 130 for
-Ctrl-C.
+problem (and the file), never a traceback (`--debug` shows it). The project's own errors carry
+their exit status (`diffiner.errors`): 2 for a problem with what was asked (flags, folders,
+checkpoints), 1 for a run that failed or had failed files; anything else is 1, and Ctrl-C 130.
 """
 
-import contextlib
 import logging
 import math
 import sys
 import traceback
-from typing import Callable, Dict, Iterator, Optional, Type
+from typing import Callable, Dict, Optional
 
-from ..audio.folders import FolderError, FolderResult
-from ..audio.io import OutputError, error_text
+from ..audio.folders import FolderResult
+from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, DiffinerError, UsageError, error_text
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for (a flag, a folder, a checkpoint): exit status 2."""
 
 
 def setup_logging(debug: bool = False) -> None:
@@ -30,16 +23,6 @@ def setup_logging(debug: bool = False) -> None:
     package's DEBUG lines too (among them the traceback of every file that failed)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffiner").setLevel(logging.DEBUG if debug else logging.NOTSET)
-
-
-@contextlib.contextmanager
-def usage_errors(*types: Type[BaseException]) -> Iterator[None]:
-    """Turn the given exception types, raised inside the block, into UsageError (exit status 2):
-    for calls whose errors are, at that point, about what the user asked for."""
-    try:
-        yield
-    except types as exc:
-        raise UsageError(error_text(exc)) from exc
 
 
 def check_number(flag: str, value: float, minimum: float, *, strict: bool = False) -> None:
@@ -99,16 +82,11 @@ def run_command(body: Callable[[], int], debug: bool = False) -> int:
             raise
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (UsageError, FolderError) as exc:
+    except DiffinerError as exc:  # its message names the file and the problem already
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except OutputError as exc:  # names the file and the reason already
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return exc.exit_code
     except Exception as exc:  # the boundary: whatever went wrong, one line, not a traceback
         if debug:
             raise

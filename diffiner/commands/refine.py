@@ -12,6 +12,7 @@ respacing, precision, ...) is refused, unless --overwrite, which then redoes eve
 """
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -25,17 +26,20 @@ import yaml
 
 from .. import __version__, dist_util, spectrogram
 from ..audio.enhancers import ENHANCERS, check_available, enhance_folder
-from ..audio.folders import (RUN_RECORD, check_write_rules, prepare_output_folder, read_run_record,
+from ..audio.enhancers import WRITER as ENHANCE_WRITER
+from ..audio.folders import (REFINE_WRITER, RUN_RECORD, check_write_rules, read_run_record,
                              remove_audio_files, scan_audio_files)
 from ..audio.io import MODEL_SAMPLE_RATE, write_text_atomic
-from ..corpus import RunSummary, output_folder_name, plan_jobs, refine_files, shard_jobs
-from ..flags import (MODEL_GROUP, NO_PROGRESS_FLAG, OVERWRITE_FLAG, PRECISION_FLAGS, Flag, command_parser,
+from ..corpus import RunSummary, plan_jobs, refine_files, shard_jobs
+from ..flags import (MODEL_GROUP, NO_PROGRESS_FLAG, OVERWRITE_FLAG, Flag, command_parser, flags_of,
                      precision_from_args, values_of)
-from ..pipeline import Refiner
-from ..refiner import DEFAULT_ETAS, resolve_etas
-from ..script_util import SAMPLING_RESPACING, model_and_diffusion_flags
-from .common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, check_number, check_respacing,
-                     print_failures, resolve_device, run_command, setup_logging, usage_errors)
+from ..methods import DEFAULT_METHOD, get_method, method_names, resolve_etas
+from ..acceleration import execution_flags
+from ..pipeline import BatchSettings, MethodSettings, Refiner, RefinerSettings, SegmentSettings
+from ..checkpoints import ModelSettings, resolve_model_settings
+from ..script_util import RESPACING_FLAG, carried_setting_flags
+from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, usage_errors
+from .common import check_number, check_respacing, print_failures, resolve_device, run_command, setup_logging
 
 INPUT_FLAGS = (
     Flag("root_noisy", required=True, help="folder of noisy recordings (searched recursively)", metavar="DIR"),
@@ -47,26 +51,39 @@ INPUT_FLAGS = (
     Flag("baseline", choices=ENHANCERS,
          help="make the processed files with this SE baseline from the noisy ones, then refine them"),
 )
-METHOD_FLAGS = (
-    Flag("simple_diffiner", False, "use Diffiner instead of Diffiner+"),
-    Flag("etas", None, "eta_a eta_b [eta_c eta_d]; default 0.4 0.6 0.0 0.6 (Diffiner+) or 0.9 0.9 (Diffiner)",
-         type=float, nargs="+", metavar="ETA"),
-    Flag("clip_denoised", False, "clamp the predicted x0 to [-1, 1] at every step"),
+SAMPLING_FLAGS = (
+    RESPACING_FLAG,
+    *flags_of(MethodSettings),
     Flag("seed", 0, "seed; each file's noise depends only on it and the file's relative path"),
 )
+
+
+def method_flags() -> Tuple[Flag, ...]:
+    """The method flags; built when a parser is, so that `--method` offers every registered method
+    (plug-ins included)."""
+    def etas_text(name: str) -> str:
+        method = get_method(name)
+        return f"{' '.join(method.eta_names())} = {' '.join(str(v) for v in method.etas_type().as_dict().values())}"
+
+    return (
+        Flag("method", DEFAULT_METHOD, "reverse process: " + "; ".join(
+            f"{name} ({get_method(name).description})" for name in method_names()), choices=method_names()),
+        Flag("simple_diffiner", False, "the same as --method diffiner (the original's switch)"),
+        Flag("etas", None, "the method's etas in order, defaults: " + "; ".join(
+            f"{name}: {etas_text(name)}" for name in method_names()), type=float, nargs="+", metavar="ETA"),
+        *SAMPLING_FLAGS,
+    )
+
+
 RUN_FLAGS = (
-    Flag("max_dur", 10.0, "longer files are refined in overlapping segments of this many seconds"),
-    Flag("segment_overlap", 1.0, "overlap between segments, seconds (cross-faded)"),
-    Flag("batch_size", 8, "segments of equal width refined together"),
-    Flag("max_batch_frames", "auto", "instead of --batch-size: a budget of spectrogram frames per batch (short "
-         "files run in large batches, long ones in small), or 'auto': sized from free GPU memory on CUDA, "
-         "--batch-size on the CPU", metavar="N|auto"),
+    *flags_of(SegmentSettings),
+    *flags_of(BatchSettings, max_batch_frames=Flag(
+        "max_batch_frames", "auto", "instead of --batch-size: a budget of spectrogram frames per batch (short "
+        "files run in large batches, long ones in small), or 'auto': sized from free GPU memory on CUDA, "
+        "--batch-size on the CPU", metavar="N|auto")),
     Flag("device", None, "torch device, e.g. cuda:1 (default: cuda if available, else cpu)", metavar="DEVICE"),
     Flag("no_gpu", False, "run on the CPU (same as --device cpu)"),
-    *PRECISION_FLAGS,
-    Flag("compile", False, "torch.compile the network (widths bucketed to 128 frames)"),
-    Flag("cuda_graphs", False, "capture each step's network call as a CUDA graph (torch.compile mode "
-                               "reduce-overhead)"),
+    *execution_flags(),
     Flag("keep_sample_rate", False, "write outputs at the processed file's sample rate instead of 16 kHz"),
     OVERWRITE_FLAG.with_help("refine files whose output already exists; into a folder refined with other "
                              "settings: redo every file"),
@@ -74,23 +91,24 @@ RUN_FLAGS = (
     Flag("dist_timeout", 7200.0, "seconds a rank waits for the others at the end of a torchrun/mpiexec run"),
     NO_PROGRESS_FLAG,
 )
-MODEL_FLAGS = model_and_diffusion_flags(timestep_respacing=SAMPLING_RESPACING)
+MODEL_FLAGS = carried_setting_flags()
 
 # config.yml keys (dotted) that say how a run went, not what the files are: they may differ
 # between the runs that filled a folder. Every other key must match for a run to add files.
-EXECUTION_KEYS = ("diffiner_version", "torch_version", "model_path", "data.output_dir", "device", "processes",
-                  "acceleration", "runs")
+EXECUTION_KEYS = ("diffiner_version", "torch_version", "model_path", "model_settings_from", "data.output_dir", "device",
+                  "processes", "acceleration", "runs")
 SUMMARY_FILE = "summary.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
     return command_parser("Refine the output of a speech-enhancement model with Diffiner / Diffiner+.", {
-        "inputs and outputs": INPUT_FLAGS, "method": METHOD_FLAGS, "how to run": RUN_FLAGS, MODEL_GROUP: MODEL_FLAGS})
+        "inputs and outputs": INPUT_FLAGS, "method": method_flags(), "how to run": RUN_FLAGS,
+        MODEL_GROUP: MODEL_FLAGS})
 
 
 def parse_etas(method: str, values: Optional[Sequence[float]]) -> Dict[str, Optional[float]]:
     """{eta name: value} of the etas given on the command line, in the method's order."""
-    names = list(DEFAULT_ETAS[method])
+    names = get_method(method).eta_names()
     values = list(values or [])
     if len(values) > len(names):
         raise ValueError(f"{method} takes at most {len(names)} etas ({' '.join(names)}), got {len(values)}")
@@ -101,7 +119,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     """Parse the flags (argparse's own errors exit with status 2). Adds `method` and `precision`."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.method = "diffiner" if args.simple_diffiner else "diffiner+"
+    if args.simple_diffiner:
+        if args.method not in (DEFAULT_METHOD, "diffiner"):
+            parser.error(f"--simple-diffiner means --method diffiner, which contradicts --method {args.method}")
+        args.method = "diffiner"
     args.precision = precision_from_args(args, parser)
     return args
 
@@ -124,7 +145,11 @@ def check_args(args: argparse.Namespace) -> None:
     check_number("--batch-size", args.batch_size, 1)
     check_number("--loaders", args.loaders, 1)
     check_number("--dist-timeout", args.dist_timeout, 0, strict=True)
-    check_respacing(args.timestep_respacing, args.diffusion_steps)
+    if not os.path.isfile(args.model_path):
+        raise UsageError(f"--model-path {args.model_path}: no such checkpoint file")
+    with usage_errors(ValueError):
+        args.model_settings = resolve_model_settings(args.model_path, values_of(args, MODEL_FLAGS))
+    check_respacing(args.timestep_respacing, args.model_settings.values["diffusion_steps"])
     if not os.path.isdir(args.root_noisy):
         raise UsageError(f"--root-noisy {args.root_noisy}: not a folder")
     if args.root_proc is None and args.baseline is None:
@@ -132,30 +157,33 @@ def check_args(args: argparse.Namespace) -> None:
     args.root_proc = args.root_proc or f"diffiner_{args.baseline}"
     if args.baseline is None and not os.path.isdir(args.root_proc):
         raise UsageError(f"--root-proc {args.root_proc}: not a folder")
-    if not os.path.isfile(args.model_path):
-        raise UsageError(f"--model-path {args.model_path}: no such checkpoint file")
-    args.output_dir = args.output_dir or os.path.join(args.root_proc, output_folder_name(args.method, args.etas))
+    folder_name = MethodSettings(args.method, args.etas).folder_name
+    args.output_dir = args.output_dir or os.path.join(args.root_proc, folder_name)
     inputs = {"--root-noisy": args.root_noisy, "--root-proc": args.root_proc}
-    check_write_rules(inputs, args.output_dir)
+    check_write_rules(inputs, args.output_dir, REFINE_WRITER)
     if args.baseline is not None:
-        check_write_rules({"--root-noisy": args.root_noisy}, args.root_proc)
+        check_write_rules({"--root-noisy": args.root_noisy}, args.root_proc, ENHANCE_WRITER)
         with usage_errors(ImportError, FileNotFoundError):  # its package not installed, or broken
             check_available(args.baseline)
 
 
-def build_refiner(args: argparse.Namespace, device: str) -> Tuple[Refiner, Dict]:
-    """The refiner the flags describe, and the model settings to record in config.yml; UsageError
-    for a checkpoint that cannot be read or does not fit the model settings."""
-    model_settings = values_of(args, MODEL_FLAGS)
+def refiner_settings(args: argparse.Namespace) -> RefinerSettings:
+    """The Refiner's settings from the parsed flags: each group takes the flags named as its fields."""
+    values = {name: getattr(args, name) for group in dataclasses.fields(RefinerSettings)
+              for name in (f.name for f in dataclasses.fields(group.type)) if hasattr(args, name)}
+    values["etas"] = args.etas_given
+    values["max_batch_frames"] = None if args.max_batch_frames in (None, "auto") else int(args.max_batch_frames)
+    return RefinerSettings.from_flat(**values)
+
+
+def build_refiner(args: argparse.Namespace, device: str) -> Tuple[Refiner, ModelSettings]:
+    """The refiner the flags describe, and the model settings it was built with (to record in
+    config.yml); UsageError for a flag that contradicts the checkpoint's settings, or a
+    checkpoint that cannot be read or does not fit them."""
+    model_settings = args.model_settings
     with usage_errors(ValueError):
-        refiner = Refiner.from_checkpoint(
-            args.model_path, device=device, model_settings=model_settings,
-            method=args.method, clip_denoised=args.clip_denoised, max_dur=args.max_dur,
-            segment_overlap=args.segment_overlap, batch_size=args.batch_size,
-            max_batch_frames=None if args.max_batch_frames in (None, "auto") else int(args.max_batch_frames),
-            precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-            cuda_graphs=args.cuda_graphs, **args.etas_given,
-        )
+        refiner = Refiner.from_checkpoint(args.model_path, device=device, model_settings=model_settings,
+                                          timestep_respacing=args.timestep_respacing, settings=refiner_settings(args))
     return refiner, model_settings
 
 
@@ -168,34 +196,31 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def describe_settings(args: argparse.Namespace, refiner: Refiner, model_settings: Dict, model_sha256: str,
+def describe_settings(args: argparse.Namespace, refiner: Refiner, model_settings: ModelSettings, model_sha256: str,
                       device: str, processes: int) -> Dict[str, Any]:
     """config.yml without its run history: every setting that shaped the files beside it, then
     how this run went (the EXECUTION_KEYS)."""
+    shaping, execution = refiner.settings.describe(refiner.width_bucket)
     return {
         "diffiner_version": __version__,
         "torch_version": str(torch.__version__),
         "model_path": os.path.abspath(args.model_path),
         "model_sha256": model_sha256,
-        "model": model_settings,
+        "model": model_settings.values,
+        "model_settings_from": model_settings.source,
         "data": {"root_noisy": os.path.abspath(args.root_noisy), "root_proc": os.path.abspath(args.root_proc),
                  "output_dir": os.path.abspath(args.output_dir)},
         "stft": {"sample_rate": MODEL_SAMPLE_RATE, "n_fft": spectrogram.N_FFT, "win_length": spectrogram.WIN_LENGTH,
                  "hop_length": spectrogram.HOP_LENGTH, "window": "hann (periodic)", "center": True,
                  "pad_mode": "reflect", "dc_bin": "dropped"},
-        # The width bucket sets the padding, hence the noise drawn: it changes the audio.
-        "refiner": {"method": refiner.method, **refiner.etas, "clip_denoised": args.clip_denoised,
-                    "max_dur": args.max_dur, "segment_overlap": args.segment_overlap,
-                    "width_bucket": refiner.width_bucket},
+        "refiner": {**shaping, "timestep_respacing": args.timestep_respacing},
         "seed": args.seed,
         "dtype": refiner.precision,
         "output_sample_rate": "input" if args.keep_sample_rate else MODEL_SAMPLE_RATE,
         "device": device,
         "processes": processes,
         # The result for a file does not depend on its batch (up to float rounding).
-        "acceleration": {"batch_size": args.batch_size, "max_batch_frames": refiner.max_batch_frames,
-                         "channels_last": args.channels_last, "compile": args.compile,
-                         "cuda_graphs": args.cuda_graphs},
+        "acceleration": dict(execution, max_batch_frames=refiner.max_batch_frames),
     }
 
 
@@ -319,7 +344,14 @@ def refine_corpus(args: argparse.Namespace) -> int:
             info = dist_util.setup_dist(device=torch.device(device).type, timeout_s=args.dist_timeout)
         device, rank, world_size = str(info.device), info.rank, info.world_size
     refiner, model_settings = build_refiner(args, device)
-    prepare_output_folder(args.output_dir)
+    # One run at a time writes a folder: a second one, started while this one runs, is refused.
+    with dist_util.job_output_lock(args.output_dir, REFINE_WRITER):
+        return refine_into_folder(args, refiner, model_settings, device, rank, world_size)
+
+
+def refine_into_folder(args: argparse.Namespace, refiner: Refiner, model_settings: ModelSettings, device: str,
+                       rank: int, world_size: int) -> int:
+    """Check the output folder's record, plan, refine and report, holding the folder's lock."""
     settings = describe_settings(args, refiner, model_settings, file_sha256(args.model_path), device, world_size)
     recorded, differences = check_record(args, settings)
     summary = RunSummary()

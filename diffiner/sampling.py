@@ -1,0 +1,56 @@
+"""Unconditional sampling from a trained prior: the application layer of `diffiner-sample`.
+
+Sample i starts from noise drawn with a generator seeded by (seed, i) alone, so it does not
+depend on the batch size or on how samples are shared among processes. The spectrogram holds
+one frame past the signal and is inverted whole before trimming, as in the refiner, so a sample
+does not click at its end.
+"""
+
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .acceleration import NetworkRunner
+from .audio.io import MODEL_SAMPLE_RATE, save_audio
+from .pipeline import padded_width
+from .seeding import STREAM_SAMPLING, stream_generator
+from .spectrogram import NUM_BINS, spec_to_wave
+
+
+def sample_name(index: int) -> str:
+    """The file name of sample `index`."""
+    return f"sample_{index:03d}.wav"
+
+
+def sample_spectrograms(network, diffusion, indices: Sequence[int], shape: Sequence[int], *, seed: int,
+                        use_ddim: bool, device: torch.device) -> torch.Tensor:
+    """Spectrograms (len(indices), *shape) of the samples numbered `indices`, drawn by `network`."""
+    generators = [stream_generator(seed, STREAM_SAMPLING, i) for i in indices]
+    loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    return loop(network, (len(indices), *shape), device=device, generator=generators)
+
+
+def sample_waves(model: torch.nn.Module, diffusion, indices: Sequence[int], seconds: float, *, seed: int,
+                 use_ddim: bool, batch_size: int, device: torch.device, precision: str = "fp32",
+                 channels_last: bool = False, progress: bool = False) -> Iterator[tuple]:
+    """(index, 16 kHz waveform) of each sample numbered in `indices`, `batch_size` at a time."""
+    network = NetworkRunner(model.to(device).eval(), precision, channels_last)
+    samples = int(round(seconds * MODEL_SAMPLE_RATE))
+    shape = (model.in_channels, NUM_BINS, padded_width(samples, model.downsample_factor, samples))
+    batches = [list(indices[lo:lo + batch_size]) for lo in range(0, len(indices), batch_size)]
+    for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
+        spec = sample_spectrograms(network, diffusion, batch, shape, seed=seed, use_ddim=use_ddim, device=device)
+        waves = spec_to_wave(spec.float().cpu(), samples)  # every frame, then trim: no end click
+        yield from zip(batch, (wave.numpy() for wave in waves))
+
+
+def write_samples(output_dir: str, samples: Iterator[tuple]) -> int:
+    """Write each (index, waveform) as `output_dir`/sample_NNN.wav, atomically; returns the count."""
+    count = 0
+    for index, wave in samples:
+        save_audio(os.path.join(output_dir, sample_name(index)), np.asarray(wave), MODEL_SAMPLE_RATE)
+        count += 1
+    return count

@@ -127,6 +127,13 @@ def flags_of(settings_type: type, *, only: Optional[Sequence[str]] = None, **rep
     return tuple(flags)
 
 
+def settings_of(settings_type: type, values: Any) -> Any:
+    """An instance of a settings dataclass from the same-named attributes of `values` (parsed
+    flags); fields it lacks keep their defaults."""
+    return settings_type(**{f.name: getattr(values, f.name) for f in dataclasses.fields(settings_type)
+                            if hasattr(values, f.name)})
+
+
 def affects_output(settings_type: type, name: str) -> bool:
     """Whether the setting `name` of a settings dataclass changes what a run writes."""
     field = {f.name: f for f in dataclasses.fields(settings_type)}[name]
@@ -213,6 +220,9 @@ MODEL_GROUP = "model and diffusion (must match the checkpoint; default: the publ
 # The writers of a folder of outputs (refine, enhance, resample) skip outputs that exist unless told.
 OVERWRITE_FLAG = Flag("overwrite", False, "rewrite outputs that already exist")
 NO_PROGRESS_FLAG = Flag("no_progress", False, "no progress bar")
+# The commands that run the network on a device (refine, sample).
+DEVICE_FLAG = Flag("device", None, "torch device, e.g. cuda:1 (default: cuda if available, else cpu)",
+                   metavar="DEVICE")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PRECISION_FLAGS = (

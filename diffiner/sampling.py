@@ -7,6 +7,7 @@ does not click at its end.
 """
 
 import os
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -15,9 +16,22 @@ from tqdm.auto import tqdm
 
 from .acceleration import NetworkRunner
 from .audio.io import MODEL_SAMPLE_RATE, save_audio
+from .flags import setting
 from .pipeline import padded_width
 from .seeding import STREAM_SAMPLING, stream_generator
 from .spectrogram import NUM_BINS, spec_to_wave
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What is sampled: the one declaration of diffiner-sample's sampling flags."""
+
+    num_samples: int = setting(8, "how many samples to write")
+    seconds: float = setting(4.0, "length of each sample in seconds")
+    batch_size: int = setting(4, "samples generated together")
+    seed: int = setting(0, "seed; sample i depends only on it and i")
+    use_ddim: bool = setting(False, "DDIM sampling (deterministic given the start noise) instead of DDPM "
+                                    "ancestral sampling")
 
 
 def sample_name(index: int) -> str:
@@ -33,16 +47,19 @@ def sample_spectrograms(network, diffusion, indices: Sequence[int], shape: Seque
     return loop(network, (len(indices), *shape), device=device, generator=generators)
 
 
-def sample_waves(model: torch.nn.Module, diffusion, indices: Sequence[int], seconds: float, *, seed: int,
-                 use_ddim: bool, batch_size: int, device: torch.device, precision: str = "fp32",
-                 channels_last: bool = False, progress: bool = False) -> Iterator[tuple]:
-    """(index, 16 kHz waveform) of each sample numbered in `indices`, `batch_size` at a time."""
+def sample_waves(model: torch.nn.Module, diffusion, indices: Sequence[int], settings: SamplingSettings, *,
+                 device: torch.device, precision: str = "fp32", channels_last: bool = False,
+                 progress: bool = False) -> Iterator[tuple]:
+    """(index, 16 kHz waveform) of each sample numbered in `indices`, `settings.batch_size` at a
+    time."""
     network = NetworkRunner(model.to(device).eval(), precision, channels_last)
-    samples = int(round(seconds * MODEL_SAMPLE_RATE))
+    samples = int(round(settings.seconds * MODEL_SAMPLE_RATE))
     shape = (model.in_channels, NUM_BINS, padded_width(samples, model.downsample_factor, samples))
-    batches = [list(indices[lo:lo + batch_size]) for lo in range(0, len(indices), batch_size)]
+    size = settings.batch_size
+    batches = [list(indices[lo:lo + size]) for lo in range(0, len(indices), size)]
     for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
-        spec = sample_spectrograms(network, diffusion, batch, shape, seed=seed, use_ddim=use_ddim, device=device)
+        spec = sample_spectrograms(network, diffusion, batch, shape, seed=settings.seed, use_ddim=settings.use_ddim,
+                                   device=device)
         waves = spec_to_wave(spec.float().cpu(), samples)  # every frame, then trim: no end click
         yield from zip(batch, (wave.numpy() for wave in waves))
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterator, Tuple
 
 from . import dist_util
@@ -25,8 +27,8 @@ from .audio.io import AudioError, write_text_atomic
 from .checkpoints import (PUBLISHED, ModelSettings, model_filename, newest_complete_step, resolve_model_settings,
                           saved_steps, write_model_config)
 from .errors import usage_errors
-from .flags import values_of
-from .schedule_sampler import create_named_schedule_sampler
+from .flags import setting, settings_of, values_of
+from .schedule_sampler import SAMPLER_NAMES, create_named_schedule_sampler
 from .script_util import carried_setting_flags, create_model_and_diffusion, model_and_diffusion_defaults
 from .seeding import seed_globals
 from .speech_datasets import build_index, load_data
@@ -37,6 +39,52 @@ logger = logging.getLogger(__name__)
 TRAIN_WRITER = "diffiner-train"  # the holder named in the log folder's lock
 # --resume_checkpoint auto: the newest complete set of the log folder, or a fresh start.
 RESUME_AUTO = "auto"
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The training settings: the original's, then this project's additions (grad_clip on).
+    Their one declaration: diffiner-train's flags and args.json derive from it."""
+
+    root: str = setting(None, "folder of clean speech (.wav/.flac, searched recursively)", required=True,
+                        metavar="DIR")
+    log_dir: str = setting("", "where checkpoints and logs go (empty: $OPENAI_LOGDIR, else the folder of "
+                               "--resume_checkpoint, else ./exp_logs_diffiner_train_<timestamp>)", metavar="DIR")
+    schedule_sampler: str = setting("uniform", "timestep sampler", choices=SAMPLER_NAMES)
+    lr: float = setting(1e-4, "AdamW learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    lr_anneal_steps: int = setting(0, "if > 0, the learning rate falls linearly to 0 at this step, where "
+                                      "training stops")
+    batch_size: int = setting(1, "examples per process and step; the global batch is batch_size x number of "
+                                 "processes")
+    microbatch: int = setting(-1, "examples per forward/backward pass, gradients accumulated (-1: the whole "
+                                  "batch)")
+    ema_rate: str = setting("0.9999", "EMA rate(s) of the weights, comma-separated, e.g. 0.999,0.9999")
+    log_interval: int = setting(10, "write metrics every this many steps")
+    save_interval: int = setting(10000, "write checkpoints every this many steps (and always at the end)")
+    resume_checkpoint: str = setting("", "resume from a modelNNNNNN.pt (its ema_*_NNNNNN.pt and optNNNNNN.pt are "
+                                         "found beside it), from the newest complete checkpoint set of a folder, "
+                                         "or 'auto': from the newest complete set of the log folder if it has "
+                                         "one, else start afresh", metavar="FILE|DIR|auto")
+    allow_fresh_optimizer: bool = setting(False, "resume even when the checkpoint's optimizer state or an EMA file "
+                                                 "is missing, starting them afresh (the run then differs from an "
+                                                 "uninterrupted one)")
+    seq_dur: float = setting(4.2, "length of the training excerpts in seconds; shorter files are skipped")
+    fp16_scale_growth: float = setting(1e-3, "with --precision fp16: log2 loss-scale increase after each good "
+                                             "step")
+    grad_clip: float = setting(0.0, "clip the global gradient norm to this value (0: off)")
+    max_steps: int = setting(0, "stop when this many steps are done, resumed ones included (0: no limit)")
+    num_workers: int = setting(2, "data-loading worker processes per training process")
+    seed: int = setting(0, "seed of the model initialisation and of the example stream (>= 0)")
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError("--batch_size must be at least 1")
+        if self.seed < 0:
+            raise ValueError("--seed must be >= 0")
+        if self.log_interval < 1 or self.save_interval < 1:
+            raise ValueError("--log_interval and --save_interval must be at least 1")
+        parse_ema_rates(self.ema_rate)
+
+
 # The model and diffusion settings as flags with no default: absent means "the run's carried
 # setting when resuming, else the published value".
 MODEL_FLAGS = carried_setting_flags()
@@ -129,9 +177,9 @@ def resolve_training_settings(args: argparse.Namespace, resume: str) -> ModelSet
 
 def write_settings(log_dir: str, args: argparse.Namespace, world_size: int) -> None:
     """args.json (every setting) and model_config.yml (what inference needs to rebuild the model)."""
-    settings = dict(vars(args), **args.model_settings.values, log_dir=log_dir, world_size=world_size,
-                    global_batch_size=args.batch_size * world_size)
-    del settings["model_settings"]
+    settings = dict(dataclasses.asdict(settings_of(TrainingSettings, args)), precision=args.precision,
+                    channels_last=args.channels_last, **args.model_settings.values, log_dir=log_dir,
+                    world_size=world_size, global_batch_size=args.batch_size * world_size)
     write_text_atomic(os.path.join(log_dir, "args.json"), json.dumps(settings, indent=2) + "\n")
     write_model_config(log_dir, args.model_settings.values)
 

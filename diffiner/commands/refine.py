@@ -31,7 +31,7 @@ from ..audio.folders import (REFINE_WRITER, RUN_RECORD, check_write_rules, read_
                              remove_audio_files, scan_audio_files)
 from ..audio.io import MODEL_SAMPLE_RATE, write_text_atomic
 from ..corpus import RunSummary, plan_jobs, refine_files, shard_jobs
-from ..flags import (MODEL_GROUP, NO_PROGRESS_FLAG, OVERWRITE_FLAG, Flag, command_parser, flags_of,
+from ..flags import (DEVICE_FLAG, MODEL_GROUP, NO_PROGRESS_FLAG, OVERWRITE_FLAG, Flag, command_parser, flags_of,
                      precision_from_args, values_of)
 from ..methods import DEFAULT_METHOD, get_method, method_names, resolve_etas
 from ..acceleration import execution_flags
@@ -81,7 +81,7 @@ RUN_FLAGS = (
         "max_batch_frames", "auto", "instead of --batch-size: a budget of spectrogram frames per batch (short "
         "files run in large batches, long ones in small), or 'auto': sized from free GPU memory on CUDA, "
         "--batch-size on the CPU", metavar="N|auto")),
-    Flag("device", None, "torch device, e.g. cuda:1 (default: cuda if available, else cpu)", metavar="DEVICE"),
+    DEVICE_FLAG,
     Flag("no_gpu", False, "run on the CPU (same as --device cpu)"),
     *execution_flags(),
     Flag("keep_sample_rate", False, "write outputs at the processed file's sample rate instead of 16 kHz"),

@@ -19,8 +19,9 @@ from .. import dist_util
 from ..acceleration import execution_flags
 from ..checkpoints import load_model, resolve_model_settings
 from ..errors import UsageError, usage_errors
-from ..flags import MODEL_GROUP, Flag, command_parser, precision_from_args, values_of
-from ..sampling import sample_waves, write_samples
+from ..flags import (DEVICE_FLAG, MODEL_GROUP, Flag, command_parser, flags_of, precision_from_args, settings_of,
+                     values_of)
+from ..sampling import SamplingSettings, sample_waves, write_samples
 from ..script_util import RESPACING_FLAG, carried_setting_flags
 from .common import check_number, check_respacing, resolve_device, run_command, setup_logging
 
@@ -31,13 +32,9 @@ SAMPLE_WRITER = "diffiner-sample"  # the holder named in the output folder's loc
 SAMPLING_FLAGS = (
     Flag("model_path", required=True, help="checkpoint to sample from (a plain state dict, e.g. "
                                            "ema_0.9999_NNNNNN.pt)", metavar="FILE"),
-    Flag("num_samples", 8, "how many samples to write"),
-    Flag("seconds", 4.0, "length of each sample in seconds"),
-    Flag("batch_size", 4, "samples generated together"),
-    Flag("seed", 0, "seed; sample i depends only on it and i"),
+    *flags_of(SamplingSettings),
     Flag("output_dir", "diffiner_samples", "folder for sample_000.wav, sample_001.wav, ...", metavar="DIR"),
-    Flag("device", "", "torch device (empty: cuda if available, else cpu)", metavar="DEVICE"),
-    Flag("use_ddim", False, "DDIM sampling (deterministic given the start noise) instead of DDPM ancestral sampling"),
+    DEVICE_FLAG,
     RESPACING_FLAG,
 )
 MODEL_FLAGS = carried_setting_flags()
@@ -76,9 +73,8 @@ def sample(args: argparse.Namespace) -> int:
         with dist_util.job_output_lock(args.output_dir, SAMPLE_WRITER):
             mine = list(range(info.rank, args.num_samples, info.world_size))
             write_samples(args.output_dir, sample_waves(
-                model, diffusion, mine, args.seconds, seed=args.seed, use_ddim=args.use_ddim,
-                batch_size=args.batch_size, device=device, precision=args.precision,
-                channels_last=args.channels_last, progress=dist_util.is_main()))
+                model, diffusion, mine, settings_of(SamplingSettings, args), device=device,
+                precision=args.precision, channels_last=args.channels_last, progress=dist_util.is_main()))
             dist_util.barrier()
         if dist_util.is_main():
             print(f"wrote {args.num_samples} sample(s) of {args.seconds} s to {args.output_dir}")

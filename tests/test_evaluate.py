@@ -18,7 +18,8 @@ from diffiner.evaluation import scoring
 from diffiner.evaluation.run import EvaluationSetup, choose_plot_files
 from diffiner.evaluation.scoring import ALL_METRICS, METRIC_BACKENDS, EvaluationError, resolve_metrics
 
-from conftest import snr_folders, speech_like, with_noise
+from conftest import snr_folders, speech_like, with_noise, write_wav
+from fs_helpers import deny_listing
 
 SR = 16000
 # One DNSMOS window after speechmos's tiling (2.4 s doubles to 9.6 s): keeps the tests fast.
@@ -69,7 +70,7 @@ def test_end_to_end_writes_all_outputs(corpus, tmp_path, capsys):
     }
     assert list(rows[0]) == [
         "file", "system", "pesq", "estoi", "sisdr",
-        "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808", "floored", "not_scored",
+        "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808", "floored", "not_scored", "failed",
     ]
 
     summary = json.loads((output / "summary.json").read_text())
@@ -115,16 +116,91 @@ def test_length_difference_within_10ms_is_trimmed(corpus, tmp_path):
     assert scores["a.wav"] > 30.0
 
 
-def test_file_on_one_side_only_is_reported_and_skipped(corpus, tmp_path, capsys):
+def test_a_file_a_system_lacks_is_floored_for_that_system_and_written_down(corpus, tmp_path, capsys):
+    """Every system is scored over the same files: one that sysB lacks is sysB's failure (every
+    score floored, counted, the reason in per_file.csv), not a file dropped from every mean."""
     os.remove(corpus["sysB"] / FILES[1])
     output = tmp_path / "results"
-    argv = base_args(corpus, output, "sysA", "sysB") + [
-        "--metrics", "sisdr", "--output_dir", str(output), "--num_plot_files", "1",
-    ]
-    assert main(argv) == 0
+    argv = base_args(corpus, output, "sysA", "sysB") + ["--metrics", "sisdr", "--plot-files", FILES[1]]
+    assert main(argv) == 0  # the figure and the page show the missing file without stopping the run
     printed = capsys.readouterr().out
     assert "sysB" in printed and FILES[1] in printed
-    assert {r["file"] for r in read_rows(output)} == {FILES[0]}
+    rows = {(r["file"], r["system"]): r for r in read_rows(output)}
+    assert set(rows) == {(f, s) for f in FILES for s in ("sysA", "sysB")}
+    lacking = rows[(FILES[1], "sysB")]
+    assert (float(lacking["sisdr"]), lacking["floored"], lacking["failed"]) == (-50.0, "sisdr", "missing")
+    assert rows[(FILES[1], "sysA")]["failed"] == "" and float(rows[(FILES[1], "sysA")]["sisdr"]) > 0.0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["sysA"]["sisdr"]["n"] == summary["sysB"]["sisdr"]["n"] == len(FILES)
+    assert (summary["sysA"]["sisdr"]["floored"], summary["sysB"]["sisdr"]["floored"]) == (0, 1)
+    assert f"sysB: {FILES[1]} (missing)" in (output / "summary.md").read_text()
+
+
+def test_a_file_without_a_clean_reference_is_left_out_of_the_intrusive_metrics_for_every_system(corpus, tmp_path):
+    """extra.wav is only in sysA: clean lacks it, so SI-SDR cannot score it for any system; sysB
+    lacks it too, which is sysB's failure all the same (its other metrics would be floored)."""
+    save_audio(str(corpus["sysA"] / "extra.wav"), speech_like(SECONDS, seed=4), SR)
+    output = tmp_path / "results"
+    assert main(base_args(corpus, output, "sysA", "sysB") + ["--metrics", "sisdr"]) == 0
+    rows = {(r["file"], r["system"]): r for r in read_rows(output)}
+    assert [(rows[("extra.wav", s)]["not_scored"], rows[("extra.wav", s)]["failed"]) for s in ("sysA", "sysB")] == [
+        ("sisdr", ""), ("sisdr", "missing")]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["sysA"]["sisdr"] == {**summary["sysA"]["sisdr"], "n": len(FILES), "not_scored": 1}
+    assert "clean reference" in (output / "summary.md").read_text()
+
+
+@pytest.mark.slow  # DNSMOS, three evaluations
+def test_without_a_clean_reference_near_silence_is_judged_by_the_noisy_input_or_the_nominal_level(corpus, tmp_path):
+    dithered_like_folder(corpus["noisy"], tmp_path / "dither", seed=8)
+    system = ["--system", f"dither={tmp_path / 'dither'}", "--metrics", "dnsmos", "--workers", "1"]
+    by_noisy = ["--noisy", str(corpus["noisy"]), "--output-dir", str(tmp_path / "by_noisy")]
+    assert main(system + by_noisy) == 0
+    nominal = ["--output-dir", str(tmp_path / "nominal")]
+    assert main(system + nominal) == 0
+    for output, words in ((tmp_path / "by_noisy", "below the noisy input's level"),
+                          (tmp_path / "nominal", "below the nominal speech level (-26 dB re full scale)")):
+        rows = [r for r in read_rows(output) if r["system"] == "dither"]
+        assert len(rows) == len(FILES) and all(words in r["failed"] for r in rows), output
+        assert json.loads((output / "summary.json").read_text())["dither"]["dnsmos_ovrl"]["floored"] == len(FILES)
+    # A quiet but real output is scored, not floored: speech at -20 dB re full scale times 0.03 is
+    # at -52 dB, 26 dB below the nominal level, within the 40 dB limit.
+    quiet = tmp_path / "quiet"
+    for relative in FILES:
+        save_audio(str(quiet / relative), 0.03 * speech_like(SECONDS, seed=9), SR)
+    assert main(["--system", f"quiet={quiet}", "--metrics", "dnsmos", "--workers", "1",
+                 "--output-dir", str(tmp_path / "quiet_results")]) == 0
+    assert all(r["failed"] == "" for r in read_rows(tmp_path / "quiet_results"))
+
+
+def test_a_folder_that_cannot_be_listed_is_named_and_its_files_still_scored(corpus, tmp_path, monkeypatch):
+    """sysB/sub cannot be listed: its files are still in the list (the other folders have them),
+    every system is scored over the same files, and summary.md names the folder."""
+    deny_listing(monkeypatch, str(corpus["sysB"] / "sub"))
+    output = tmp_path / "results"
+    assert main(base_args(corpus, output, "sysA", "sysB") + ["--metrics", "sisdr"]) == 0
+    assert {(r["file"], r["system"]) for r in read_rows(output)} == {(f, s) for f in FILES for s in ("sysA", "sysB")}
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["sysA"]["sisdr"]["n"] == summary["sysB"]["sisdr"]["n"] == len(FILES)
+    assert str(corpus["sysB"] / "sub") in (output / "summary.md").read_text()
+
+
+def test_a_nan_sample_floors_that_file_only(corpus, tmp_path, capsys):
+    """One NaN sample in sysA/a.wav: that file of sysA is floored on every metric and counted;
+    its other file and the other system are scored as usual, and the run ends with exit 0."""
+    audio = sf.read(str(corpus["sysA"] / "a.wav"), dtype="float32")[0]
+    audio[1000] = np.nan
+    write_wav(str(corpus["sysA"] / "a.wav"), audio, SR, "FLOAT")  # save_audio would refuse it
+    output = tmp_path / "results"
+    assert main(base_args(corpus, output, "sysA", "sysB") + ["--metrics", "estoi,sisdr"]) == 0
+    rows = {(r["file"], r["system"]): r for r in read_rows(output)}
+    broken = rows[("a.wav", "sysA")]
+    assert (float(broken["estoi"]), float(broken["sisdr"]), broken["floored"]) == (0.0, -50.0, "estoi sisdr")
+    assert "NaN" in broken["failed"]
+    assert all(rows[key]["failed"] == "" and rows[key]["floored"] == "" for key in rows if key != ("a.wav", "sysA"))
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["sysA"]["sisdr"] == {**summary["sysA"]["sisdr"], "n": len(FILES), "floored": 1}
+    assert (output / "report.html").is_file()
 
 
 def test_48khz_multichannel_files_are_resampled_and_mixed_to_mono(corpus, tmp_path):
@@ -167,10 +243,38 @@ def test_silent_system_never_beats_the_noisy_input(corpus, tmp_path):
         assert silent["mean"] <= noisy["mean"], column
     rows = [r for r in read_rows(output) if r["system"] == "silent"]
     assert all(r["floored"].split() == columns for r in rows)
-    assert all(r["not_scored"] == "" for r in rows)
+    assert all(r["not_scored"] == "" and r["failed"] == "the scored signal is silent" for r in rows)
     markdown = (output / "summary.md").read_text()
     assert "| silent |" in markdown and "floored" in markdown
-    assert "the metric was undefined for the output (e.g. silent), or the score was lower" in markdown
+    assert "was silent or near-silent" in markdown
+    assert "the metric was undefined for it, or the score was lower" in markdown
+    assert f"silent: a.wav (the scored signal is silent), {FILES[1]} (the scored signal is silent)" in markdown
+
+
+def dithered_like_folder(source: Path, target: Path, seed: int) -> None:
+    """target/ mirrors source/ with 16-bit files of ±1 LSB dither (samples -1, 0 or 1 of 32768),
+    about 92 dB below full scale: near-silence that is not exactly constant."""
+    rng = np.random.default_rng(seed)
+    for relative in FILES:
+        length = sf.info(str(source / relative)).frames
+        write_wav(str(target / relative), rng.integers(-1, 2, length).astype(np.float32) / 32768, SR)
+
+
+def test_dithered_near_silence_never_beats_the_noisy_input(corpus, tmp_path):
+    """PESQ and DNSMOS rescale their input, so ±1 LSB of dither scored above the noisy input
+    while nothing was floored. Over 40 dB below the clean reference it is floored on every metric."""
+    dithered_like_folder(corpus["noisy"], tmp_path / "dither", seed=7)
+    output = tmp_path / "results"
+    argv = base_args(corpus, output) + ["--noisy", str(corpus["noisy"]), "--system", f"dither={tmp_path / 'dither'}"]
+    assert main(argv) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    columns = ["pesq", "estoi", "sisdr", "dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808"]
+    for column in columns:
+        dither, noisy = summary["dither"][column], summary["noisy"][column]
+        assert dither["floored"] == dither["n"] == len(FILES), column
+        assert dither["mean"] <= noisy["mean"] and noisy["floored"] == 0, column
+    rows = [r for r in read_rows(output) if r["system"] == "dither"]
+    assert all(r["floored"].split() == columns and "below the clean reference" in r["failed"] for r in rows)
 
 
 def test_silent_reference_leaves_the_file_out_for_every_system(corpus, tmp_path, caplog):

@@ -18,6 +18,7 @@ from urllib.parse import unquote
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from diffiner.audio.io import save_audio
 from diffiner.commands.evaluate import main
@@ -25,7 +26,7 @@ from diffiner.evaluation.listening_page import PageData, RowImages, render_page
 from diffiner.evaluation.plots import IMAGE_ROWS, SPECTROGRAM_RANGE_DB, write_row_images
 from diffiner.evaluation.report import floored_files, summarize
 
-from conftest import snr_folders, speech_like
+from conftest import snr_folders, speech_like, write_wav
 
 SR = 16000
 SECONDS = 2.4
@@ -209,12 +210,13 @@ def page_data(files: List[str], systems: List[str], root: Path, seed: int = 0) -
     columns = ["pesq", "sisdr"]
     rows = [
         {"file": f, "system": s, "pesq": float(rng.uniform(1, 4.5)), "sisdr": float(rng.uniform(-5, 20)),
-         "floored": [], "not_scored": []}
+         "floored": [], "not_scored": [], "failed": ""}
         for f in files for s in systems
     ]
     summary = summarize(rows, systems, columns)
     sources = {"clean": str(root / "clean"), **{s: str(root / s) for s in systems}}
-    return PageData(files, sources, "clean", rows, ["pesq", "sisdr"], columns, summary, floored_files(rows, systems))
+    return PageData(files, sources, "clean", rows, ["pesq", "sisdr"], columns, summary, floored_files(rows, systems),
+                    {})
 
 
 def test_page_is_built_from_the_data_in_memory(tmp_path):
@@ -540,4 +542,25 @@ def test_a_whole_test_set_opens_quickly_one_page_at_a_time(browser, tmp_path):
     assert browser.run(VISIBLE_FILES) == files[25:50]
     labels = browser.run(PLAYER_LABELS.replace("COUNT", str(len(first_row) + sources)))
     assert f"clean, {files[25]}" in labels
+    assert browser.problems() == []
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_a_missing_file_and_a_nan_file_are_shown_as_failures_on_a_page_that_opens(browser, tmp_path):
+    """sysA lacks a.wav and holds a NaN sample in d.wav: the evaluation still writes the page, each
+    of those cells says why every score was floored, and the page opens without an error."""
+    corpus = snr_folders(tmp_path, FILES, SNRS, SECONDS, SR)
+    os.remove(corpus["sysA"] / "a.wav")
+    audio = sf.read(str(corpus["sysA"] / "d.wav"), dtype="float32")[0]
+    audio[100] = np.nan
+    write_wav(str(corpus["sysA"] / "d.wav"), audio, SR, "FLOAT")
+    output = tmp_path / "out"
+    assert main(evaluate_args(corpus, output)) == 0
+    browser.open(page_url(output / "report.html"))
+    assert ready(browser) == ["true", None]
+    notes = browser.run("Array.from(document.querySelectorAll('figure.source .note'), n => n.textContent)")
+    assert [n for n in notes if n.startswith("every score floored")] == [
+        "every score floored: missing", "every score floored: file contains NaN or infinite samples"]
+    assert browser.run(FIRST_ROW_IMAGE_HEIGHTS) == [IMAGE_ROWS] * len(SOURCES)
     assert browser.problems() == []

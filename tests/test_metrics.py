@@ -133,3 +133,27 @@ def test_import_does_not_load_heavy_backends():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo_root
     )
     assert output.stdout.strip() == "[]"
+
+
+# float64 mean of squares over 16000 samples: relative error below n * eps = 3.6e-12, which is
+# 1.6e-11 dB (10 / ln 10 per unit of relative power); 1e-9 dB is far above that and far below any
+# level difference the rule cares about.
+LEVEL_ATOL_DB = 1e-9
+
+
+def test_level_is_the_rms_about_the_mean_in_db_full_scale():
+    tone = np.sin(2 * np.pi * 1000 * np.arange(SR) / SR)  # 1000 whole periods: mean square 1/2
+    assert metrics.level_db(tone) == pytest.approx(-10 * math.log10(2), abs=LEVEL_ATOL_DB)
+    assert metrics.level_db(0.01 * tone + 0.5) == pytest.approx(-40 - 10 * math.log10(2), abs=LEVEL_ATOL_DB)
+    assert metrics.level_db(np.full(SR, 0.3)) == -math.inf
+
+
+def test_near_silence_is_more_than_40_db_below_the_reference_level(clean):
+    reference = metrics.level_db(clean)
+    # 1 dB either side of the limit: far beyond the level's rounding (LEVEL_ATOL_DB)
+    assert metrics.near_silence(clean * 10 ** (-39 / 20), reference, "the clean reference") is None
+    reason = metrics.near_silence(clean * 10 ** (-41 / 20), reference, "the clean reference")
+    assert reason.startswith("near-silent: 41.0 dB below the clean reference")
+    dither = np.random.default_rng(0).integers(-1, 2, clean.size) / 32768  # ±1 LSB of 16 bits
+    assert metrics.near_silence(dither, reference, "the clean reference") is not None
+    assert metrics.near_silence(np.zeros_like(clean), reference, "x") == metrics.SILENT_SIGNAL

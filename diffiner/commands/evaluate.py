@@ -72,9 +72,11 @@ PLOT_FLAGS = (
 
 def build_parser() -> argparse.ArgumentParser:
     return command_parser("Score enhanced speech folders (PESQ, ESTOI, SI-SDR, DNSMOS, NISQA) file by file. "
-                          "A system's output gets a metric's floor where the metric is undefined for it (e.g. "
-                          "silent) or its score is lower; a file whose clean reference "
-                          "is unusable is left out of the intrusive metrics for every system.", {
+                          "Every system is scored over every file found in any folder. A system's output gets "
+                          "every metric's floor where it is missing, unreadable, holds NaN samples or is "
+                          "(near-)silent, and one metric's floor where that metric is undefined for it or its "
+                          "score is lower; a file whose clean reference is missing or unusable is left out of "
+                          "the intrusive metrics for every system.", {
         "folders": FOLDER_FLAGS, "scoring": SCORING_FLAGS, "listening page": REPORT_FLAGS,
         "spectrograms": PLOT_FLAGS}, prog="diffiner-evaluate")
 
@@ -104,9 +106,10 @@ def _setup_from_args(args: argparse.Namespace) -> EvaluationSetup:
 
 
 def _print_missing(missing: Dict[str, List[str]]) -> None:
-    """List files that were skipped because some folder lacks them."""
+    """List the files some folder lacks: still scored, as failures of that folder's system (or,
+    for the clean folder, left out of the intrusive metrics); the notes of the summary say so."""
     for name, paths in missing.items():
-        print(f"not scored: {len(paths)} file(s) missing under {name}:")
+        print(f"missing under {name}: {len(paths)} file(s):")
         for path in paths:
             print(f"  {path}")
 

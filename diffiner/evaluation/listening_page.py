@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
-from ..audio.io import MODEL_SAMPLE_RATE, atomic_output, audio_info
+from ..audio.io import MODEL_SAMPLE_RATE, AudioError, atomic_output, audio_info
 from .plots import IMAGE_ROWS, SPECTROGRAM_RANGE_DB, colour_stops, write_row_images
 from .report import format_cell, summary_notes
 from .scoring import FLOORS, INTRUSIVE_METRICS, METRIC_COLUMNS
@@ -50,7 +50,8 @@ class PageData:
 
     `sources` maps every folder's name to its path in playing order (clean first when given,
     then noisy and the systems); `reference` is the clean one's name, which has no scores.
-    `rows` are scoring's rows (file, system, the metric columns, floored, not_scored).
+    `rows` are scoring's rows (file, system, the metric columns, floored, not_scored, failed);
+    `unlisted` the folders that could not be listed ({path: reason}).
     """
 
     files: Sequence[str]
@@ -61,6 +62,7 @@ class PageData:
     columns: Sequence[str]
     summary: Dict[str, Dict[str, Dict[str, float]]]
     floored: Dict[str, int]
+    unlisted: Dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -86,12 +88,13 @@ def _link(target: str, output_dir: str) -> str:
 
 def _audio_links(output_dir: str, data: PageData, copy_audio: bool) -> Dict[Tuple[str, str], str]:
     """(file, source) -> the link a player uses; with `copy_audio`, each file is first copied
-    (atomically) under report_files/audio."""
+    (atomically) under report_files/audio where it exists."""
     links = {}
     for index, (name, root) in enumerate(data.sources.items()):
         for relative_path in data.files:
             source = os.path.join(root, relative_path)
-            if copy_audio:
+            # A file the folder lacks keeps its link to where it would be: its row says it failed.
+            if copy_audio and os.path.isfile(source):
                 copy = os.path.join(output_dir, MEDIA_FOLDER, "audio", _folder_label(index, name), relative_path)
                 with atomic_output(copy) as tmp:
                     shutil.copyfile(source, tmp)
@@ -131,8 +134,16 @@ def _draw_images(output_dir: str, data: PageData, workers: int) -> List[RowImage
 
 
 def _audio_format(root: str, files: Sequence[str]) -> str:
-    """'16 kHz, mono' style summary of a folder's files as they are played."""
-    infos = [audio_info(os.path.join(root, relative_path)) for relative_path in files]
+    """'16 kHz, mono' style summary of a folder's files as they are played (those whose header
+    can be read: the others are failures that the rows name)."""
+    infos = []
+    for relative_path in files:
+        try:
+            infos.append(audio_info(os.path.join(root, relative_path)))
+        except AudioError:
+            continue
+    if not infos:
+        return "no readable file"
     rates = ", ".join(f"{rate / 1000:g}" for rate in sorted({rate for _, rate, _ in infos}))
     channels = sorted({count for _, _, count in infos})
     channel_text = "mono" if channels == [1] else f"{'/'.join(map(str, channels))} channels"
@@ -163,8 +174,8 @@ def _summary_section(data: PageData, formats: Dict[str, str]) -> str:
         [esc(system)] + [esc(format_cell(stats[c], count)) for c in data.columns] + [str(data.floored[system])]
         for system, stats in data.summary.items()
     ]
-    notes = "".join(f"<p class=\"note\">{esc(note)}</p>" for note in summary_notes(data.summary, data.columns,
-                                                                                    count, floors))
+    notes = "".join(f"<p class=\"note\">{esc(note)}</p>"
+                    for note in summary_notes(data.summary, data.columns, count, floors, data.rows, data.unlisted))
     rate = f"{MODEL_SAMPLE_RATE / 1000:g} kHz mono"
     metric_rows = [
         [esc(name), esc(", ".join(METRIC_COLUMNS[name])), esc(METRIC_DESCRIPTIONS[name]), rate,
@@ -214,8 +225,9 @@ def _file_row(
         label = esc(f"{name}, {relative_path}")
         image, width = images.images[name]
         row = by_key.get((relative_path, name))
+        failed = f"<p class=\"note\">every score floored: {esc(row['failed'])}</p>" if row and row["failed"] else ""
         scores = ("<p class=\"note\">the reference</p>" if row is None else
-                  "<table class=\"scores\">" + "".join(
+                  failed + "<table class=\"scores\">" + "".join(
                       f"<tr><th scope=\"row\">{esc(c)}</th><td class=\"num\">{_score_text(row, c)}</td></tr>"
                       for c in data.columns) + "</table>")
         figures.append(

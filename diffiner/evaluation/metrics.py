@@ -14,7 +14,7 @@ so that no system's version of it can be scored.
 
 import math
 import warnings
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -86,6 +86,41 @@ def check_signal(signal: np.ndarray) -> None:
     """Nothing to score in a silent signal: that output's failure."""
     if is_silent(signal):
         raise MetricError(SILENT_SIGNAL)
+
+
+# Near-silence. PESQ and DNSMOS normalise the level of what they score, so an output that is
+# almost silent but not constant (dither, a faint hiss) is amplified to a normal level and can
+# outscore the noisy input. An output whose level is more than NEAR_SILENCE_DB below its file's
+# reference level has lost the speech along with the noise: 40 dB is a hundredth of the
+# amplitude, so with the reference played at conversational loudness (about 60 dB SPL) the output
+# is at about 20 dB SPL, below the background of a quiet room. An enhancer attenuates the noise,
+# not the speech it keeps, and never comes near that.
+NEAR_SILENCE_DB = 40.0
+# The reference level where a file has no usable clean reference and no noisy input: the active
+# speech level test material is normalised to (ITU-T P.56, -26 dBov), here in dB re full scale.
+NOMINAL_SPEECH_LEVEL_DB = -26.0
+
+
+def level_db(signal: np.ndarray) -> float:
+    """RMS level about the mean, in dB re full scale (1.0): a DC offset is no sound; -inf for a
+    constant signal."""
+    signal = _as_signal(signal, "signal")
+    if is_silent(signal):  # the mean of a constant is off by rounding, which would leave a "level"
+        return -math.inf
+    power = float(np.mean(np.square(signal - signal.mean())))
+    return 10.0 * math.log10(power) if power > 0.0 else -math.inf  # 0 when squares underflow
+
+
+def near_silence(signal: np.ndarray, reference_level: float, reference_name: str) -> Optional[str]:
+    """Why `signal` counts as silent (its level is more than NEAR_SILENCE_DB below
+    `reference_level`, that of the file's `reference_name`), or None when it does not."""
+    level = level_db(signal)
+    if level >= reference_level - NEAR_SILENCE_DB:
+        return None
+    if level == -math.inf:
+        return SILENT_SIGNAL
+    return (f"near-silent: {reference_level - level:.1f} dB below {reference_name} "
+            f"(more than {NEAR_SILENCE_DB:g} dB counts as silent)")
 
 
 def si_sdr(reference: np.ndarray, estimate: np.ndarray) -> float:

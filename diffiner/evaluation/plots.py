@@ -9,7 +9,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 from ..audio.io import MODEL_SAMPLE_RATE, atomic_output
-from .scoring import load_mono_16k
+from .scoring import read_signal
 
 
 SPECTROGRAM_RANGE_DB = 80.0
@@ -60,23 +60,29 @@ def plot_spectrograms(path: str, files: Sequence[str], sources: Dict[str, str]) 
     figure = Figure(figsize=(PANEL_WIDTH * len(files), PANEL_HEIGHT * len(sources)), layout="constrained")
     axes = figure.subplots(len(sources), len(files), squeeze=False)
     for column, relative_path in enumerate(files):
-        signals = {
-            name: load_mono_16k(os.path.join(root, relative_path)) for name, root in sources.items()
-        }
-        spectra = {name: _log_spectrogram(signal) for name, signal in signals.items()}
-        top = max(float(s.max()) for s in spectra.values())
-        for row, (name, spectrum) in enumerate(spectra.items()):
+        # A file a folder lacks or that cannot be read (a failure the scores already count) gets
+        # a panel saying why, not a figure that stops the run.
+        read = {name: read_signal(os.path.join(root, relative_path)) for name, root in sources.items()}
+        spectra = {name: _log_spectrogram(signal) for name, (signal, _) in read.items() if signal is not None}
+        top = max((float(s.max()) for s in spectra.values()), default=0.0)
+        image = None
+        for row, (name, (signal, problem)) in enumerate(read.items()):
             axis = axes[row][column]
-            duration = signals[name].size / MODEL_SAMPLE_RATE
+            axis.set_title(f"{name} — {relative_path}", fontsize=8)
+            if signal is None:
+                axis.text(0.5, 0.5, problem, ha="center", va="center", fontsize=8, wrap=True)
+                axis.set_xticks([])
+                axis.set_yticks([])
+                continue
             image = axis.imshow(
-                spectrum, origin="lower", aspect="auto", cmap="magma",
-                extent=(0.0, duration, 0.0, MODEL_SAMPLE_RATE / 2000.0),
+                spectra[name], origin="lower", aspect="auto", cmap="magma",
+                extent=(0.0, signal.size / MODEL_SAMPLE_RATE, 0.0, MODEL_SAMPLE_RATE / 2000.0),
                 vmin=top - SPECTROGRAM_RANGE_DB, vmax=top,
             )
-            axis.set_title(f"{name} — {relative_path}", fontsize=8)
             axis.set_xlabel("time [s]" if row == len(sources) - 1 else "")
             axis.set_ylabel("kHz" if column == 0 else "")
-        figure.colorbar(image, ax=[axes[row][column] for row in range(len(sources))], label="dB")
+        if image is not None:
+            figure.colorbar(image, ax=[axes[row][column] for row in range(len(sources))], label="dB")
     _save_figure_atomic(figure, path)
 
 
@@ -123,13 +129,19 @@ def write_row_images(audio_paths: Dict[str, str], image_paths: Dict[str, str]) -
     loudest bin of the row down to SPECTROGRAM_RANGE_DB below it, so that systems are compared
     by eye. Returns that top in dB and each image's width in pixels (its height is IMAGE_ROWS).
 
-    Reads the 16 kHz mono signal the metrics scored. Runs in worker processes, hence plain
-    arguments. Each PNG is written atomically.
+    Reads the 16 kHz mono signal the metrics scored; a file that cannot be read is drawn black,
+    one pixel wide. Runs in worker processes, hence plain arguments. Each PNG is written
+    atomically.
     """
     from PIL import Image
 
-    spectra = {name: _image_spectrogram(load_mono_16k(path)) for name, path in audio_paths.items()}
-    top = max(float(spectrum.max()) for spectrum in spectra.values())
+    signals = {name: read_signal(path)[0] for name, path in audio_paths.items()}
+    spectra = {name: _image_spectrogram(signal) for name, signal in signals.items() if signal is not None}
+    top = max((float(spectrum.max()) for spectrum in spectra.values()), default=0.0)
+    # A file that is missing or cannot be read (its scores say why) gets one black column, so that
+    # the page keeps one image per source.
+    blank = np.full((IMAGE_ROWS, 1), -np.inf)
+    spectra = {name: spectra.get(name, blank) for name in audio_paths}
     palette = _palette()
     widths = {}
     for name, spectrum in spectra.items():

@@ -2,8 +2,10 @@
 intervals as Markdown and JSON. Every file is written atomically.
 
 Besides the scores, each says what was not plain measurement: scores set to their metric's floor
-(`floored`, a system's failure) and files a metric could not score for any system (`not_scored`);
-see scoring.py for the rule.
+(`floored`, a system's failure), outputs that could not be scored at all (`failed`: missing,
+unreadable, NaN samples, silent or near-silent; every score floored), files a metric could not
+score for any system (`not_scored`) and folders that could not be listed; see scoring.py for the
+rule.
 """
 
 import csv
@@ -11,12 +13,15 @@ import io
 import json
 import math
 import os
-from typing import Dict, List, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 from ..audio.io import write_text_atomic
 from . import metrics
 
-NOTE_COLUMNS = ("floored", "not_scored")
+NOTE_COLUMNS = ("floored", "not_scored")  # lists of columns, written space-separated
+
+# Files named per system in the note on failed outputs; the rest are counted (per_file.csv has all).
+MAX_NAMED_FAILURES = 10
 
 
 def summarize(
@@ -60,35 +65,60 @@ def format_cell(stats: Dict[str, float], num_files: int) -> str:
     return text
 
 
+def _failure_note(rows: Sequence[Dict[str, object]]) -> List[str]:
+    """The note naming the outputs that could not be scored at all, per system (none: no note)."""
+    failures: Dict[str, List[str]] = {}
+    for row in rows:
+        if row["failed"]:
+            failures.setdefault(row["system"], []).append(f"{row['file']} ({row['failed']})")
+    if not failures:
+        return []
+    parts = []
+    for system, named in failures.items():
+        more = len(named) - MAX_NAMED_FAILURES
+        parts.append(f"{system}: {', '.join(named[:MAX_NAMED_FAILURES])}" + (f" and {more} more" if more > 0 else ""))
+    return [f"Outputs that could not be scored at all, every score floored (per_file.csv: failed): {'; '.join(parts)}."]
+
+
 def summary_notes(
     summary: Dict[str, Dict[str, Dict[str, float]]], columns: Sequence[str], num_files: int,
-    floors: Dict[str, float],
+    floors: Dict[str, float], rows: Sequence[Dict[str, object]], unlisted: Mapping[str, str],
 ) -> List[str]:
     """The sentences under the summary table (Markdown and the listening page share them): what
-    the numbers are, what the floors are and which files were not scored."""
-    notes = [f"Mean ± half-width of the 95% confidence interval (Student's t) over {num_files} file(s)."]
+    the numbers are, what the floors are, which outputs failed, which files were not scored and
+    which folders could not be listed (`unlisted`: {folder: reason})."""
+    notes = [f"Mean ± half-width of the 95% confidence interval (Student's t) over {num_files} file(s), "
+             "every file found in any folder, for every system."]
     floor_text = ", ".join(f"{name} {value:g}{' dB' if name == 'sisdr' else ''}" for name, value in floors.items())
     notes.append(
-        f"floored: files on which a score of the system was set to its metric's floor ({floor_text}): "
-        "the metric was undefined for the output (e.g. silent), or the score was lower; per metric in "
-        "summary.json, per file in per_file.csv."
+        f"floored: files on which a score of the system was set to its metric's floor ({floor_text}): the output "
+        f"was missing, unreadable, held NaN samples or was silent or near-silent (more than "
+        f"{metrics.NEAR_SILENCE_DB:g} dB below the clean reference's level; without one, the noisy input's, else "
+        f"{metrics.NOMINAL_SPEECH_LEVEL_DB:g} dB re full scale), the metric was undefined for it, or the score was "
+        "lower; per metric in summary.json, per file in per_file.csv."
     )
+    notes.extend(_failure_note(rows))
     first = next(iter(summary.values()), {})
     left_out = [f"{c} {first[c]['not_scored']}" for c in columns if first[c]["not_scored"]]
     if left_out:
         notes.append(
-            f"Not scored for any system, as undefined for the file itself (e.g. a silent or too short clean "
-            f"reference), file(s) per column: {', '.join(left_out)}; listed in per_file.csv (not_scored)."
+            f"Not scored for any system, as undefined for the file itself (e.g. a missing, silent or too short "
+            f"clean reference), file(s) per column: {', '.join(left_out)}; listed in per_file.csv (not_scored)."
         )
+    if unlisted:
+        folders = ", ".join(f"{folder} ({reason})" for folder, reason in unlisted.items())
+        notes.append(f"Folders that could not be listed: {folders}. A file found elsewhere was still scored in "
+                     "them by its path; a file only there is unknown to this evaluation.")
     return notes
 
 
 def format_summary_markdown(
     summary: Dict[str, Dict[str, Dict[str, float]]], columns: Sequence[str], num_files: int,
-    floored: Dict[str, int], floors: Dict[str, float],
+    floored: Dict[str, int], floors: Dict[str, float], rows: Sequence[Dict[str, object]],
+    unlisted: Mapping[str, str],
 ) -> str:
     """Markdown table: one row per system, one column per metric, then the system's floored
-    files; notes below say what the floors are and which files were not scored."""
+    files; notes below (`summary_notes`) say what was not plain measurement."""
     lines = [
         "| system | " + " | ".join(columns) + " | floored |",
         "| --- | " + " | ".join("---:" for _ in columns) + " | ---: |",
@@ -97,7 +127,7 @@ def format_summary_markdown(
         cells = [format_cell(per_column[c], num_files) for c in columns]
         lines.append(f"| {system} | " + " | ".join(cells) + f" | {floored[system]} |")
     lines.append("")
-    lines.extend(summary_notes(summary, columns, num_files, floors))
+    lines.extend(summary_notes(summary, columns, num_files, floors, rows, unlisted))
     return "\n".join(lines) + "\n"
 
 
@@ -118,9 +148,11 @@ def _is_nan(value: object) -> bool:
 
 def format_per_file_csv(rows: Sequence[Dict[str, object]], columns: Sequence[str]) -> str:
     """CSV text with columns file, system, the metric columns, then `floored` and `not_scored`
-    (the row's columns set to the floor / left out for every system, space-separated)."""
+    (the row's columns set to the floor / left out for every system, space-separated) and
+    `failed` (why the output could not be scored at all; empty when it could)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["file", "system", *columns, *NOTE_COLUMNS], lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=["file", "system", *columns, *NOTE_COLUMNS, "failed"],
+                            lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({**row, **{note: " ".join(row[note]) for note in NOTE_COLUMNS}})

@@ -1,4 +1,4 @@
-"""An evaluation run: pair the folders, check the lengths, score, summarize, write and plot.
+"""An evaluation run: list the folders, check the lengths, score, summarize, write and plot.
 
 Outputs in the output folder: per_file.csv, summary.md, summary.json, spectrograms.png and the
 listening page report.html (with its images, and copies of the audio if asked, under report_files/).
@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..audio.folders import check_output_folder, pair_files, prepare_output_folder
+from ..audio.folders import check_output_folder, prepare_output_folder, scan_audio_files
 from .listening_page import PageData, write_listening_page
 from .plots import ovrl_ranking, plot_spectrograms
 from . import nisqa
@@ -99,15 +99,43 @@ def _with_nisqa_weights(
     return metric_names, weights
 
 
+def list_files(sources: Dict[str, str], output_dir: str) -> Tuple[List[str], Dict[str, List[str]], Dict[str, str]]:
+    """The files every system is scored over: every audio file found under any folder, sorted;
+    for each folder the files it lacks (not counting those below a folder of it that could not be
+    listed), and the folders that could not be listed ({path: reason}).
+
+    No folder is listed below another one, nor below the output folder (the refiner writes
+    inside the processed folder, and evaluation compares both). Raises FileNotFoundError when no
+    folder holds an audio file.
+    """
+    exclude = [output_dir, *sources.values()]
+    listings = {name: scan_audio_files(root, exclude) for name, root in sources.items()}
+    files = sorted(set().union(*(listing.files for listing in listings.values())))
+    if not files:
+        described = ", ".join(f"{name}={root}" for name, root in sources.items())
+        raise FileNotFoundError(f"no audio file (.wav/.flac) under any of: {described}")
+    missing, unlisted = {}, {}
+    for name, listing in listings.items():
+        unlisted.update(listing.unreadable)
+        blind = tuple(os.path.relpath(path, sources[name]) + os.sep for path in listing.unreadable)
+        found = set(listing.files)
+        missing[name] = [f for f in files if f not in found and not f.startswith(blind)]
+    for folder, reason in unlisted.items():
+        logger.warning("%s: cannot list this folder (%s); files found elsewhere are scored in it by their path",
+                       folder, reason)
+    return files, missing, unlisted
+
+
 def evaluate(setup: EvaluationSetup) -> EvaluationResult:
-    """Pair, check, score, summarize, plot and write the listening page; raises EvaluationError,
-    NisqaWeightsError, AudioError or FileNotFoundError (no common file, missing folder) for inputs
-    the user must fix, and FolderError for an output folder that cannot be created or written."""
+    """List, check, score, summarize, plot and write the listening page; raises EvaluationError,
+    NisqaWeightsError, AudioError or FileNotFoundError (no audio file in any folder, missing
+    folder) for inputs the user must fix, and FolderError for an output folder that cannot be
+    created or written."""
     metric_names = resolve_metrics(setup.metrics, setup.clean is not None)
     systems = setup.scored_systems()
     sources = {**({CLEAN: setup.clean} if setup.clean else {}), **systems}
     check_output_folder(sources, setup.output_dir, "diffiner-evaluate")
-    files, missing = pair_files(sources, exclude=[setup.output_dir])
+    files, missing, unlisted = list_files(sources, setup.output_dir)
     _validate_plot_files(setup.plot_files, files)
     if setup.clean:
         check_lengths(setup.clean, systems, files)
@@ -116,7 +144,8 @@ def evaluate(setup: EvaluationSetup) -> EvaluationResult:
     # before anything is scored.
     prepare_output_folder(setup.output_dir)
 
-    tasks = [FileTask(f, setup.clean, tuple(systems.items()), metric_names) for f in files]
+    level_from = NOISY if setup.noisy else None
+    tasks = [FileTask(f, setup.clean, tuple(systems.items()), metric_names, level_from) for f in files]
     rows = score_all(tasks, max(1, min(setup.workers, len(tasks))), nisqa_weights)
     order = {name: index for index, name in enumerate(systems)}
     rows.sort(key=lambda r: (r["file"], order[r["system"]]))
@@ -125,9 +154,10 @@ def evaluate(setup: EvaluationSetup) -> EvaluationResult:
     summary = summarize(rows, list(systems), columns)
     floors = {name: FLOORS[name] for name in metric_names}
     floored = floored_files(rows, list(systems))
-    markdown = format_summary_markdown(summary, columns, len(files), floored, floors)
+    markdown = format_summary_markdown(summary, columns, len(files), floored, floors, rows, unlisted)
     write_outputs(setup.output_dir, rows, columns, summary, markdown)
-    page = PageData(files, sources, CLEAN if setup.clean else None, rows, metric_names, columns, summary, floored)
+    page = PageData(files, sources, CLEAN if setup.clean else None, rows, metric_names, columns, summary, floored,
+                    unlisted)
     report_path = write_listening_page(setup.output_dir, page, setup.workers, setup.report_copy_audio)
 
     plotted = choose_plot_files(rows, files, setup)
@@ -163,6 +193,4 @@ def _validate_plot_files(plot_files: Optional[Sequence[str]], files: Sequence[st
     known = set(files)
     unknown = [f for f in plot_files or () if f not in known]
     if unknown:
-        raise EvaluationError(
-            f"--plot-files names file(s) not found in every folder: {', '.join(unknown)}"
-        )
+        raise EvaluationError(f"--plot-files names file(s) found in no folder: {', '.join(unknown)}")

@@ -4,13 +4,17 @@ Folders are paired by relative path; every signal is mixed to mono and resampled
 before scoring. Intrusive metrics (PESQ, ESTOI, SI-SDR) need the clean reference; DNSMOS and
 NISQA do not.
 
-Every system is scored on the same files, so that no system's mean leaves out the files it
-failed on. A score that cannot be computed is handled by whose fault it is:
-- the output's (e.g. it is silent: `metrics.MetricError`): the score is set to the metric's floor
-  (FLOORS) and counted as floored, so a failed output never scores above a working one; a
-  computed score below the floor is raised to it and counted the same way;
-- the file's (e.g. its clean reference is silent or too short: `metrics.UnscorableFile`): that
-  metric is not scored for the file in any system (NaN, counted as not scored), with a warning.
+Every system is scored on the same files (every file found in any folder), so that no system's
+mean leaves out the files it failed on. A score that cannot be computed is handled by whose
+fault it is:
+- the output's: the score is set to the metric's floor (FLOORS) and counted as floored, so a
+  failed output never scores above a working one. For one metric where it is undefined for the
+  output (`metrics.MetricError`, e.g. PESQ finds no utterance) or a computed score is below the
+  floor; for every metric where the output cannot be scored at all (`failed`: the file is
+  missing, unreadable or holds NaN samples, or it is silent or near-silent by
+  `metrics.near_silence`);
+- the file's (e.g. its clean reference is missing, silent or too short: `metrics.UnscorableFile`):
+  that metric is not scored for the file in any system (NaN, counted as not scored), with a warning.
 """
 
 import importlib.util
@@ -24,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..audio.io import MODEL_SAMPLE_RATE, audio_info, load_audio, resample, to_mono
+from ..audio.io import MODEL_SAMPLE_RATE, AudioError, audio_info, load_audio, resample, to_mono
 from ..errors import UsageError
 from . import metrics, nisqa
 
@@ -72,6 +76,9 @@ class FileTask:
     clean_root: Optional[str]
     system_roots: Tuple[Tuple[str, str], ...]
     metrics: Tuple[str, ...]
+    # The system whose file (the noisy input) sets the level near-silence is judged by where the
+    # file has no usable clean reference; None: the nominal speech level.
+    level_from: Optional[str] = None
 
 
 def _missing_backends(metric: str) -> List[str]:
@@ -132,9 +139,34 @@ def load_mono_16k(path: str) -> np.ndarray:
     return resample(to_mono(audio), sample_rate, MODEL_SAMPLE_RATE)
 
 
-def _duration(path: str) -> Fraction:
-    """Exact duration of a file in seconds, from its header only."""
-    frames, sample_rate, _ = audio_info(path)
+# The reason a file that is not there gets, in per_file.csv's `failed` column and the logs.
+MISSING = "missing"
+
+
+def read_signal(path: str) -> Tuple[Optional[np.ndarray], str]:
+    """`load_mono_16k`, or None and why the file cannot be scored: MISSING, or the reader's words
+    (unreadable, empty, NaN or infinite samples). One file's problem never stops a run: whose
+    failure it is decides what it costs (see the module's docstring)."""
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return None, MISSING
+    except OSError as exc:  # e.g. inside a folder without search permission
+        return None, f"cannot read ({exc.strerror or exc})"
+    try:
+        return load_mono_16k(path), ""
+    except AudioError as exc:
+        message = str(exc)  # "<path>: <problem>": the path is said where the reason is shown
+        return None, message[len(path) + 2:] if message.startswith(f"{path}: ") else message
+
+
+def _duration(path: str) -> Optional[Fraction]:
+    """Exact duration of a file in seconds, from its header only; None when the file is missing
+    or its header unreadable (scoring reports it as that file's failure)."""
+    try:
+        frames, sample_rate, _ = audio_info(path)
+    except AudioError:
+        return None
     return Fraction(frames, sample_rate)
 
 
@@ -142,14 +174,18 @@ def check_lengths(clean_root: str, system_roots: Dict[str, str], files: Sequence
     """Fail before any scoring when a degraded file's duration is off its reference by > 10 ms.
 
     Such a gap means misaligned or wrongly paired files, which would give meaningless scores;
-    smaller gaps (codec or resampler padding) are trimmed away during scoring.
+    smaller gaps (codec or resampler padding) are trimmed away during scoring. A pair with a
+    missing or unreadable file is left to scoring, which counts it as a failure.
     """
     for relative_path in files:
         reference = os.path.join(clean_root, relative_path)
         reference_duration = _duration(reference)
         for root in system_roots.values():
             degraded = os.path.join(root, relative_path)
-            difference = abs(_duration(degraded) - reference_duration)
+            duration = _duration(degraded)
+            if reference_duration is None or duration is None:
+                continue
+            difference = abs(duration - reference_duration)
             if difference > MAX_LENGTH_DIFFERENCE:
                 raise EvaluationError(
                     f"{reference} and {degraded} differ in length by "
@@ -207,22 +243,50 @@ def score_signal(
     return scores, undefined, unscorable
 
 
+def _reference_level(
+    reference: Optional[np.ndarray], signals: Dict[str, Tuple[Optional[np.ndarray], str]], level_from: Optional[str]
+) -> Tuple[float, str]:
+    """The level near-silence is judged by, and its name: the clean reference's; where it is
+    missing, unreadable or silent, the noisy input's (`level_from`); else the nominal level."""
+    noisy = signals[level_from][0] if level_from else None
+    for signal, name in ((reference, "the clean reference's level"), (noisy, f"the {level_from} input's level")):
+        level = -math.inf if signal is None else metrics.level_db(signal)
+        if math.isfinite(level):
+            return level, name
+    level = metrics.NOMINAL_SPEECH_LEVEL_DB
+    return level, f"the nominal speech level ({level:g} dB re full scale)"
+
+
 def score_file(task: FileTask) -> List[Dict[str, object]]:
     """Rows for one relative path, one per system: file, system, the metric columns, `floored`
-    and `not_scored` (lists of columns). Runs in a worker process. NISQA scores with the weights
-    loaded into the process beforehand (`score_all` sees to it)."""
+    and `not_scored` (lists of columns) and `failed` (why the output could not be scored at all,
+    '' when it could). Runs in a worker process. NISQA scores with the weights loaded into the
+    process beforehand (`score_all` sees to it)."""
     reference = None
+    unscorable: Dict[str, str] = {}
     if task.clean_root:
-        reference = load_mono_16k(os.path.join(task.clean_root, task.relative_path))
+        reference, problem = read_signal(os.path.join(task.clean_root, task.relative_path))
+        if reference is None:
+            unscorable = {name: f"no usable clean reference: {problem}"
+                          for name in task.metrics if name in INTRUSIVE_METRICS}
+    signals = {system: read_signal(os.path.join(root, task.relative_path)) for system, root in task.system_roots}
+    level, level_name = _reference_level(reference, signals, task.level_from)
     rows = []
     undefined: Dict[str, Dict[str, str]] = {}
-    unscorable: Dict[str, str] = {}
-    for system, root in task.system_roots:
-        signal = load_mono_16k(os.path.join(root, task.relative_path))
-        remaining = [name for name in task.metrics if name not in unscorable]
-        scores, undefined[system], found = score_signal(signal, reference, remaining)
-        unscorable.update(found)
-        rows.append({"file": task.relative_path, "system": system, **scores})
+    for system, _ in task.system_roots:
+        signal, failure = signals[system]
+        if signal is not None:
+            failure = metrics.near_silence(signal, level, level_name) or ""
+        if failure:
+            # Nothing of this output is scored: every metric gets its floor below, unless the
+            # file turns out unscorable for it (then no system is scored on it).
+            scores = dict.fromkeys(metric_columns(task.metrics), math.nan)
+            undefined[system] = {}
+        else:
+            remaining = [name for name in task.metrics if name not in unscorable]
+            scores, undefined[system], found = score_signal(signal, reference, remaining)
+            unscorable.update(found)
+        rows.append({"file": task.relative_path, "system": system, **scores, "failed": failure})
     # A metric undefined for the file is left out for every system, also those scored before
     # the problem showed, so that every system's mean is over the same files.
     left_out = metric_columns([name for name in task.metrics if name in unscorable])
@@ -234,6 +298,9 @@ def score_file(task: FileTask) -> List[Dict[str, object]]:
                 row.update(values)
                 floored.extend(at_floor)
         row.update(dict.fromkeys(left_out, math.nan), floored=floored, not_scored=left_out)
+        if row["failed"]:
+            logger.warning("%s: %s: every score set to the floor: %s", row["system"], task.relative_path,
+                           row["failed"])
         reasons = {k: v for k, v in undefined[row["system"]].items() if k not in unscorable}
         if reasons:
             logger.warning("%s: %s: set to the floor: %s", row["system"], task.relative_path, _by_reason(reasons))

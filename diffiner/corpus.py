@@ -1,4 +1,5 @@
-"""Refining a corpus: two folder trees of paired recordings in, one tree of refined files out.
+"""Refining a corpus: two folder trees of paired recordings in (or one pair of files), one tree of
+refined files out.
 
 The engine behind `diffiner-refine` (scripts/run_refiner.py). Noisy and processed files are
 paired by relative path. Files are sorted by the width their spectrogram is padded to, so that
@@ -73,15 +74,24 @@ def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner
               summary: RunSummary) -> List[FileJob]:
     """Pair the files, drop those already refined, and sort the rest by padded width.
 
-    Neither root is read below the other one or below the output folder. Folders that cannot be
-    listed and files whose header cannot be read go into `summary.failed`. Raises
-    FileNotFoundError when no file pairs.
+    Two folders pair by relative path; neither is read below the other one or below the output
+    folder. A noisy file pairs with the processed file `root_proc` (or, `root_proc` being a
+    folder, its file of the same name, where --baseline writes it), and its output is
+    `<output_dir>/<processed file's name>`. Folders that cannot be listed and files whose header
+    cannot be read go into `summary.failed`. Raises FileNotFoundError when no file pairs.
     """
-    pairing = pair_folders({"noisy": root_noisy, "processed": root_proc}, exclude=[output_dir])
-    summary.failed.update(pairing.unreadable)
+    if os.path.isfile(root_noisy):
+        processed = root_proc if os.path.isfile(root_proc) else os.path.join(root_proc, os.path.basename(root_noisy))
+        if not os.path.isfile(processed):
+            raise FileNotFoundError(f"{processed}: no processed file for {root_noisy}")
+        pairs = [(os.path.basename(processed), root_noisy, processed)]
+    else:
+        pairing = pair_folders({"noisy": root_noisy, "processed": root_proc}, exclude=[output_dir])
+        summary.failed.update(pairing.unreadable)
+        pairs = [(rel, os.path.join(root_noisy, rel), os.path.join(root_proc, rel)) for rel in pairing.common]
     jobs = []
-    for rel in pairing.common:
-        job = FileJob(rel, os.path.join(root_noisy, rel), os.path.join(root_proc, rel), os.path.join(output_dir, rel))
+    for rel, noisy_path, processed_path in pairs:
+        job = FileJob(rel, noisy_path, processed_path, os.path.join(output_dir, rel))
         if os.path.exists(job.output_path) and not overwrite:
             summary.skipped.append(rel)
             continue
@@ -114,19 +124,19 @@ def shard_jobs(jobs: Sequence[FileJob], rank: int, world_size: int) -> List[File
     return sorted(mine, key=lambda j: (j.width, j.rel))
 
 
-def load_pair(job: FileJob):
+def load_pair(noisy_path: str, processed_path: str) -> Tuple[np.ndarray, np.ndarray, int]:
     """Read a pair and bring the noisy side to the processed side's rate and length.
 
     Returns (noisy, processed, sample_rate). Raises AudioError naming the files on mismatch.
     """
-    noisy, noisy_rate = load_audio(job.noisy_path)
-    processed, rate = load_audio(job.processed_path)
+    noisy, noisy_rate = load_audio(noisy_path)
+    processed, rate = load_audio(processed_path)
     if noisy_rate != rate:
         noisy = resample(noisy, noisy_rate, rate)
     diff = abs(noisy.shape[-1] - processed.shape[-1]) / rate
     if diff > LENGTH_TOLERANCE_S:
         raise AudioError(
-            f"{job.noisy_path} and {job.processed_path}: lengths differ by {diff:.3f} s "
+            f"{noisy_path} and {processed_path}: lengths differ by {diff:.3f} s "
             f"(more than {LENGTH_TOLERANCE_S} s); are they the same utterance?"
         )
     return fit_length(noisy, processed.shape[-1]), processed, rate
@@ -154,7 +164,7 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
     bar = tqdm(total=len(jobs), desc="refining", unit="file", disable=not progress)
 
     def prepare(job: FileJob) -> Prepared:
-        noisy, processed, rate = load_pair(job)
+        noisy, processed, rate = load_pair(job.noisy_path, job.processed_path)
         return refiner.prepare(noisy, processed, rate, seed=seed, key=job.rel)
 
     def readable(load_pool: ThreadPoolExecutor) -> Iterator[Tuple[Tuple[FileJob, Prepared], List]]:

@@ -22,6 +22,7 @@ In the diffusers sense, `refiner.refine` is the scheduler-and-sampler, the UNet 
 import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -30,8 +31,10 @@ import torch
 
 from .acceleration import (ExecutionSettings, build_runner, estimate_max_batch_frames, is_out_of_memory,
                            release_cached_memory)
-from .audio.io import MODEL_SAMPLE_RATE, fit_length, resample, resampled_length
+from .audio.folders import check_output_file
+from .audio.io import MODEL_SAMPLE_RATE, fit_length, resample, resampled_length, save_audio
 from .checkpoints import ModelSettings, load_model
+from .errors import UsageError
 from .flags import affects_output, setting
 from .methods import DEFAULT_METHOD, get_method, resolve_etas
 from .refiner import refine
@@ -227,8 +230,10 @@ class Refiner:
 
     Example::
 
+        from diffiner import Refiner
         refiner = Refiner.from_checkpoint("pretrained_diffiner_onVB.pt")
-        refined = refiner.refine(noisy, processed, sample_rate=16000)
+        refiner.refine_file("noisy.wav", "enhanced.wav", "refined.wav")
+        refined = refiner.refine(noisy, processed, sample_rate=16000)  # arrays, in the caller's layout
 
     Settings come as a `RefinerSettings`, or as flat keywords (`method="diffiner"`,
     `eta_a=0.5`, `precision="bf16"`, ...), the names of the command-line flags.
@@ -312,8 +317,8 @@ class Refiner:
                 key: str = "") -> Prepared:
         """Resample to 16 kHz, split into channels and windows, and compute the spectrograms.
 
-        `noisy` and `processed` are (samples,) or (channels, samples) at `sample_rate`; a mono
-        side is shared with every channel of the other.
+        `noisy` and `processed` are (samples,) or (channels, samples) at `sample_rate` (integer
+        samples are scaled by their type); a mono side is shared with every channel of the other.
         """
         noisy2d, processed2d = _as_2d(noisy, "noisy"), _as_2d(processed, "processed")
         if noisy2d.shape[-1] != processed2d.shape[-1]:
@@ -489,23 +494,62 @@ class Refiner:
         if rate == prepared.sample_rate:
             length = prepared.input_samples
         else:
-            length = resampled_length(prepared.samples, MODEL_SAMPLE_RATE, rate)
+            # At least one sample: a 1-sample file at 48 kHz is 0 samples long at 16 kHz, and an
+            # empty output would pass for a refined file.
+            length = max(1, resampled_length(prepared.samples, MODEL_SAMPLE_RATE, rate))
         # Resampled before trimming: the padding of a short recording gives the resampler its
         # context, and the trim then gives exactly the input's duration.
         return resample(joined, MODEL_SAMPLE_RATE, rate, length=length)
 
     # ----- the Python API -----
     def refine(self, noisy: np.ndarray, processed: np.ndarray, sample_rate: int, *, seed: int = 0,
-               key: str = "", output_sample_rate: Optional[int] = None, progress: bool = False) -> np.ndarray:
-        """Refine one recording pair; returns float32 audio shaped like `processed`.
+               key: str = "", output_sample_rate: Optional[int] = None, progress: bool = False,
+               layout: Optional[str] = None) -> np.ndarray:
+        """Refine one recording pair; returns float32 audio in [-1, 1] shaped like `processed`.
+
+        A 1-D array is mono. A 2-D array is (channels, samples) by default (`layout=
+        "channels_first"`), or (frames, channels) as `soundfile.read` returns it (`layout=
+        "channels_last"`). With `layout` None the layout is read from the shapes, and only where
+        they tell it apart: one axis of at most MAX_CHANNELS and the other longer; any other shape
+        is refused with an ArrayError (a ValueError) saying to pass `layout`; so is a `layout` that
+        the shape contradicts (many channels of at most MAX_CHANNELS samples). The result comes
+        back in the caller's layout. Integer arrays (int16, int32, ...) are scaled by their type to [-1, 1).
 
         The output is at `output_sample_rate`, by default the input's `sample_rate`, with the
-        same duration. `key` names the recording in the seed (the CLI uses its relative path).
+        same duration (and at least one sample). `key` names the recording in the seed (the CLI
+        uses its relative path).
         """
+        channels_last = _channels_last(noisy, processed, layout)
+        if channels_last:
+            noisy, processed = np.transpose(noisy), np.transpose(processed)
         prepared = self.prepare(noisy, processed, sample_rate, seed=seed, key=key)
         waves = self.run_segments(prepared.segments, progress=progress)
         out = self.assemble(prepared, waves, output_sample_rate or sample_rate)
-        return out[0] if np.ndim(processed) == 1 and np.ndim(noisy) == 1 else out
+        if np.ndim(processed) == 1 and np.ndim(noisy) == 1:
+            return out[0]
+        return np.ascontiguousarray(out.T) if channels_last else out
+
+    def refine_file(self, noisy_path: str, processed_path: str, output_path: str, *, seed: int = 0,
+                    output_sample_rate: Optional[int] = None, progress: bool = False) -> None:
+        """Refine one pair of audio files (any sample rate and channel count) into `output_path`.
+
+        The files are read and written as `diffiner-refine` reads and writes them: the noisy file
+        is brought to the processed file's rate and length (refused when the lengths differ by
+        more than corpus.LENGTH_TOLERANCE_S), the seed's key is the processed file's name, and the
+        output is 16-bit PCM (WAV, or FLAC by its extension) at `output_sample_rate` (default: the
+        processed file's), written atomically: a failure or an interruption leaves no file or the
+        earlier one. Raises FolderError when `output_path` is one of the inputs (by any link),
+        AudioError naming the file that cannot be read or a result that is not finite.
+        """
+        # Imported here: corpus builds on this module.
+        from .corpus import load_pair
+
+        check_output_file({"noisy": noisy_path, "processed": processed_path}, output_path)
+        noisy, processed, rate = load_pair(noisy_path, processed_path)
+        refined = self.refine(noisy, processed, rate, seed=seed, key=os.path.basename(processed_path),
+                              output_sample_rate=output_sample_rate or rate, progress=progress,
+                              layout="channels_first")
+        save_audio(output_path, refined, output_sample_rate or rate)
 
 
 class SegmentTooLarge(RuntimeError):
@@ -539,12 +583,71 @@ class _InProgress:
         return self.segments[0].width
 
 
+class ArrayError(UsageError, ValueError):
+    """An array the Python API cannot take as audio (its shape, layout, dtype or values); one line
+    that says how to pass it. A ValueError, as numpy's own complaints about arrays are."""
+
+
+# Layouts of a 2-D array: (channels, samples), the default, or (frames, channels) as soundfile reads.
+LAYOUTS = ("channels_first", "channels_last")
+# The most channels a layout is inferred for: more than any recording setup the refiner is for
+# (7.1 surround has 8), and far fewer than the samples of any recording worth refining, so a 2-D
+# shape with exactly one axis this short tells its layout apart.
+MAX_CHANNELS = 8
+
+
+def _channels_last(noisy: Any, processed: Any, layout: Optional[str]) -> bool:
+    """Whether the 2-D arrays among `noisy` and `processed` are (frames, channels): `layout` as
+    given, else read from their shapes (see `Refiner.refine`); ValueError in one line, saying how
+    to pass them, where the shapes do not tell it or the two arrays disagree."""
+    if layout is not None and layout not in LAYOUTS:
+        raise ArrayError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+    found = {}
+    for name, audio in (("noisy", noisy), ("processed", processed)):
+        shape = np.shape(audio)
+        if len(shape) != 2:
+            continue  # a mono array has no layout; another rank is refused by prepare
+        fits = [shape[0] <= MAX_CHANNELS, shape[1] <= MAX_CHANNELS]
+        if layout is not None:
+            # Taken as given, except where the shape says the opposite: (22400, 2) as
+            # channels_first is 22400 channels of 2 samples, a run of hours on nothing.
+            channel_axis = LAYOUTS.index(layout)
+            if not fits[channel_axis] and fits[1 - channel_axis]:
+                raise ArrayError(f"{name} has shape {shape}: as layout={layout!r} that is {shape[channel_axis]} "
+                                 f"channels of {shape[1 - channel_axis]} samples; pass "
+                                 f"layout={LAYOUTS[1 - channel_axis]!r} (or nothing)")
+            continue
+        if fits[0] == fits[1]:
+            raise ArrayError(
+                f"{name} has shape {shape}, which does not say which axis holds the channels (the layout is "
+                f"read from the shape only when one axis has at most {MAX_CHANNELS} entries and the other more); "
+                "pass layout='channels_first' for (channels, samples) or layout='channels_last' for "
+                "(frames, channels) as soundfile.read returns it")
+        found[name] = fits[1]
+    if layout is not None:
+        return layout == "channels_last"
+    if len(set(found.values())) > 1:
+        raise ArrayError(f"noisy is {LAYOUTS[found['noisy']]} {np.shape(noisy)} but processed is "
+                         f"{LAYOUTS[found['processed']]} {np.shape(processed)}; pass both in one layout")
+    return any(found.values())
+
+
 def _as_2d(audio: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(audio, dtype=np.float32)
+    """`audio` as finite float32 (channels, samples); integer samples scaled by their type."""
+    arr = np.asarray(audio)
+    if arr.dtype.kind == "u":
+        # Unsigned PCM (8-bit WAV) is offset, not only scaled: no rule here would be a guess.
+        raise ArrayError(f"{name} has unsigned integer samples ({arr.dtype}); convert them to float in [-1, 1] "
+                         "or to signed integers first")
+    if arr.dtype.kind == "i":
+        # Full scale of a signed integer type is 2**(bits - 1), as soundfile reads PCM; taken as
+        # they are, int16 samples of about 1e4 would be refined as if 80 dB too loud.
+        arr = arr.astype(np.float64) / 2.0 ** (8 * arr.dtype.itemsize - 1)
+    arr = np.asarray(arr, dtype=np.float32)
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[-1] == 0:
-        raise ValueError(f"{name} must be non-empty (samples,) or (channels, samples), got shape {arr.shape}")
+        raise ArrayError(f"{name} must be non-empty (samples,) or (channels, samples), got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} contains NaN or infinite samples")
+        raise ArrayError(f"{name} contains NaN or infinite samples")
     return arr

@@ -263,20 +263,25 @@ def _described(name: str, path: str) -> str:
     return f"{name} ({path})" if name and name != path else path
 
 
+def _kind(path: str) -> str:
+    """What an input is, for messages: the commands take one audio file where they take a folder."""
+    return "file" if os.path.isfile(path) else "folder"
+
+
 def check_write_rules(inputs: Dict[str, str], output: Optional[str], writer: Optional[str] = None) -> None:
     """Refuse a layout in which a writer could write onto what it reads.
 
-    `inputs` maps a name for the user (a flag, or the path itself) to each folder read; `output`
-    is the folder written (None: only the inputs are checked); `writer` names the command that
-    writes (see `check_output_folder`). Two inputs may not be the same folder, and the output must
-    pass `check_output_folder`. Raises FolderError.
+    `inputs` maps a name for the user (a flag, or the path itself) to each folder (or single file)
+    read; `output` is the folder written (None: only the inputs are checked); `writer` names the
+    command that writes (see `check_output_folder`). Two inputs may not be the same folder (or
+    file), and the output must pass `check_output_folder`. Raises FolderError.
     """
     items = list(inputs.items())
     for i, (name_a, path_a) in enumerate(items):
         for name_b, path_b in items[i + 1:]:
             if os.path.realpath(path_a) == os.path.realpath(path_b):
-                raise FolderError(f"{name_a} and {name_b} are the same folder ({path_a}); each file would be "
-                                  "paired with itself")
+                raise FolderError(f"{name_a} and {name_b} are the same {_kind(path_a)} ({path_a}); each file "
+                                  "would be paired with itself")
     if output is not None:
         check_output_folder(inputs, output, writer)
 
@@ -294,11 +299,11 @@ def check_output_folder(inputs: Dict[str, str], output: str, writer: Optional[st
     """
     for name, path in inputs.items():
         if os.path.realpath(output) == os.path.realpath(path):
-            raise FolderError(f"the output folder {output} is the input folder {_described(name, path)}; "
+            raise FolderError(f"the output folder {output} is the input {_kind(path)} {_described(name, path)}; "
                               "choose another output folder")
         if is_inside(path, output):
-            raise FolderError(f"the output folder {output} contains the input folder {_described(name, path)}; "
-                              "choose another output folder")
+            raise FolderError(f"the output folder {output} contains the input {_kind(path)} "
+                              f"{_described(name, path)}; choose another output folder")
     around = [(name, path) for name, path in inputs.items() if is_inside(output, path)]
     if not around or not os.path.isdir(output):
         return
@@ -312,6 +317,19 @@ def check_output_folder(inputs: Dict[str, str], output: str, writer: Optional[st
         raise FolderError(f"the output folder {output} lies inside the input folder {_described(name, path)} "
                           f"and holds {shown} {made}; they would be overwritten or taken for outputs: "
                           f"choose a new folder or one outside {path} (or move those files away)")
+
+
+def check_output_file(inputs: Dict[str, str], output: str) -> None:
+    """Refuse to write the file `output` where it is one of the files in `inputs` ({name for the
+    user: path}): the same path once links are resolved, or another name of the same file (a hard
+    link). For writers of one named file, whose folder may well hold its inputs. Raises FolderError."""
+    for name, path in inputs.items():
+        same = os.path.realpath(output) == os.path.realpath(path)
+        if not same and os.path.exists(output) and os.path.exists(path):
+            same = os.path.samefile(output, path)
+        if same:
+            raise FolderError(f"the output file {output} is the input file {_described(name, path)}; "
+                              "choose another output file")
 
 
 def earlier_writer(folder: str) -> Optional[str]:
@@ -546,27 +564,48 @@ def convert_folder(in_root: str, out_root: str, convert: Conversion, overwrite: 
     under `out_root` as 16-bit PCM (`out_root` may lie inside `in_root` as `check_write_rules`
     allows: it is never read back as input), holding `output_lock(out_root, writer)`.
 
-    `listing` is `scan_audio_files(in_root, exclude=[out_root])` for a caller that needed it
-    first. Every file's failure (unreadable, rejected by `convert`, a non-finite result) is
-    recorded in `failed` and the rest go on, so one broken file in a corpus of hundreds does not
-    stop the run. Raises FileNotFoundError when `in_root` is not a folder, FolderError for a
-    layout the write rules refuse, an output folder that cannot be written or one that another
-    run holds, OutputError when a write fails.
+    `in_root` may be one audio file instead: its output is `out_root/<its name>`, or `out_root`
+    itself where that is a file name with an audio extension (.wav/.flac), which may lie anywhere
+    but on the input. `listing` is `scan_audio_files(in_root, exclude=[out_root])` for a caller
+    that needed it first. Every file's failure (unreadable, rejected by `convert`, a non-finite
+    result) is recorded in `failed` and the rest go on, so one broken file in a corpus of hundreds
+    does not stop the run. Raises FileNotFoundError when `in_root` is neither a folder nor a file,
+    FolderError for a layout the write rules refuse, an output folder that cannot be written or one
+    that another run holds, OutputError when a write fails.
     """
+    if os.path.isfile(in_root) and _is_audio(os.path.basename(out_root)):
+        check_output_file({in_root: in_root}, out_root)
+        # No folder lock: the lock keeps two runs from mixing their files in one folder, and one
+        # file written atomically is whole, whichever run wrote it.
+        out_folder, name = os.path.split(out_root)
+        return _convert_files([(name, in_root)], out_folder or os.curdir, convert, overwrite, progress, desc)
+    if not os.path.exists(in_root):
+        raise FileNotFoundError(f"{in_root}: no such file or folder")
     check_write_rules({in_root: in_root}, out_root, writer)
-    if listing is None:
-        listing = scan_audio_files(in_root, exclude=[out_root])
+    if os.path.isfile(in_root):
+        listing = Listing([os.path.basename(in_root)], {})
+        in_folder = os.path.dirname(in_root)
+    else:
+        listing = listing or scan_audio_files(in_root, exclude=[out_root])
+        in_folder = in_root
+    files = [(rel, os.path.join(in_folder, rel)) for rel in listing.files]
     with output_lock(out_root, writer):
-        result = FolderResult(failed=dict(listing.unreadable))
-        for rel in tqdm(listing.files, desc=desc, unit="file", disable=not progress):
-            if os.path.exists(os.path.join(out_root, rel)) and not overwrite:
-                result.skipped.append(rel)
-                continue
-            in_path = os.path.join(in_root, rel)
-            with file_errors(result.failed, rel, in_path):
-                target = output_path(out_root, rel)
-                audio, rate = load_audio(in_path)
-                converted, out_rate = convert(rel, audio, rate)
-                save_audio(target, converted, out_rate)
-                result.written.append(rel)
+        return _convert_files(files, out_root, convert, overwrite, progress, desc, failed=listing.unreadable)
+
+
+def _convert_files(files: List[Tuple[str, str]], out_root: str, convert: Conversion, overwrite: bool,
+                   progress: bool, desc: str, failed: Optional[Dict[str, str]] = None) -> FolderResult:
+    """`convert_folder`'s work on (output path relative to `out_root`, input path) pairs; an
+    output that exists is skipped unless `overwrite`. `failed` starts the result's failures."""
+    result = FolderResult(failed=dict(failed or {}))
+    for rel, in_path in tqdm(files, desc=desc, unit="file", disable=not progress):
+        if os.path.exists(os.path.join(out_root, rel)) and not overwrite:
+            result.skipped.append(rel)
+            continue
+        with file_errors(result.failed, rel, in_path):
+            target = output_path(out_root, rel)
+            audio, rate = load_audio(in_path)
+            converted, out_rate = convert(rel, audio, rate)
+            save_audio(target, converted, out_rate)
+            result.written.append(rel)
     return result

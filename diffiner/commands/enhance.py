@@ -1,4 +1,5 @@
-"""`diffiner-enhance NOISY OUT --enhancer noisereduce`: make a processed folder from a noisy one."""
+"""`diffiner-enhance NOISY OUT --enhancer noisereduce`: make a processed folder from a noisy one, or a
+processed file from a noisy file."""
 
 import sys
 from typing import Optional, Sequence
@@ -11,21 +12,23 @@ from .common import report_folder, run_command, setup_logging
 
 def build_parser():
     parser = command_parser(
-        "Enhance every .wav/.flac file under NOISY with a preceding SE method, writing the same relative paths "
-        "under OUT; existing outputs are skipped.", {"settings": [
+        "Enhance every .wav/.flac file under NOISY (or the one file NOISY) with a preceding SE method, writing the "
+        "same relative paths under OUT; existing outputs are skipped.", {"settings": [
             Flag("enhancer", ENHANCERS[0], "the SE method", choices=ENHANCERS, aliases=("name",)),
             OVERWRITE_FLAG,
             NO_PROGRESS_FLAG,
         ]}, prog="diffiner-enhance")
-    parser.add_argument("noisy", metavar="NOISY", help="folder of noisy recordings (searched recursively)")
+    parser.add_argument("noisy", metavar="NOISY", help="folder of noisy recordings (searched recursively), or one "
+                        "noisy file")
     parser.add_argument("output", metavar="OUT", help="output folder (not NOISY; inside NOISY only when new or "
-                        "holding earlier diffiner-enhance outputs)")
+                        "holding earlier diffiner-enhance outputs); for one NOISY file, OUT/<its name>, or OUT "
+                        "itself where it ends in .wav or .flac")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point; returns 1 when some file failed, 2 for unusable arguments (a missing folder,
-    OUT onto NOISY, the enhancer's package not installed)."""
+    """Entry point; returns 1 when some file failed, 2 for unusable arguments (a missing file or
+    folder, OUT onto NOISY, the enhancer's package not installed)."""
     args = build_parser().parse_args(argv)
 
     def body() -> int:

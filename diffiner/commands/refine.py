@@ -1,5 +1,5 @@
-"""`diffiner-refine` / scripts/run_refiner.py: refine a folder of SE outputs against the noisy
-recordings they came from.
+"""`diffiner-refine` / scripts/run_refiner.py: refine a folder of SE outputs (or one file) against
+the noisy recordings they came from.
 
 The command checks its flags and folders before any work, joins the process group under
 torchrun/mpiexec, builds a `Refiner`, makes the processed folder with a preceding enhancer when
@@ -42,12 +42,15 @@ from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, usage_e
 from .common import check_number, check_respacing, print_failures, resolve_device, run_command, setup_logging
 
 INPUT_FLAGS = (
-    Flag("root_noisy", required=True, help="folder of noisy recordings (searched recursively)", metavar="DIR"),
-    Flag("root_proc", help="folder of the SE model's outputs, same relative paths (with --baseline: where the "
-                           "baseline writes them, default ./diffiner_<baseline>)", metavar="DIR"),
+    Flag("root_noisy", required=True, help="folder of noisy recordings (searched recursively), or one noisy file",
+         metavar="DIR|FILE"),
+    Flag("root_proc", help="folder of the SE model's outputs, same relative paths, or the one processed file "
+                           "(with --baseline: the folder the baseline writes them into, default "
+                           "./diffiner_<baseline>)", metavar="DIR|FILE"),
     Flag("model_path", required=True, help="checkpoint: a plain state dict (published or from train.py)",
          metavar="FILE"),
-    Flag("output_dir", help="where to write; default <root-proc>/<method>_etaA=..._etaB=...", metavar="DIR"),
+    Flag("output_dir", help="where to write (a folder, also for one file); default <root-proc>/<method>_etaA=..., "
+                            "for one file beside it", metavar="DIR"),
     Flag("baseline", choices=ENHANCERS,
          help="make the processed files with this SE baseline from the noisy ones, then refine them"),
 )
@@ -150,21 +153,38 @@ def check_args(args: argparse.Namespace) -> None:
     with usage_errors(ValueError):
         args.model_settings = resolve_model_settings(args.model_path, values_of(args, MODEL_FLAGS))
     check_respacing(args.timestep_respacing, args.model_settings.values["diffusion_steps"])
-    if not os.path.isdir(args.root_noisy):
-        raise UsageError(f"--root-noisy {args.root_noisy}: not a folder")
+    noisy_is_file = _is_file_or_folder("--root-noisy", args.root_noisy)
     if args.root_proc is None and args.baseline is None:
         raise UsageError("give --root-proc (the SE outputs) or --baseline to make them")
     args.root_proc = args.root_proc or f"diffiner_{args.baseline}"
-    if args.baseline is None and not os.path.isdir(args.root_proc):
-        raise UsageError(f"--root-proc {args.root_proc}: not a folder")
+    if args.baseline is None:
+        proc_is_file = _is_file_or_folder("--root-proc", args.root_proc)
+        if noisy_is_file != proc_is_file:
+            raise UsageError(f"--root-noisy {args.root_noisy} is a {'file' if noisy_is_file else 'folder'} but "
+                             f"--root-proc {args.root_proc} is not; give two files or two folders")
+    elif noisy_is_file and os.path.isfile(args.root_proc):
+        raise UsageError(f"--root-proc {args.root_proc}: with --baseline it is the folder the baseline writes into, "
+                         "not a file")
     folder_name = MethodSettings(args.method, args.etas).folder_name
-    args.output_dir = args.output_dir or os.path.join(args.root_proc, folder_name)
+    # The default output folder: inside --root-proc, or for one processed file beside it.
+    beside = os.path.dirname(args.root_proc) if os.path.isfile(args.root_proc) else args.root_proc
+    args.output_dir = args.output_dir or os.path.join(beside, folder_name)
     inputs = {"--root-noisy": args.root_noisy, "--root-proc": args.root_proc}
     check_write_rules(inputs, args.output_dir, REFINE_WRITER)
     if args.baseline is not None:
         check_write_rules({"--root-noisy": args.root_noisy}, args.root_proc, ENHANCE_WRITER)
         with usage_errors(ImportError, FileNotFoundError):  # its package not installed, or broken
             check_available(args.baseline)
+
+
+def _is_file_or_folder(flag: str, path: str) -> bool:
+    """Whether the input `path` of `flag` is one file (True) or a folder (False); UsageError when
+    it is neither."""
+    if os.path.isfile(path):
+        return True
+    if os.path.isdir(path):
+        return False
+    raise UsageError(f"{flag} {path}: no such file or folder")
 
 
 def refiner_settings(args: argparse.Namespace) -> RefinerSettings:

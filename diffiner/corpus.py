@@ -19,7 +19,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -55,8 +55,9 @@ class RunSummary:
     wall_seconds: float = 0.0
 
     @property
-    def rtf(self) -> float:
-        return self.wall_seconds / self.audio_seconds if self.audio_seconds else float("nan")
+    def rtf(self) -> Optional[float]:
+        """Wall seconds per second of audio refined; None when nothing was refined."""
+        return self.wall_seconds / self.audio_seconds if self.audio_seconds else None
 
     @classmethod
     def merge(cls, parts: Sequence["RunSummary"], wall_seconds: float) -> "RunSummary":

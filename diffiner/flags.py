@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from . import __version__
+
 
 def str2bool(value: Any) -> bool:
     """Parse a command-line boolean ("true"/"false", "1"/"0", "yes"/"no")."""
@@ -209,6 +211,8 @@ def command_parser(description: str, groups: Dict[str, Iterable[Flag]], prog: Op
     for title, flags in groups.items():
         add_flags(parser.add_argument_group(title), flags)
     DEBUG_FLAG.add_to(parser)
+    parser.add_argument("--version", action="version", version=f"%(prog)s (diffiner) {__version__}",
+                        help="print the version and exit")
     return parser
 
 

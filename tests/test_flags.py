@@ -53,3 +53,16 @@ def test_precision_is_one_flag_with_the_originals_switches_as_aliases(parse, cap
     with pytest.raises(SystemExit) as exit_:
         precision("--precision", "fp32", "--bf16")
     assert exit_.value.code == 2 and "disagree" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["refine", "train", "sample_prior", "evaluate", "enhance", "resample_audio",
+                                    "make_noisy_set"])
+def test_every_command_prints_its_version(module, capsys):
+    import importlib
+
+    from diffiner import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(f"diffiner.commands.{module}").main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip().endswith(f"(diffiner) {__version__}")

@@ -78,6 +78,10 @@ def test_end_to_end_on_a_messy_corpus(corpus, tiny_checkpoint, capsys):
     assert "5 already done" in capsys.readouterr().out
     os.remove(os.path.join(corpus, "proc", "broken.wav"))
     assert run(corpus, tiny_checkpoint) == 0
+    # Nothing to do: no real-time factor to speak of, and summary.json stays valid JSON.
+    assert "nan" not in capsys.readouterr().out.lower()
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        assert json.loads(f.read(), parse_constant=lambda name: pytest.fail(name))["real_time_factor"] is None
     # --overwrite redoes them, with the same result: nothing depends on batch composition.
     mtime = os.path.getmtime(os.path.join(out_dir, "short.wav"))
     assert run(corpus, tiny_checkpoint, "--overwrite", "--batch-size", "1") == 0

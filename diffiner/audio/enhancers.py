@@ -139,5 +139,5 @@ def enhance_folder(name: str, root_noisy: str, out_root: str, overwrite: bool = 
     check_available(name)  # once, not as a failure of every file
     result = convert_folder(root_noisy, out_root, lambda rel, audio, sr: (enhance(name, audio, sr), sr), overwrite,
                             progress=progress, desc=name, writer=WRITER)
-    logger.info("enhancer %s -> %s: %s", name, out_root, result.describe())
+    logger.debug("enhancer %s -> %s: %s", name, out_root, result.describe())  # the commands print it
     return result

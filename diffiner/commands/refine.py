@@ -106,7 +106,7 @@ SUMMARY_FILE = "summary.json"
 def build_parser() -> argparse.ArgumentParser:
     return command_parser("Refine the output of a speech-enhancement model with Diffiner / Diffiner+.", {
         "inputs and outputs": INPUT_FLAGS, "method": method_flags(), "how to run": RUN_FLAGS,
-        MODEL_GROUP: MODEL_FLAGS})
+        MODEL_GROUP: MODEL_FLAGS}, prog="diffiner-refine")
 
 
 def parse_etas(method: str, values: Optional[Sequence[float]]) -> Dict[str, Optional[float]]:
@@ -345,8 +345,9 @@ def make_processed(args: argparse.Namespace, rank: int, summary: RunSummary) -> 
 def report(summary: RunSummary, output_dir: str, world_size: int) -> None:
     """Print the closing lines and write summary.json beside the outputs."""
     print_failures(summary.failed)
+    speed = f" (RTF {summary.rtf:.3f})" if summary.rtf is not None else ""
     print(f"refined {len(summary.refined)} file(s), skipped {len(summary.skipped)}, failed {len(summary.failed)}; "
-          f"{summary.audio_seconds:.1f} s of audio in {summary.wall_seconds:.1f} s (RTF {summary.rtf:.3f})")
+          f"{summary.audio_seconds:.1f} s of audio in {summary.wall_seconds:.1f} s{speed}")
     record = {"refined": len(summary.refined), "skipped": len(summary.skipped), "failed": summary.failed,
               "audio_seconds": summary.audio_seconds, "wall_seconds": summary.wall_seconds,
               "real_time_factor": summary.rtf, "processes": world_size}

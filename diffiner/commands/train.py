@@ -28,7 +28,7 @@ def create_argparser() -> argparse.ArgumentParser:
     return command_parser("Train a Diffiner diffusion model on clean speech.", {
         "training": flags_of(TrainingSettings), "precision": execution_flags("channels_last"),
         "model and diffusion (default: when resuming, the run's model_config.yml; else the published model)":
-            MODEL_FLAGS})
+            MODEL_FLAGS}, prog="diffiner-train")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -6,6 +6,8 @@ written by training (`modelNNNNNN.pt`, `ema_<rate>_NNNNNN.pt`). The network is b
 settings first, then the weights are loaded strictly, so settings that do not match the file are
 reported instead of silently ignored. A file that cannot be read at all (empty, not a checkpoint,
 truncated, corrupt) is reported as such, naming it: `load_state_dict` diagnoses every file read.
+Only regular files are read (`open_regular`): a FIFO named like a checkpoint would block the
+open for ever.
 
 Training writes, for step NNNNNN (the number of steps done), a *checkpoint set*:
 `modelNNNNNN.pt`, one `ema_<rate>_NNNNNN.pt` per EMA rate and `optNNNNNN.pt`. The files of a
@@ -14,21 +16,26 @@ model file last (`save_checkpoint_set`). Hence the rule that holds at every inst
 kills the process: **a model file present implies that its whole set, from the same save, is
 present**. A kill leaves at most temporary files (removed by `remove_interrupted_saves`) and
 optimizer or EMA files of a step without its model file (ignored, and replaced when that step is
-saved again).
+saved again). A write that fails (a full disk) raises OutputError naming the file and the space
+left, and leaves the earlier sets as they were.
 """
 
 import contextlib
+import errno
 import inspect
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import IO, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
 
-from .audio.io import TEMPORARY_PREFIX, atomic_output, read_yaml_record, write_text_atomic
+# _free_space: the wording of audio.io's own write errors ("; N MB free on that disk"), reused.
+from .audio.io import TEMPORARY_PREFIX, OutputError, _free_space, atomic_output, read_yaml_record, write_text_atomic
+from .errors import error_text
 from .respace import SpacedDiffusion
 from .script_util import ARCHITECTURE_KEYS, create_model_and_diffusion, model_and_diffusion_defaults
 from .unet import UNetModel
@@ -55,6 +62,32 @@ INTERRUPTED_SAVE = re.compile(re.escape(TEMPORARY_PREFIX) + r"[0-9a-f]+-(?:(?:mo
 
 
 # ----- reading -----
+# How `open_regular` opens for each mode: reading, or appending (a log, created when absent).
+_OPEN_FLAGS = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT}
+
+
+def open_regular(path: str, mode: str = "rb", newline: Optional[str] = None) -> IO:
+    """`path` opened as a file object with `mode` ("r", "rb", "a"), refusing anything but a
+    regular file with ValueError naming it.
+
+    A plain open() of a FIFO blocks until another process opens its other end, so a FIFO given
+    the name of a checkpoint or a log would hang training for ever: the file is opened
+    non-blocking (which changes nothing for a regular file) and checked before a byte is read or
+    written.
+    """
+    flags = _OPEN_FLAGS[mode[0]] | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # ENXIO: a FIFO opened for writing while no one reads it
+            raise
+        raise ValueError(f"{path}: not a regular file (a FIFO?); not used") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path}: not a regular file (a FIFO, device or socket?); not used")
+    return os.fdopen(fd, mode, newline=newline) if "b" not in mode else os.fdopen(fd, mode)
+
+
 def load_state_dict(path: str) -> Dict[str, Any]:
     """A dict saved with torch.save, read onto the CPU; DDP's "module." prefix is removed.
 
@@ -71,21 +104,24 @@ def load_state_dict(path: str) -> Dict[str, Any]:
 def _load(path: str) -> Any:
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a folder, not a checkpoint file")
-    with open(path, "rb") as f:  # FileNotFoundError names the file
+    # Everything below reads the one file opened here: a name swapped for a FIFO after the
+    # check cannot block a later open.
+    with open_regular(path) as f:  # FileNotFoundError names the file
         head = f.read(len(ZIP_MAGIC))
-    if not head:
-        raise ValueError(f"{path}: the file is empty (0 bytes), not a checkpoint (an interrupted copy or save?)")
-    if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MARKER)):
-        raise ValueError(f"{path}: not a PyTorch checkpoint ({_describe_content(path)})")
-    try:
-        return torch.load(path, map_location="cpu", **SAFE_LOAD)
-    except Exception as exc:  # torch raises many types (RuntimeError, EOFError, UnpicklingError, ...)
-        raise ValueError(f"{path}: {_diagnose(path, head, exc)}") from exc
+        if not head:
+            raise ValueError(f"{path}: the file is empty (0 bytes), not a checkpoint (an interrupted copy or save?)")
+        if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MARKER)):
+            raise ValueError(f"{path}: not a PyTorch checkpoint ({_describe_content(f)})")
+        f.seek(0)
+        try:
+            return torch.load(f, map_location="cpu", **SAFE_LOAD)
+        except Exception as exc:  # torch raises many types (RuntimeError, EOFError, UnpicklingError, ...)
+            raise ValueError(f"{path}: {_diagnose(f, head, exc)}") from exc
 
 
-def _describe_content(path: str) -> str:
-    with open(path, "rb") as f:
-        start = f.read(512)
+def _describe_content(f: IO[bytes]) -> str:
+    f.seek(0)
+    start = f.read(512)
     try:
         start.decode("utf-8")
     except UnicodeDecodeError:
@@ -93,16 +129,15 @@ def _describe_content(path: str) -> str:
     return "it holds text"
 
 
-def _diagnose(path: str, head: bytes, exc: Exception) -> str:
-    """Why torch could not read a file that begins like a checkpoint, in a few words."""
+def _diagnose(f: IO[bytes], head: bytes, exc: Exception) -> str:
+    """Why torch could not read a file (open as `f`) that begins like a checkpoint, in a few words."""
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    size = os.path.getsize(path)
+    size = os.fstat(f.fileno()).st_size
     if "weights only load failed" in reason.lower():
         return f"holds Python objects besides tensors and plain values, which are not loaded for safety ({reason})"
     if head.startswith(ZIP_MAGIC):
-        with open(path, "rb") as f:
-            f.seek(max(0, size - ZIP_END_SEARCH))
-            complete = ZIP_END_MAGIC in f.read()
+        f.seek(max(0, size - ZIP_END_SEARCH))
+        complete = ZIP_END_MAGIC in f.read()
         if not complete:
             return f"the checkpoint is truncated ({size} bytes, its end is missing: an interrupted save or copy?)"
     elif isinstance(exc, EOFError):
@@ -298,10 +333,7 @@ def save_checkpoint_set(folder: str, step: int, model_state: Dict[str, torch.Ten
             tmp = renames.enter_context(atomic_output(os.path.join(folder, name)))
             if index == 0:
                 renames.callback(_fsync_folder, folder)
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
+            _write_state(tmp, os.path.join(folder, name), state)
         earlier = _set_files_of_step(folder, step)
         for name in earlier:
             os.remove(os.path.join(folder, name))
@@ -309,6 +341,21 @@ def save_checkpoint_set(folder: str, step: int, model_state: Dict[str, torch.Ten
             _fsync_folder(folder)  # gone for good before any new file of the step appears
     _fsync_folder(folder)
     return os.path.join(folder, model_filename(step))
+
+
+def _write_state(tmp: str, path: str, state: Dict[str, Any]) -> None:
+    """torch.save `state` into `tmp`, flushed to disk; OutputError naming `path` (the file it
+    becomes) and the free space when that fails."""
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as exc:
+        # torch reports a full disk as a RuntimeError of its zip writer ("enforce fail at
+        # inline_container.cc ... unexpected pos"), which names neither the file nor the cause.
+        raise OutputError(f"{path}: cannot write the checkpoint ({error_text(exc)[:200]}"
+                          f"{_free_space(os.path.dirname(os.path.abspath(path)))})") from exc
 
 
 def _set_files_of_step(folder: str, step: int) -> List[str]:

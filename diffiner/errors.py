@@ -30,6 +30,12 @@ def error_text(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none): for errors
+    whose later lines are advice for another audience (torch's out-of-memory hints)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 @contextlib.contextmanager
 def usage_errors(*types: Type[BaseException]) -> Iterator[None]:
     """Turn the given exception types, raised inside the block, into UsageError (exit status 2):

@@ -11,7 +11,8 @@ and about to be trained again) are dropped first, so every step has one row. Tra
 afresh resumes step 0 in this sense: it drops the rows of an earlier attempt in its folder (one
 killed before its first checkpoint, say). When a key appears that the CSV header lacks, the file
 is rewritten with the wider header (earlier rows get empty cells), as guided-diffusion's logger
-does. Rewrites are atomic.
+does. Rewrites are atomic. Both files are opened by `checkpoints.open_regular`: one that is not
+a regular file (a FIFO would block the open for ever) is refused with ValueError naming it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 from . import dist_util
 from .audio.io import atomic_output
+from .checkpoints import open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -156,14 +158,14 @@ class CSVWriter:
             rows = self._read()[1]
             self.columns += new
             self._rewrite(rows)
-        with open(self.path, "a", newline="") as f:
+        with open_regular(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.columns, restval="").writerow(values)
 
     def _read(self) -> Tuple[List[str], List[Dict[str, str]]]:
         """(the header, the rows) of the file; ([], []) when it is absent or empty."""
         if not os.path.exists(self.path):
             return [], []
-        with open(self.path, newline="") as f:
+        with open_regular(self.path, "r", newline="") as f:
             reader = csv.DictReader(f)
             return list(reader.fieldnames or []), list(reader)
 
@@ -183,7 +185,7 @@ class JSONLinesWriter:
 
     def __init__(self, path: str, resume_step: Optional[int] = None):
         if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
+            with open_regular(path, "r") as f:
                 lines = f.readlines()
             # A line that does not parse was cut by a kill: dropped too.
             kept = [line for line, step in zip(lines, map(_json_step, lines))
@@ -191,7 +193,7 @@ class JSONLinesWriter:
             if len(kept) < len(lines):
                 with atomic_output(path) as tmp, open(tmp, "w") as f:
                     f.writelines(kept)
-        self.file = open(path, "a")
+        self.file = open_regular(path, "a")
 
     def write(self, step: int, values: Dict[str, Number]) -> None:
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()}

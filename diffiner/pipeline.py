@@ -34,7 +34,7 @@ from .acceleration import (ExecutionSettings, build_runner, estimate_max_batch_f
 from .audio.folders import check_output_file
 from .audio.io import MODEL_SAMPLE_RATE, fit_length, resample, resampled_length, save_audio
 from .checkpoints import ModelSettings, load_model
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .flags import affects_output, setting
 from .methods import DEFAULT_METHOD, get_method, resolve_etas
 from .refiner import refine
@@ -308,7 +308,7 @@ class Refiner:
             self.max_batch_frames = estimate_max_batch_frames(self.network, self.model, self.device, width)
         except RuntimeError as exc:
             logger.warning("could not size batches from GPU memory (%s); using batch_size %d",
-                           str(exc).splitlines()[0], self.batch_size)
+                           first_line(exc), self.batch_size)
             if is_out_of_memory(exc):
                 release_cached_memory(self.device)
 
@@ -392,7 +392,7 @@ class Refiner:
             except Exception as exc:  # torch raises its out-of-memory errors as several types
                 if not is_out_of_memory(exc):
                     raise
-                failure = str(exc).splitlines()[0]
+                failure = first_line(exc)
             else:
                 yield from zip(part, waves)
                 continue

@@ -20,16 +20,21 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]
     `section_counts` is either "ddimN" — every k-th step for the smallest stride k that
     gives exactly N steps, as DDIM does — or a comma list / sequence of counts: the T steps are
     cut into that many equal sections and each section keeps that many evenly spaced steps.
-    Raises ValueError, naming the value, for anything else, counts below 1 included.
+    Raises ValueError, naming the value, for anything else, counts below 1 included, and for a
+    respacing of T > 1 steps that keeps step 0 alone (`ddim1`, `1`): see `_check_not_only_step_0`.
     """
+    if isinstance(section_counts, str) and section_counts.startswith("ddim"):
+        desired = _count(section_counts[len("ddim"):], section_counts)
+        # Stride T included: it gives the one step of ddim1, which the check below judges.
+        for stride in range(1, num_timesteps + 1):
+            if len(range(0, num_timesteps, stride)) == desired:
+                kept = set(range(0, num_timesteps, stride))
+                _check_not_only_step_0(kept, num_timesteps, section_counts)
+                return kept
+        raise ValueError(f"{section_counts!r}: cannot take exactly {desired} steps from {num_timesteps} "
+                         "with an integer stride")
+    spec = section_counts
     if isinstance(section_counts, str):
-        if section_counts.startswith("ddim"):
-            desired = _count(section_counts[len("ddim"):], section_counts)
-            for stride in range(1, num_timesteps):
-                if len(range(0, num_timesteps, stride)) == desired:
-                    return set(range(0, num_timesteps, stride))
-            raise ValueError(f"{section_counts!r}: cannot take exactly {desired} steps from {num_timesteps} "
-                             "with an integer stride")
         section_counts = [_count(x, section_counts) for x in section_counts.split(",")]
     if not section_counts or any(count < 1 for count in section_counts):
         raise ValueError(f"every section must keep at least one step, got {list(section_counts)}")
@@ -46,7 +51,24 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]
             kept.append(start + round(position))
             position += frac_stride
         start += size
+    _check_not_only_step_0(set(kept), num_timesteps, spec)
     return set(kept)
+
+
+def _check_not_only_step_0(kept: Set[int], num_timesteps: int, spec) -> None:
+    """ValueError for a respacing of more than one step that keeps step 0 alone.
+
+    Sampling starts from N(0, I) at the highest kept step, which stands for the forward process
+    there: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise. That is sound only where
+    alpha_bar_t is near 0. At step 0 alpha_bar_0 = 1 - beta_0 is near 1 for every schedule
+    (0.99998 for the published linear one), so a chain of step 0 alone reads its start noise as
+    an almost clean spectrogram and returns it unchanged: no sample, no refinement. The DDIM
+    stride rule gives this for one step (ddim1), so one step cannot work. All of a process of one
+    step (--diffusion_steps 1) is not a respacing and is not judged here.
+    """
+    if kept == {0} and num_timesteps > 1:
+        raise ValueError(f"{spec!r} keeps only step 0 of {num_timesteps}, the least noisy one, where sampling "
+                         "would return its start noise unchanged; keep at least 2 steps (e.g. ddim2)")
 
 
 def _count(text: str, spec: str) -> int:

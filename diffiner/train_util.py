@@ -18,6 +18,12 @@ Stopping early: SIGINT (Ctrl-C), SIGTERM (what a cluster scheduler sends before 
 SIGHUP (a closed terminal) and a training file that cannot be read end the run at the next step
 boundary, after saving the set of the steps done. The ranks of a distributed job agree on it at every boundary, so they
 all stop at the same step and take part in the save even when only one of them was signalled.
+
+Divergence: a step whose loss or gradients are NaN or infinite changes nothing (see `TrainLoop.optimize`).
+`NONFINITE_STEPS_LIMIT` such steps in a row end the run (`TrainingDiverged`, exit status 1), after
+saving the state they left, which is that of the last step that updated the weights. No set holding
+a non-finite tensor is ever written: such a state ends the run too, and the newest set on disk stays
+the one to resume from.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from tqdm.auto import tqdm
 from . import dist_util
 from .acceleration import NetworkRunner, autocast_dtype
 from .audio.io import AudioError
+from .errors import DiffinerError
 from .checkpoints import (checkpoint_step, ema_filename, load_state_dict, load_weights, missing_set_files,
                           model_filename, opt_filename, remove_interrupted_saves, save_checkpoint_set)
 from .logger import MetricsLogger
@@ -50,6 +57,13 @@ from .seeding import STREAM_DIFFUSION, randn, stream_generator
 logger = logging.getLogger(__name__)
 
 INITIAL_LG_LOSS_SCALE = 20.0
+# Consecutive steps with a non-finite loss (or, outside fp16, non-finite gradients) that end the
+# run. A stray overflow, or one bad batch, spoils a step or two, which are skipped; a run that
+# has diverged (weights blown up by too high a learning rate) spoils every step from then on,
+# and would otherwise loop for ever. Ten is well above the first and costs ten skipped steps of
+# the second. fp16's gradient overflows do not count: the loss scaler cures them by halving the
+# scale, which may take more than ten steps from the initial 2**20.
+NONFINITE_STEPS_LIMIT = 10
 
 
 class DynamicLossScaler:
@@ -115,6 +129,11 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, signum: int, step: int, checkpoint: Optional[str]):
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class TrainingDiverged(DiffinerError):
+    """Training stopped because its loss, gradients or weights became NaN or infinite; the message
+    says where the last good set is. Exit status 1: the run failed."""
 
 
 class StopSignals:
@@ -209,6 +228,8 @@ class TrainLoop:
         continue from. An incomplete set is refused (ValueError) unless `allow_fresh_optimizer`,
         which starts the missing optimizer state and EMAs afresh.
     :param seed: the seed of the example stream (per-example timesteps and noise).
+    :param nonfinite_steps_limit: consecutive steps with a non-finite loss (or, outside fp16,
+        non-finite gradients) that end the run with TrainingDiverged.
     """
 
     def __init__(
@@ -219,6 +240,7 @@ class TrainLoop:
         initial_lg_loss_scale: float = INITIAL_LG_LOSS_SCALE, schedule_sampler: Optional[ScheduleSampler] = None,
         weight_decay: float = 0.0, lr_anneal_steps: int = 0, grad_clip: float = 0.0, max_steps: int = 0,
         seed: int = 0, metrics: Optional[MetricsLogger] = None, channels_last: bool = False,
+        nonfinite_steps_limit: int = NONFINITE_STEPS_LIMIT,
     ):
         autocast_dtype(precision)  # refuses an unknown precision before any work
         self.model = model.to(dist_util.dev())
@@ -235,6 +257,9 @@ class TrainLoop:
         self.lr_anneal_steps = lr_anneal_steps
         self.grad_clip = grad_clip
         self.max_steps = max_steps
+        self.nonfinite_steps_limit = nonfinite_steps_limit
+        self._loss_finite = True  # of the last forward_backward
+        self._spoiled = False  # whether the last step counts toward nonfinite_steps_limit
         self.seed = seed
         self.precision = precision
         self.scaler = DynamicLossScaler(initial_lg_loss_scale, fp16_scale_growth) if precision == "fp16" else None
@@ -286,23 +311,29 @@ class TrainLoop:
 
         Stops early, at a step boundary and after saving the set of the steps done, on SIGINT
         or SIGTERM (raises TrainingInterrupted) and when a batch cannot be read (raises
-        AudioError naming the file). Every rank must call it.
+        AudioError naming the file). Raises TrainingDiverged after `nonfinite_steps_limit`
+        spoiled steps in a row (having saved the state they left, when it is finite) and as soon
+        as a save finds a non-finite tensor (writing nothing). Every rank must call it.
         """
         stop = self.stop_step
         if stop is not None and self.step >= stop:
             logger.info("step %d already reaches the stop step %d: nothing to train", self.step, stop)
             return
         last_saved = self.step
+        spoiled_run = 0  # consecutive spoiled steps, as all ranks agreed on them
         with StopSignals() as signals, tqdm(total=stop, initial=self.step, desc="training", unit="step",
                                             disable=not dist_util.is_main()) as bar:
             while stop is None or self.step < stop:
                 batch, data_error = self._next_batch(data)
-                signum, data_errors = self._agree_to_stop(signals.received, data_error)
-                if signum or data_errors:
-                    self._finish(last_saved)
+                signum, data_errors, spoiled = self._agree_to_stop(signals.received, data_error, self._spoiled)
+                spoiled_run = spoiled_run + 1 if spoiled else 0
+                if signum or data_errors or spoiled_run >= self.nonfinite_steps_limit:
+                    saved = self._finish(last_saved)
                     # No rank leaves before rank 0 has written the set: a launcher ends the
                     # other ranks as soon as one exits.
                     dist_util.barrier()
+                    if spoiled_run >= self.nonfinite_steps_limit or not saved:
+                        raise self._diverged(spoiled_run, saved)
                     if data_errors:
                         raise AudioError(f"{data_errors[0]} (training stopped at step {self.step}; "
                                          f"{self._where_saved()})")
@@ -312,18 +343,39 @@ class TrainLoop:
                 if self.step % self.log_interval == 0:
                     self.dump_metrics()
                 if self.step % self.save_interval == 0:
-                    self.save()
+                    if not self.save():
+                        raise self._diverged(spoiled_run, saved=False)
                     last_saved = self.step
-        self._finish(last_saved)
+        if not self._finish(last_saved):
+            raise self._diverged(spoiled_run, saved=False)
 
-    def _finish(self, last_saved: int) -> None:
-        """Log and save the steps done since the last dump and the last save (`last_saved`)."""
+    def _finish(self, last_saved: int) -> bool:
+        """Log and save the steps done since the last dump and the last save (`last_saved`);
+        False when the state was not saved because it holds a non-finite tensor."""
         # Steps since the last dump, not `step % log_interval`: a run stopped right after resuming
         # has trained nothing, and a second row of the resumed step would have no step in it.
         if self.data_position != self._interval_start[1]:
             self.dump_metrics()
-        if self.step != last_saved:
-            self.save()
+        return self.step == last_saved or self.save()
+
+    def _diverged(self, spoiled_run: int, saved: bool) -> TrainingDiverged:
+        """The error that ends a diverged run, after `_finish`: `spoiled_run` steps in a row were
+        spoiled (at the limit, or fewer when the weights themselves turned non-finite); `saved`:
+        whether the state at the stop was finite, hence saved."""
+        if spoiled_run >= self.nonfinite_steps_limit:
+            cause = (f"the loss or gradients were NaN or infinite for {spoiled_run} consecutive steps "
+                     f"(steps {self.step - spoiled_run + 1}-{self.step}, all skipped)")
+        else:
+            cause = "the weights, EMA or optimizer state became NaN or infinite"
+        if saved and self.last_checkpoint is not None:
+            where = f"the state of the last step that updated the weights is saved: {resume_hint(self.last_checkpoint)}"
+        elif self.last_checkpoint is not None:
+            where = (f"that state was not saved; the newest good set is {self.last_checkpoint}: "
+                     f"{resume_hint(self.last_checkpoint)}")
+        else:
+            where = "nothing was saved"
+        return TrainingDiverged(f"training diverged at step {self.step}: {cause} (lower --lr, or clip with "
+                                f"--grad_clip); {where}")
 
     @staticmethod
     def _next_batch(data: Iterator[Dict[str, torch.Tensor]]) -> Tuple[Optional[Dict[str, torch.Tensor]], str]:
@@ -333,16 +385,18 @@ class TrainLoop:
         except AudioError as exc:
             return None, str(exc)
 
-    def _agree_to_stop(self, signum: Optional[int], data_error: str) -> Tuple[int, List[str]]:
+    def _agree_to_stop(self, signum: Optional[int], data_error: str, spoiled: bool) -> Tuple[int, List[str], bool]:
         """What every rank must do at this step boundary: (the highest signal any rank received,
-        0 if none; the data errors of all ranks). A collective in a distributed job, so that all
-        ranks stop at the same step and save together even if only one was signalled."""
+        0 if none; the data errors of all ranks; whether the step just done was spoiled on any
+        rank). A collective in a distributed job, so that all ranks stop at the same step and save
+        together even if only one was signalled, or saw a non-finite loss in its share of the batch."""
         if not dist_util.is_distributed():
-            return signum or 0, [data_error] if data_error else []
-        flags = torch.tensor([signum or 0, int(bool(data_error))], dtype=torch.int64, device=dist_util.dev())
-        highest_signal, any_error = dist_util.all_reduce_max(flags).tolist()
+            return signum or 0, [data_error] if data_error else [], spoiled
+        flags = torch.tensor([signum or 0, int(bool(data_error)), int(spoiled)], dtype=torch.int64,
+                             device=dist_util.dev())
+        highest_signal, any_error, any_spoiled = dist_util.all_reduce_max(flags).tolist()
         errors = [e for e in dist_util.all_gather_objects(data_error) if e] if any_error else []
-        return highest_signal, errors
+        return highest_signal, errors, bool(any_spoiled)
 
     def _where_saved(self) -> str:
         if self.last_checkpoint is None:
@@ -355,6 +409,9 @@ class TrainLoop:
         took_step = self.optimize()
         if took_step:
             self._update_ema()
+        # What counts toward NONFINITE_STEPS_LIMIT: a non-finite loss in any precision; a skipped
+        # step (non-finite gradients) too, except in fp16, where the loss scaler deals with those.
+        self._spoiled = not self._loss_finite or (not took_step and self.scaler is None)
         self.step += 1
         self.data_position += self.global_batch
         self.metrics.log("step", self.step)
@@ -370,6 +427,7 @@ class TrainLoop:
         t, weights = self.schedule_sampler.sample(len(generators), dist_util.dev(), generators)
         noise = randn(x_start.shape, dist_util.dev(), generators)
         count = x_start.shape[0]
+        self._loss_finite = True
         for lo in range(0, count, self.microbatch):
             hi = min(lo + self.microbatch, count)
             last = hi == count
@@ -380,14 +438,18 @@ class TrainLoop:
                     self.schedule_sampler.update_with_local_losses(t[lo:hi], losses["loss"].detach())
                 # Weighted by the microbatch's share, so microbatching does not change the step.
                 loss = (losses["loss"] * weights[lo:hi]).mean() * ((hi - lo) / count)
+                self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()))
                 self._log_losses(t[lo:hi], {k: v * weights[lo:hi] for k, v in losses.items()})
                 (loss * self.scaler.scale if self.scaler else loss).backward()
 
     def optimize(self) -> bool:
-        """Unscale, check, clip and apply the gradients; False when the step was skipped."""
+        """Unscale, check, clip and apply the gradients; False when the step was skipped: the
+        gradients, or the loss of `forward_backward`, are NaN or infinite."""
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = global_norm(grads)
-        finite = math.isfinite(norm)
+        # A non-finite loss whose gradients happen to be finite (its NaN in a term that has no
+        # gradient) is no sounder a step.
+        finite = math.isfinite(norm) and self._loss_finite
         if self.scaler:
             if finite:
                 self.scaler.unscale_(grads)
@@ -395,8 +457,9 @@ class TrainLoop:
             self.scaler.update(finite)
             self.metrics.log("lg_loss_scale", self.scaler.lg_loss_scale)
         if not finite:
-            if not self.scaler:
-                logger.warning("step %d: non-finite gradients; step skipped", self.step + 1)
+            if not self.scaler or not self._loss_finite:
+                logger.warning("step %d: non-finite %s; step skipped", self.step + 1,
+                               "gradients" if self._loss_finite else "loss")
             return False
         if self.grad_clip > 0 and norm > self.grad_clip:
             for grad in grads:
@@ -458,8 +521,14 @@ class TrainLoop:
             "rng": dist_util.all_gather_objects(rng_state()),  # one entry per rank
         }
 
-    def save(self) -> None:
-        """Write the checkpoint set of the current step (rank 0; all ranks call it)."""
+    def save(self) -> bool:
+        """Write the checkpoint set of the current step (rank 0; all ranks call it); False, and
+        nothing written, when a tensor of the set (weights, EMA, optimizer state) is NaN or
+        infinite: resuming from it could only go on producing NaN."""
+        if not self._state_is_finite():
+            logger.warning("step %d: the weights, EMA or optimizer state hold NaN or infinite values: checkpoint "
+                           "set not written", self.step)
+            return False
         state = self._training_state()  # a collective: every rank takes part
         if dist_util.is_main():
             self.last_checkpoint = save_checkpoint_set(
@@ -468,6 +537,16 @@ class TrainLoop:
             logger.info("saved the checkpoint set of step %d in %s", self.step, self.log_dir)
         else:
             self.last_checkpoint = os.path.join(self.log_dir, model_filename(self.step))
+        return True
+
+    def _state_is_finite(self) -> bool:
+        """Whether every tensor of the set to save is finite, on every rank (a collective: the
+        ranks hold the same values, but they must not decide apart)."""
+        tensors = list(self.model.state_dict().values()) + [t for ema in self.ema_params for t in ema]
+        tensors += [v for state in self.opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+        finite = all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+        flag = torch.tensor([int(not finite)], dtype=torch.int64, device=dist_util.dev())
+        return not dist_util.all_reduce_max(flag).item()
 
     def _resume(self, path: str, allow_fresh_optimizer: bool) -> None:
         """Load the model, EMA and training state of `path` (a modelNNNNNN.pt) and its set.

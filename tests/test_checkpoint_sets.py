@@ -6,6 +6,7 @@ a real SIGKILL after a random delay. A kill skips every `finally` clause, as a r
 The parent then checks the folder and resumes from it.
 """
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -14,6 +15,7 @@ import random
 import re
 import shutil
 import signal
+import threading
 import time
 
 import numpy as np
@@ -83,6 +85,111 @@ def test_unreadable_checkpoint_files_are_one_clear_error(tmp_path):
         load_state_dict(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_state_dict(str(tmp_path / "missing.pt"))
+
+
+# ----- files that are not regular files, and a full disk -----
+def released_if_blocked(fifo, call, seconds=5.0):
+    """What `call()` returned or raised, as {"value": ...} or {"error": ...}. Run in a thread:
+    when it is still blocked on `fifo` after `seconds` (a plain open() of a FIFO waits for the
+    other end), both ends are opened once to release it, and the test fails."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the test, which judges it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))  # Linux: O_RDWR never blocks on a FIFO
+        thread.join(seconds)
+        pytest.fail(f"blocked for {seconds} s opening the FIFO {fifo}")
+    return outcome
+
+
+def assert_refused_naming(outcome, path):
+    error = outcome.get("error")
+    assert isinstance(error, ValueError), outcome
+    assert str(error).startswith(f"{path}: not a regular file") and "\n" not in str(error), str(error)
+
+
+@pytest.mark.parametrize("name", ["model000004.pt", "opt000004.pt"])
+def test_a_fifo_named_like_a_checkpoint_is_refused_naming_it(tmp_path, name):
+    fifo = str(tmp_path / name)
+    os.mkfifo(fifo)
+    assert_refused_naming(released_if_blocked(fifo, lambda: load_state_dict(fifo)), fifo)
+    model, _ = tiny_model_and_diffusion()
+    assert_refused_naming(released_if_blocked(fifo, lambda: load_weights(model, fifo)), fifo)
+
+
+@pytest.mark.parametrize("resume_step", [0, None], ids=["resumed", "kept"])
+@pytest.mark.parametrize("name", ["progress.csv", "progress.jsonl"])
+def test_a_fifo_named_like_a_progress_log_is_refused_naming_it(tmp_path, name, resume_step):
+    fifo = str(tmp_path / name)
+    os.mkfifo(fifo)
+    outcome = released_if_blocked(fifo, lambda: MetricsLogger(
+        str(tmp_path), columns=["step"], enabled=True, stdout=io.StringIO(), tensorboard=False,
+        resume_step=resume_step))
+    assert_refused_naming(outcome, fifo)
+
+
+@pytest.mark.slow  # two training runs through the command
+def test_resume_auto_refuses_a_fifo_among_the_newest_set_in_one_line(tmp_path, capsys):
+    from diffiner.commands.train import main
+    from test_train import TRAIN_FLAGS, make_corpus
+
+    corpus, log_dir = make_corpus(str(tmp_path / "clean")), str(tmp_path / "log")
+    assert main(["--root", corpus, "--log_dir", log_dir, "--max_steps", "1", *TRAIN_FLAGS]) == 0
+    for name in ("model000002.pt", "opt000002.pt", "ema_0.9999_000002.pt"):  # the newest set, as the scan sees it
+        os.mkfifo(os.path.join(log_dir, name))
+    capsys.readouterr()
+    fifo = os.path.join(log_dir, "model000002.pt")
+    outcome = released_if_blocked(fifo, lambda: main(["--root", corpus, "--log_dir", log_dir, "--resume_checkpoint",
+                                                      "auto", "--max_steps", "3", *TRAIN_FLAGS]), seconds=60)
+    assert outcome == {"value": 2}, outcome
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {fifo}: not a regular file (a FIFO, device or socket?); not used"], errors
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device whose writes fail: disk full")
+@pytest.mark.parametrize("failure", ["file-write", "zip-writer"])
+def test_a_full_disk_during_a_save_is_one_line_naming_the_file_and_the_free_space(tmp_path, monkeypatch, failure):
+    from diffiner import checkpoints
+    from diffiner.audio.io import OutputError
+
+    folder = str(tmp_path)
+    loop = make_loop(folder)
+    train(loop, 1)
+    real_open, real_save = open, torch.save
+
+    def onto_full_disk(path, mode="r", *args, **kwargs):
+        """Every file the save opens for writing is /dev/full, which fails each write with ENOSPC
+        as a full disk does; the file's own flush raises the OSError."""
+        return real_open("/dev/full" if "w" in mode else path, mode, *args, **kwargs)
+
+    def zip_writer_meets_a_full_disk(state, f):
+        """torch.save's zip writer fails first: its RuntimeError "[enforce fail at
+        inline_container.cc] unexpected pos", the message users saw, is what escapes."""
+        full = real_open("/dev/full", "wb")
+        try:
+            real_save(state, full)
+        finally:
+            with contextlib.suppress(OSError):  # its buffer cannot be flushed either
+                full.close()
+
+    if failure == "file-write":
+        monkeypatch.setattr(checkpoints, "open", onto_full_disk, raising=False)
+    else:
+        monkeypatch.setattr(torch, "save", zip_writer_meets_a_full_disk)
+    with pytest.raises(OutputError) as error:
+        loop.save()
+    message = str(error.value)
+    assert message.startswith(os.path.join(folder, "model000001.pt") + ": cannot write the checkpoint "), message
+    assert re.search(r"; \d+ MB free on that disk\)$", message) and "\n" not in message, message
+    assert os.listdir(folder) == [] and loop.last_checkpoint is None  # no temporary file, no set
 
 
 # ----- a training run to kill: the tiny model (with dropout) on synthetic batches -----
@@ -332,7 +439,7 @@ def kill_during_training(folder, delay):
 
         def announced_save():
             os.write(write_end, b"s")  # the parent starts its clock
-            save()
+            return save()  # whether the set was written: the loop stops when it was not
 
         loop.save = announced_save
         loop.run_loop(data_from(loop))

@@ -92,3 +92,32 @@ def test_training_losses_are_finite_and_differentiable(settings):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     if settings.get("learn_sigma") and not settings.get("use_kl"):
         assert "vb" in losses and "mse" in losses
+
+
+def test_a_chain_of_step_0_alone_returns_its_start_noise():
+    # Why ddim1 cannot work: the one step the DDIM stride rule gives is step 0, where the
+    # process holds almost no noise, so sampling reads the start noise as nearly clean data.
+    # A chain of step 0 alone is the base process's step at t=0 (same alpha_bar, alpha_bar_prev 1).
+    base = create_gaussian_diffusion(steps=4000)
+    model = GaussianDenoiser(base.alphas_cumprod, variance=4.0)  # the exact denoiser of N(0, 4)
+    noise = torch.randn(4, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+    sample = base.ddim_sample(model, noise.clone(), torch.zeros(4, dtype=torch.long))["sample"]
+    # One step of sqrt(1 - alpha_bar_0) = 0.005 noise removed: the result is the noise, not N(0, 4).
+    assert (sample - noise).abs().max().item() < 0.01 and abs(sample.var().item() - 4.0) > 2.0
+
+
+@pytest.mark.parametrize("respacing", ["ddim1", "1", [1]])
+def test_a_respacing_that_keeps_step_0_alone_is_refused_naming_why(respacing):
+    with pytest.raises(ValueError, match="keeps only step 0 of 4000.*start noise unchanged"):
+        space_timesteps(4000, respacing)
+    assert sorted(space_timesteps(4000, "ddim2")) == [0, 2000]
+    assert space_timesteps(1, respacing) == {0}  # all of a one-step process is not a respacing
+
+
+def test_ddim1_on_the_command_line_is_one_line_exit_2():
+    from diffiner.commands.common import check_respacing
+    from diffiner.errors import UsageError
+
+    with pytest.raises(UsageError, match="^--timestep-respacing 'ddim1' keeps only step 0") as error:
+        check_respacing("ddim1", 4000)
+    assert error.value.exit_code == 2 and "\n" not in str(error.value)

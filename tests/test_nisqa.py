@@ -8,6 +8,7 @@ scoring, columns, windows, caching, downloading), not the scores of the real mod
 
 import csv
 import functools
+import io
 import http.server
 import json
 import logging
@@ -176,7 +177,7 @@ def test_evaluation_reports_nisqa_per_file_and_in_the_summary(corpus, tmp_path, 
     assert run(corpus, output, "--metrics", "sisdr,nisqa", "--nisqa-weights", str(weights), "--workers", "1") == 0
     assert tm_nisqa._load_nisqa_model.cache_info().misses == 1  # 4 signals, one load
     rows = read_rows(output)
-    assert list(rows[0]) == ["file", "system", "sisdr", *nisqa.COLUMNS, "floored", "not_scored"]
+    assert list(rows[0]) == ["file", "system", "sisdr", *nisqa.COLUMNS, "floored", "not_scored", "failed"]
     assert len(rows) == 2 * len(FILES)
     for row in rows:
         assert all(1.0 < float(row[c]) < 5.0 for c in nisqa.COLUMNS) and row["floored"] == ""
@@ -233,14 +234,14 @@ def test_default_metrics_take_nisqa_from_torchmetrics_cache(corpus, tmp_path, we
     argv = ["--system", f"enhanced={corpus['enhanced']}", "--output-dir", str(output), "--workers", "1"]
     assert main(argv) == 0
     assert list(read_rows(output)[0])[2:] == ["dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808",
-                                              *nisqa.COLUMNS, "floored", "not_scored"]
+                                              *nisqa.COLUMNS, "floored", "not_scored", "failed"]
 
 
 def test_offline_without_weights_leaves_nisqa_out_with_one_line(corpus, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     output = tmp_path / "results"
     assert run(corpus, output, "--metrics", "sisdr,nisqa", "--workers", "1") == 0
-    assert list(read_rows(output)[0]) == ["file", "system", "sisdr", "floored", "not_scored"]
+    assert list(read_rows(output)[0]) == ["file", "system", "sisdr", "floored", "not_scored", "failed"]
     lines = [r.getMessage() for r in caplog.records if "nisqa" in r.getMessage().lower()]
     assert len(lines) == 1 and lines[0].startswith("nisqa left out") and "--nisqa-weights" in lines[0]
     cache_dir = os.path.dirname(nisqa.cache_path())
@@ -288,7 +289,7 @@ def test_download_is_checked_before_it_enters_the_cache(server, weights, monkeyp
     assert nisqa.scores(speech_like(1.2))["nisqa_mos"] > 1.0
 
 
-@pytest.mark.parametrize("content", ["garbage", "html", "truncated", "wrong_shapes"])
+@pytest.mark.parametrize("content", ["garbage", "html", "truncated", "wrong_shapes", "empty", "legacy-cut"])
 def test_corrupt_weights_are_one_clear_error_naming_the_file(corpus, tmp_path, weights, capsys, content):
     bad = tmp_path / "bad" / "nisqa.tar"
     bad.parent.mkdir()
@@ -298,6 +299,12 @@ def test_corrupt_weights_are_one_clear_error_naming_the_file(corpus, tmp_path, w
         bad.write_text("<!DOCTYPE html><html><body>Not Found</body></html>")
     elif content == "truncated":
         bad.write_bytes(weights.read_bytes()[:50_000])
+    elif content == "empty":  # was an IndexError that named no file
+        bad.write_bytes(b"")
+    elif content == "legacy-cut":  # torch's EOFError without a message: also an IndexError before
+        legacy = io.BytesIO()
+        torch.save({"args": NISQA_ARGS}, legacy, _use_new_zipfile_serialization=False)
+        bad.write_bytes(legacy.getvalue()[:10])
     else:
         state = random_nisqa_model().state_dict()
         state.pop("cnn.model.conv1.weight")
@@ -338,3 +345,7 @@ def test_help_describes_the_nisqa_flags(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--nisqa-weights FILE" in text and "nisqa.tar" in text and "CC BY-NC-SA" in text
     assert "nisqa" in text.split("--metrics LIST")[1].split("--nisqa-weights")[0]
+
+
+def test_a_failed_download_without_a_message_is_still_one_line():
+    assert nisqa._download_failure(OSError()) == "OSError"  # was an IndexError

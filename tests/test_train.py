@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -469,3 +470,160 @@ def test_metrics_logger_writes_table_csv_and_json_lines(tmp_path):
     silent.log("step", 1)
     silent.dump(1)
     assert not os.path.exists(str(tmp_path / "silent"))
+
+
+# ----- divergence: non-finite losses and weights -----
+def nan_after(good_steps):
+    """Batches of `small_batch`, then, from step `good_steps` on, batches with a NaN sample: the
+    loss and every gradient of those steps are NaN, as in a run whose weights have blown up."""
+    for step in itertools.count():
+        batch = small_batch(step)
+        if step >= good_steps:
+            batch["spec"][0, 0, 0, 0] = float("nan")
+        yield batch
+
+
+def all_finite(path):
+    state = load_state_dict(path)
+    tensors = list(state.values()) if "optimizer" not in state else [
+        v for s in state["optimizer"]["state"].values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def test_ten_steps_of_nan_loss_stop_the_run_after_saving_the_last_good_state(tmp_path):
+    from diffiner.train_util import NONFINITE_STEPS_LIMIT, TrainingDiverged
+
+    loop = make_loop(tmp_path, max_steps=50, save_interval=1000)
+    data = nan_after(2)
+    with pytest.raises(TrainingDiverged) as stop:
+        loop.run_loop(data)
+    last = 2 + NONFINITE_STEPS_LIMIT
+    assert loop.step == last, "stopped at the limit, not at --max_steps"
+    message = str(stop.value)
+    assert "\n" not in message and f"steps 3-{last}" in message and str(tmp_path) in message, message
+    saved = os.path.join(str(tmp_path), f"model{last:06d}.pt")
+    assert loop.last_checkpoint == saved and all_finite(saved)
+    assert all_finite(os.path.join(str(tmp_path), f"opt{last:06d}.pt"))
+
+    # The saved weights are those of step 2: the NaN steps were skipped and changed nothing.
+    reference = make_loop(tmp_path / "reference", max_steps=2)
+    reference.run_loop(nan_after(2))
+    after_two = load_state_dict(os.path.join(str(tmp_path / "reference"), "model000002.pt"))
+    assert all(torch.equal(after_two[k], v) for k, v in load_state_dict(saved).items())
+
+
+def test_a_stray_nan_step_is_skipped_and_the_run_goes_on(tmp_path):
+    loop = make_loop(tmp_path, max_steps=6, save_interval=1000)
+
+    def one_bad():
+        for step, batch in enumerate(nan_after(0)):
+            yield batch if step == 3 else small_batch(step)
+
+    loop.run_loop(one_bad())
+    assert loop.step == 6 and all_finite(os.path.join(str(tmp_path), "model000006.pt"))
+
+
+def test_a_non_finite_state_is_never_saved_and_ends_the_run(tmp_path):
+    from diffiner.train_util import TrainingDiverged
+
+    loop = make_loop(tmp_path, max_steps=4, save_interval=2)
+    loop.run_loop(nan_after(100))  # two good sets: steps 2 and 4
+    with torch.no_grad():
+        loop.params[0].view(-1)[0] = float("inf")
+    assert loop.save() is False
+    assert sorted(n for n in os.listdir(str(tmp_path)) if n.endswith(".pt")) == [
+        "ema_0.9999_000002.pt", "ema_0.9999_000004.pt", "model000002.pt", "model000004.pt", "opt000002.pt",
+        "opt000004.pt"]
+
+    # Inside the loop: the periodic save refuses it, the run stops naming the newest good set.
+    loop.max_steps = 8
+    with pytest.raises(TrainingDiverged) as stop:
+        loop.run_loop(nan_after(100))
+    assert loop.step == 6 and not os.path.exists(os.path.join(str(tmp_path), "model000006.pt"))
+    assert os.path.join(str(tmp_path), "model000004.pt") in str(stop.value), str(stop.value)
+
+
+def test_fp32_steps_skipped_for_non_finite_gradients_count_toward_the_limit(tmp_path):
+    from diffiner.train_util import TrainingDiverged
+
+    loop = make_loop(tmp_path, max_steps=20, nonfinite_steps_limit=3)
+    loop.optimize = lambda: False  # gradients non-finite, the loss finite: each step skipped
+    with pytest.raises(TrainingDiverged, match="for 3 consecutive steps"):
+        loop.run_loop(nan_after(100))
+    assert loop.step == 3
+
+
+@needs_cpu_fp16
+def test_fp16_overflow_skips_do_not_count_toward_the_limit(tmp_path):
+    # A scale of 2**130 overflows the scaled gradients for several steps while the loss stays
+    # finite: the scaler's business (it halves the scale each time), not divergence.
+    loop = make_loop(tmp_path, precision="fp16", initial_lg_loss_scale=130.0, max_steps=5, nonfinite_steps_limit=2)
+    loop.run_loop(nan_after(100))
+    assert loop.step == 5 and loop.scaler.lg_loss_scale == 125.0  # five skips in a row, no stop
+
+
+@pytest.mark.slow
+def test_a_learning_rate_of_1e8_stops_with_one_line_and_exit_1(corpus, tmp_path, capsys):
+    log_dir = str(tmp_path / "log")
+    capsys.readouterr()
+    assert main(["--root", corpus, "--log_dir", log_dir, *TRAIN_FLAGS, "--lr", "1e8", "--grad_clip", "0",
+                 "--max_steps", "60", "--save_interval", "5"]) == 1
+    err = capsys.readouterr().err
+    (line,) = error_lines(err)
+    assert "training diverged" in line and log_dir in line and "Traceback" not in err, line
+    steps = sorted(int(m.group(1)) for m in map(re.compile(r"model(\d{6})\.pt").fullmatch, os.listdir(log_dir)) if m)
+    assert steps and steps[-1] < 60
+    for step in steps:
+        for name in (f"model{step:06d}.pt", f"ema_0.9999_{step:06d}.pt", f"opt{step:06d}.pt"):
+            assert all_finite(os.path.join(log_dir, name)), name
+
+
+# Under torchrun: rank 1 alone sees a NaN loss from its third batch on. In fp16 rank 0's own
+# loss stays finite and its skipped steps (the all-reduced gradients overflow) are the loss
+# scaler's, so only the agreement at each step boundary makes rank 0 stop with rank 1.
+ONE_RANK_DIVERGES = """
+import itertools
+import sys
+import torch
+sys.path.insert(0, sys.argv[2])
+from conftest import tiny_model_and_diffusion
+from diffiner import dist_util
+from diffiner.logger import MetricsLogger
+from diffiner.train_util import TrainLoop, TrainingDiverged
+
+info = dist_util.setup_dist(device="cpu")
+model, diffusion = tiny_model_and_diffusion(diffusion_steps=100)
+loop = TrainLoop(model=model.train(), diffusion=diffusion, batch_size=1, lr=1e-3, log_dir=sys.argv[1],
+                 precision="fp16", max_steps=30, nonfinite_steps_limit=3, metrics=MetricsLogger(None, enabled=False))
+
+
+def data():
+    for step in itertools.count():
+        spec = torch.randn(1, 2, 16, 16, generator=torch.Generator().manual_seed(2 * step + info.rank))
+        if info.rank == 1 and step >= 2:
+            spec[0, 0, 0, 0] = float("nan")
+        yield {"spec": spec, "position": torch.tensor([2 * step + info.rank])}
+
+
+try:
+    loop.run_loop(data())
+    print(f"rank {info.rank} finished at step {loop.step}", flush=True)
+except TrainingDiverged:
+    print(f"rank {info.rank} diverged at step {loop.step}", flush=True)
+dist_util.cleanup()
+"""
+
+
+@needs_cpu_fp16
+@pytest.mark.slow  # starts a two-process launcher
+def test_ranks_agree_to_stop_a_run_that_diverged_on_one_rank(tmp_path):
+    import subprocess
+    from launchers import launcher_env, torchrun
+
+    script = tmp_path / "diverge.py"
+    script.write_text(ONE_RANK_DIVERGES)
+    result = subprocess.run(torchrun(str(script), str(tmp_path / "log"), os.path.dirname(os.path.abspath(__file__))),
+                            env=launcher_env(), capture_output=True, text=True, timeout=300)
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0 diverged at step 5", "rank 1 diverged at step 5"], result.stderr[-3000:]
+    assert os.path.exists(str(tmp_path / "log" / "model000005.pt"))

@@ -5,8 +5,9 @@ Runs as one process, or as several under `torchrun` or `mpiexec` (see docs/train
 
 Exit status: 0 when training reached its stop step; 2 for a problem with what was asked (a flag,
 the data folder, a checkpoint that cannot be resumed from) or a training file that cannot be
-read mid-run (after saving the steps done); 130 / 143 when stopped by SIGINT (Ctrl-C) / SIGTERM,
-after saving the steps done; 1 when training failed otherwise.
+read mid-run (after saving the steps done); 130 / 129 / 143 when stopped by SIGINT (Ctrl-C) /
+SIGHUP / SIGTERM, after saving the steps done; 1 when training diverged (non-finite losses for
+10 consecutive steps, after saving the last good state) or failed otherwise.
 """
 
 from __future__ import annotations

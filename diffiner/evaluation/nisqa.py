@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from ..audio.io import MODEL_SAMPLE_RATE, TEMPORARY_PREFIX
-from ..errors import UsageError
+from ..errors import UsageError, error_text
 from .metrics import UnscorableFile, check_signal
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,9 @@ def load_weights(path: str) -> None:
     except ImportError as exc:
         raise NisqaUnavailable(f"NISQA needs torchmetrics >= 1.6, with torch >= 2.0 and Python >= 3.9 ({exc})") from exc
 
+    if os.path.getsize(path) == 0:
+        raise NisqaWeightsError(f"{path}: the file is empty (0 bytes), not a NISQA checkpoint (an interrupted "
+                                "download or copy?)")
     default_dir = tm_nisqa.NISQA_DIR
     tm_nisqa.NISQA_DIR = os.path.dirname(path)
     tm_nisqa._load_nisqa_model.cache_clear()
@@ -90,9 +93,10 @@ def load_weights(path: str) -> None:
         # The file exists (checked above), so torchmetrics loads it and never downloads.
         _, settings = tm_nisqa._load_nisqa_model()
     except Exception as exc:  # torch.load and load_state_dict fail in many ways on a bad file
-        raise NisqaWeightsError(
-            f"{path}: not a NISQA checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-        ) from exc
+        # error_text, not the message's first line: some of torch's errors (EOFError) have no message.
+        detail = error_text(exc)[:200]
+        reason = detail if detail == type(exc).__name__ else f"{type(exc).__name__}: {detail}"
+        raise NisqaWeightsError(f"{path}: not a NISQA checkpoint ({reason})") from exc
     finally:
         # Restored so that torchmetrics' cache location stays its own; the model stays cached.
         tm_nisqa.NISQA_DIR = default_dir
@@ -170,7 +174,7 @@ def _download_failure(exc: OSError) -> str:
 
     if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
         return f"offline or unreachable: {type(exc).__name__}"
-    return str(exc).splitlines()[0][:200]
+    return error_text(exc)[:200]
 
 
 def _length_limits(settings: Dict, sample_rate: int) -> Tuple[int, int]:

@@ -1,3 +1,4 @@
+import gc
 import logging
 import multiprocessing
 import os
@@ -148,6 +149,12 @@ def test_workers_leave_stop_signals_to_the_training_process(tmp_path):
     """Ctrl-C or a scheduler's SIGTERM (sent by another process) leaves the data workers running,
     so that training can finish its step and save; a SIGTERM from the training process (how the
     DataLoader and multiprocessing end workers) still ends them."""
+    # DataLoader workers of earlier tests in this process are ended first: torch reports a worker
+    # that dies of a signal from whatever code runs in the parent at that moment, this test's
+    # sleep included, though it was not this test's worker.
+    gc.collect()
+    for child in multiprocessing.active_children():
+        child.join(timeout=10)
     write_wav(str(tmp_path / "a.wav"), speech_like(1.5), 16000)
     files = build_index(str(tmp_path), 1.0)
     before = set(multiprocessing.active_children())

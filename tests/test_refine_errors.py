@@ -77,10 +77,17 @@ def run_on(corpus, checkpoint, device, *extra):
                         *tiny_cli_flags(), *extra])
 
 
-@pytest.mark.parametrize("device, named", [("banana", "not a torch device"), ("cuda:99", "cuda:99")])
+@pytest.mark.parametrize("device, named", [("banana", "not a torch device"), ("cuda:99", "cuda:99"),
+                                           ("meta", "--device meta: not usable here")])
 def test_an_unknown_device_is_one_line(corpus, tiny_checkpoint, capsys, device, named):
     assert run_on(corpus, tiny_checkpoint, device) == 2
     assert named in error_line(capsys.readouterr().err)
+    assert not (corpus / "out").exists()
+
+
+def test_cuda_graphs_off_cuda_is_one_line_before_anything_is_written(corpus, tiny_checkpoint, capsys):
+    assert run_on(corpus, tiny_checkpoint, "cpu", "--cuda-graphs") == 2
+    assert "--cuda-graphs needs a CUDA device (this run is on cpu)" in error_line(capsys.readouterr().err)
     assert not (corpus / "out").exists()
 
 

@@ -64,8 +64,10 @@ def resolve_device(requested: Optional[str], no_gpu: bool = False) -> str:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
     try:
-        torch.empty(1, device=device)
-    except Exception as exc:  # torch raises RuntimeError or AssertionError, by backend
+        # Results come back to the CPU to be written: a device that cannot hand them back (meta
+        # tensors hold no data) is refused here, before any file is written.
+        torch.empty(1, device=device).cpu()
+    except Exception as exc:  # torch raises RuntimeError, NotImplementedError or AssertionError, by backend
         raise UsageError(f"--device {requested}: not usable here ({error_text(exc)})") from exc
     return requested
 

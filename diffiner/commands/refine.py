@@ -359,6 +359,8 @@ def refine_corpus(args: argparse.Namespace) -> int:
     check_args(args)
     setup_logging(args.debug)
     device = resolve_device(args.device, args.no_gpu)
+    if args.cuda_graphs and torch.device(device).type != "cuda":
+        raise UsageError(f"--cuda-graphs needs a CUDA device (this run is on {device})")
     rank, world_size = 0, 1
     if dist_util.launched_by_torchrun() or dist_util.launched_by_mpi():
         with usage_errors(ValueError):

@@ -21,20 +21,18 @@ left, and leaves the earlier sets as they were.
 """
 
 import contextlib
-import errno
 import inspect
 import logging
 import os
 import re
-import stat
 from dataclasses import dataclass
 from typing import IO, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import yaml
 
-# _free_space: the wording of audio.io's own write errors ("; N MB free on that disk"), reused.
-from .audio.io import TEMPORARY_PREFIX, OutputError, _free_space, atomic_output, read_yaml_record, write_text_atomic
+from .audio.io import (TEMPORARY_PREFIX, OutputError, atomic_output, free_space_hint, open_regular, read_yaml_record,
+                       write_text_atomic)
 from .errors import error_text
 from .respace import SpacedDiffusion
 from .script_util import ARCHITECTURE_KEYS, create_model_and_diffusion, model_and_diffusion_defaults
@@ -62,32 +60,6 @@ INTERRUPTED_SAVE = re.compile(re.escape(TEMPORARY_PREFIX) + r"[0-9a-f]+-(?:(?:mo
 
 
 # ----- reading -----
-# How `open_regular` opens for each mode: reading, or appending (a log, created when absent).
-_OPEN_FLAGS = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT}
-
-
-def open_regular(path: str, mode: str = "rb", newline: Optional[str] = None) -> IO:
-    """`path` opened as a file object with `mode` ("r", "rb", "a"), refusing anything but a
-    regular file with ValueError naming it.
-
-    A plain open() of a FIFO blocks until another process opens its other end, so a FIFO given
-    the name of a checkpoint or a log would hang training for ever: the file is opened
-    non-blocking (which changes nothing for a regular file) and checked before a byte is read or
-    written.
-    """
-    flags = _OPEN_FLAGS[mode[0]] | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags, 0o666)
-    except OSError as exc:
-        if exc.errno != errno.ENXIO:  # ENXIO: a FIFO opened for writing while no one reads it
-            raise
-        raise ValueError(f"{path}: not a regular file (a FIFO?); not used") from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ValueError(f"{path}: not a regular file (a FIFO, device or socket?); not used")
-    return os.fdopen(fd, mode, newline=newline) if "b" not in mode else os.fdopen(fd, mode)
-
-
 def load_state_dict(path: str) -> Dict[str, Any]:
     """A dict saved with torch.save, read onto the CPU; DDP's "module." prefix is removed.
 
@@ -355,7 +327,7 @@ def _write_state(tmp: str, path: str, state: Dict[str, Any]) -> None:
         # torch reports a full disk as a RuntimeError of its zip writer ("enforce fail at
         # inline_container.cc ... unexpected pos"), which names neither the file nor the cause.
         raise OutputError(f"{path}: cannot write the checkpoint ({error_text(exc)[:200]}"
-                          f"{_free_space(os.path.dirname(os.path.abspath(path)))})") from exc
+                          f"{free_space_hint(os.path.dirname(os.path.abspath(path)))})") from exc
 
 
 def _set_files_of_step(folder: str, step: int) -> List[str]:

@@ -11,7 +11,7 @@ and about to be trained again) are dropped first, so every step has one row. Tra
 afresh resumes step 0 in this sense: it drops the rows of an earlier attempt in its folder (one
 killed before its first checkpoint, say). When a key appears that the CSV header lacks, the file
 is rewritten with the wider header (earlier rows get empty cells), as guided-diffusion's logger
-does. Rewrites are atomic. Both files are opened by `checkpoints.open_regular`: one that is not
+does. Rewrites are atomic. Both files are opened by `audio.io.open_regular`: one that is not
 a regular file (a FIFO would block the open for ever) is refused with ValueError naming it.
 """
 
@@ -26,8 +26,7 @@ import sys
 from typing import Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
 from . import dist_util
-from .audio.io import atomic_output
-from .checkpoints import open_regular
+from .audio.io import atomic_output, open_regular
 
 logger = logging.getLogger(__name__)
 

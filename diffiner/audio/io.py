@@ -11,13 +11,14 @@ what a hostile or broken file can cost: a size cap and no anchors or aliases.
 """
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
 import stat
 import struct
 import uuid
-from typing import Any, Iterator, Optional, Tuple
+from typing import IO, Any, Iterator, Optional, Tuple
 
 import numpy as np
 import soundfile as sf
@@ -208,14 +209,14 @@ def atomic_output(path: str) -> Iterator[str]:
         if isinstance(exc, OutputError):
             raise
         # libsndfile reports a full disk only as "System error.": the free space tells.
-        hint = _free_space(folder) if isinstance(exc, _SOUNDFILE_ERROR) else ""
+        hint = free_space_hint(folder) if isinstance(exc, _SOUNDFILE_ERROR) else ""
         raise OutputError(f"{path}: cannot write ({error_text(exc)}{hint})") from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _free_space(folder: str) -> str:
+def free_space_hint(folder: str) -> str:
     """"; N MB free on that disk", or nothing where that cannot be told."""
     while folder and not os.path.isdir(folder):
         folder = os.path.dirname(folder)
@@ -265,6 +266,32 @@ class _RecordLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
+# How `open_regular` opens for each mode: reading, or appending (a log, created when absent).
+_OPEN_FLAGS = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT}
+
+
+def open_regular(path: str, mode: str = "rb", newline: Optional[str] = None) -> IO:
+    """`path` opened as a file object with `mode` ("r", "rb", "a"), refusing anything but a
+    regular file with ValueError naming it.
+
+    A plain open() of a FIFO blocks until another process opens its other end, so a FIFO given
+    the name of a checkpoint or a log would hang training for ever: the file is opened
+    non-blocking (which changes nothing for a regular file) and checked before a byte is read or
+    written.
+    """
+    flags = _OPEN_FLAGS[mode[0]] | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # ENXIO: a FIFO opened for writing while no one reads it
+            raise
+        raise ValueError(f"{path}: not a regular file (a FIFO?); not used") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path}: not a regular file (a FIFO, device or socket?); not used")
+    return os.fdopen(fd, mode, newline=newline) if "b" not in mode else os.fdopen(fd, mode)
+
+
 def read_yaml_record(path: str, max_bytes: int = RECORD_MAX_BYTES) -> Any:
     """The YAML document in the file `path`, read safely whoever wrote it.
 
@@ -273,10 +300,11 @@ def read_yaml_record(path: str, max_bytes: int = RECORD_MAX_BYTES) -> Any:
     `max_bytes`, is not UTF-8 or YAML, uses anchors or aliases, or nests too deeply; OSError when
     it cannot be opened.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RecordError(f"{path}: not a regular file; not read")
+    try:
+        f = open_regular(path, "rb")
+    except ValueError as exc:
+        raise RecordError(str(exc)) from exc
+    with f:
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise RecordError(f"{path}: larger than {max_bytes} bytes; not a record, not read")

@@ -143,7 +143,8 @@ def model_config_path(model_path: str) -> str:
 def read_model_config(model_path: str) -> Dict[str, Any]:
     """The settings carried beside the checkpoint at `model_path` ({} when there are none).
 
-    ValueError naming the file when it is not a mapping of known settings.
+    ValueError naming the file when it is not a mapping of known settings, each of the type of
+    its published default.
     """
     path = model_config_path(model_path)
     if not os.path.exists(path):
@@ -155,7 +156,27 @@ def read_model_config(model_path: str) -> Dict[str, Any]:
     unknown = sorted(set(config) - set(known))
     if unknown:
         raise ValueError(f"{path}: unknown model settings {', '.join(unknown)}")
-    return config
+    return {key: _carried_value(path, key, value, known[key]) for key, value in config.items()}
+
+
+def _carried_value(path: str, key: str, value: Any, default: Any) -> Any:
+    """`value` as a setting of `default`'s type; ValueError naming the file and the setting.
+
+    A text setting (attention_resolutions "16,8", channel_mult) may have been read by YAML as a
+    number ("8"), and a float one as an integer; nothing else is converted."""
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        value = str(value) if ok else value
+    if not ok:
+        raise ValueError(f"{path}: {key} must be {type(default).__name__}, got {value!r}")
+    return value
 
 
 def resolve_model_settings(model_path: str, given: Optional[Dict[str, Any]] = None, *,

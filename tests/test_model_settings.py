@@ -89,6 +89,8 @@ def test_hostile_or_broken_model_configs_are_one_line_errors(tiny_checkpoint, tm
     config = tmp_path / MODEL_CONFIG
     for text, message in [("a: &a [1]\nb: *a\n", "alias"), ("- 1\n- 2\n", "expected a mapping"),
                           ("num_channels: 32\nwidth: 9\n", "unknown model settings width"),
+                          ("num_channels: abc\n", "num_channels must be int, got 'abc'"),
+                          ("learn_sigma: 1\n", "learn_sigma must be bool, got 1"),
                           ("x" * 70000, "larger than")]:
         config.write_text(text)
         with pytest.raises(ValueError, match=message):

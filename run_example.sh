@@ -26,11 +26,11 @@ settings=(
     "id|N|GPU index for the refiner; negative runs on the CPU; auto: 0 when CUDA is available, else -1"
     "enhancer|NAMES|preceding enhancer(s), comma-separated: dcunet (downloaded outputs; not the demo), deepfilternet, noisereduce, none (the noisy audio); auto: dcunet, demo: deepfilternet,noisereduce"
     "simple_diffiner||also refine with Diffiner, not only Diffiner+ (environment: simple_diffiner=true; the demo does both unless simple_diffiner=false)"
-    "model_path|FILE|checkpoint for the VoiceBank+DEMAND run; stage 0 downloads the published one here"
+    "model_path|FILE|the published weights: 'published', the cached copy (stage 0 downloads it once into \$DIFFINER_CACHE, else ~/.cache/diffiner), or a file holding them; refused unless it has the published layout"
     "refiner_flags|FLAGS|extra flags for scripts/run_refiner.py, e.g. '--timestep-respacing ddim50'"
     "eval_flags|FLAGS|extra flags for scripts/evaluate.py, e.g. '--workers 4'"
     "vbd_url|URL|where the VoiceBank+DEMAND zips are downloaded from"
-    "zenodo_url|URL|where the DCUnet outputs and the weights are downloaded from"
+    "zenodo_url|URL|where the DCUnet outputs and the published weights are downloaded from"
     "download_dir_local|DIR|a folder already holding the downloads; they are copied from there instead"
     "demo||run the offline demo instead (environment: demo=true)"
     "demo_dir|DIR|output folder of the demo"
@@ -44,7 +44,7 @@ stop_stage="${stop_stage:-3}"
 id="${id:-auto}"
 enhancer="${enhancer:-auto}"  # auto: dcunet, or for the demo deepfilternet,noisereduce
 simple_diffiner="${simple_diffiner:-auto}"  # auto: true for the demo, false otherwise
-model_path="${model_path:-pretrained_diffiner_onVB.pt}"
+model_path="${model_path:-published}"
 refiner_flags="${refiner_flags:-}"
 eval_flags="${eval_flags:-}"
 vbd_url="${vbd_url:-https://datashare.ed.ac.uk/bitstream/handle/10283/2791}"
@@ -273,11 +273,29 @@ error: could not download $url
 If this machine is offline, fetch the file elsewhere and either put it at
   $dest
 or put all downloads in one folder and pass --download_dir_local DIR; then rerun.
-A partial download is kept as $dest.part and resumed on the next run (delete it to start over).
 EOF
+        # wget leaves an empty file when nothing arrived: only a real partial download is kept.
+        if [[ -s "$dest.part" ]]; then
+            echo "The partial download is kept as $dest.part and resumed on the next run (delete it to start over)." >&2
+        else
+            rm -f "$dest.part"
+        fi
         exit 1
     fi
     mv "$dest.part" "$dest"
+}
+
+model_file=""  # the checked file of the published weights, once weights_file has found it
+
+weights_file() {  # set model_file: $model_path resolved by the package (downloaded when missing) and checked
+    [[ -z "$model_file" ]] || return 0
+    local source="$zenodo_url/pretrained_diffiner_onVB.pt"
+    if [[ -n "$download_dir_local" && -f "$download_dir_local/pretrained_diffiner_onVB.pt" ]]; then
+        source="$download_dir_local/pretrained_diffiner_onVB.pt"
+    fi
+    # Refuses (exit 2) a file that is not the published layout; offline, says where to put it.
+    model_file="$("$python_path" -m diffiner.commands.pretrained "$model_path" --url "$source")"
+    echo "Published weights: $model_file"
 }
 
 extract() {  # extract ARCHIVE NAME: unpack into $vbd_dir/NAME
@@ -330,7 +348,7 @@ run_vbd() {
         if [[ "$dcunet" == true ]]; then
             fetch_archive "$zenodo_url/proc_dcunet.tar.gz" proc_dcunet
         fi
-        fetch "$zenodo_url/pretrained_diffiner_onVB.pt" "$model_path"
+        weights_file
     fi
     if run_stage 1; then
         echo "Stage 1: resampling the test sets to 16 kHz"
@@ -340,8 +358,8 @@ run_vbd() {
     fi
     if run_stage 2; then
         echo "Stage 2: refining"
-        [[ -f "$model_path" ]] || die "no checkpoint at $model_path; run stage 0 or set model_path"
-        refine_all "$noisy16" "$model_path"
+        weights_file
+        refine_all "$noisy16" "$model_file"
     fi
     if run_stage 3; then
         echo "Stage 3: evaluating against the clean test set"

@@ -3,7 +3,8 @@
 The public API, importable from the package itself::
 
     from diffiner import Refiner
-    refiner = Refiner.from_checkpoint("pretrained_diffiner_onVB.pt")
+    refiner = Refiner.from_pretrained("published")  # downloaded once into ~/.cache/diffiner
+    refiner = Refiner.from_checkpoint("ema_0.9999_100000.pt")  # a checkpoint file
 
 `Refiner`, `RefinerSettings` and its groups (`MethodSettings`, `SegmentSettings`,
 `BatchSettings`, `ExecutionSettings`), `ArrayError` (an array the API cannot take as audio),

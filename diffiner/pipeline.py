@@ -37,6 +37,7 @@ from .checkpoints import ModelSettings, load_model
 from .errors import UsageError, first_line
 from .flags import affects_output, setting
 from .methods import DEFAULT_METHOD, get_method, resolve_etas
+from .pretrained import PUBLISHED_NAME, fetch_published
 from .refiner import refine
 from .script_util import SAMPLING_RESPACING
 from .seeding import derive_seed, torch_generator
@@ -288,6 +289,21 @@ class Refiner:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(model, diffusion, device=device, **settings)
+
+    @classmethod
+    def from_pretrained(cls, name: str = PUBLISHED_NAME, *, progress: bool = True, **kwargs: Any) -> "Refiner":
+        """The Refiner of published weights by name: `"published"` (the one name), the authors'
+        VoiceBank+DEMAND checkpoint, downloaded on first use with a progress bar (off with
+        `progress=False`) into a per-user cache ($DIFFINER_CACHE, else $XDG_CACHE_HOME/diffiner,
+        else ~/.cache/diffiner) and checked before it is kept; see `diffiner.pretrained`. The
+        keywords are those of `from_checkpoint`. Raises ValueError for another name, and
+        `diffiner.download.DownloadError` (an OSError) when the download fails, saying where to
+        put the file by hand.
+        """
+        if name != PUBLISHED_NAME:
+            raise ValueError(f"no published weights named {name!r}: the name is {PUBLISHED_NAME!r} "
+                             "(a checkpoint file: Refiner.from_checkpoint)")
+        return cls.from_checkpoint(fetch_published(progress=progress), **kwargs)
 
     def padded_width(self, samples: int) -> int:
         """Width of the segments of a recording of `samples` samples at 16 kHz."""

@@ -21,6 +21,7 @@ COMMANDS = [
     ("diffiner.commands.enhance", "build_parser", ["## Helper commands"]),
     ("diffiner.commands.resample_audio", "build_parser", ["## Helper commands"]),
     ("diffiner.commands.make_noisy_set", "build_parser", ["## Helper commands"]),
+    ("diffiner.commands.pretrained", "build_parser", ["## Helper commands"]),
 ]
 
 

@@ -91,7 +91,7 @@ def test_dependencies_point_one_way():
 
 COMMANDS = ["diffiner.commands.refine", "diffiner.commands.train", "diffiner.commands.sample_prior",
             "diffiner.commands.evaluate", "diffiner.commands.enhance", "diffiner.commands.resample_audio",
-            "diffiner.commands.make_noisy_set"]
+            "diffiner.commands.make_noisy_set", "diffiner.commands.pretrained"]
 
 
 @pytest.mark.slow  # one Python subprocess per command

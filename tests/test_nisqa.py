@@ -7,15 +7,12 @@ scoring, columns, windows, caching, downloading), not the scores of the real mod
 """
 
 import csv
-import functools
 import io
-import http.server
 import json
 import logging
 import multiprocessing
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Dict, List
 
@@ -30,6 +27,7 @@ from diffiner.evaluation.metrics import MetricError, UnscorableFile
 from diffiner.seeding import seed_globals
 
 from conftest import speech_like, with_noise
+from web_server import serving
 
 tm_nisqa = pytest.importorskip("torchmetrics.functional.audio.nisqa")
 
@@ -254,22 +252,13 @@ def test_only_nisqa_without_weights_is_an_error(corpus, tmp_path, capsys):
     assert "no metric left" in capsys.readouterr().err
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def server(tmp_path):
-    """A local web server over tmp_path/site; yields its base URL."""
+    """A local web server over tmp_path/site; yields the folder and its base URL."""
     site = tmp_path / "site"
     site.mkdir()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(site)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield site, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(str(site)) as url:
+        yield site, url
 
 
 def test_download_is_checked_before_it_enters_the_cache(server, weights, monkeypatch):
@@ -345,7 +334,3 @@ def test_help_describes_the_nisqa_flags(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--nisqa-weights FILE" in text and "nisqa.tar" in text and "CC BY-NC-SA" in text
     assert "nisqa" in text.split("--metrics LIST")[1].split("--nisqa-weights")[0]
-
-
-def test_a_failed_download_without_a_message_is_still_one_line():
-    assert nisqa._download_failure(OSError()) == "OSError"  # was an IndexError

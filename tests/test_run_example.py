@@ -13,7 +13,10 @@ from typing import Dict, List
 
 import pytest
 import soundfile as sf
+import torch
 import yaml
+
+from diffiner.pretrained import layout_of
 
 from conftest import speech_like, tiny_cli_flags, with_noise, write_wav
 
@@ -52,18 +55,42 @@ def remote(tmp_path, tiny_checkpoint):
     return folder
 
 
+def executable(path, text: str) -> str:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def tiny_published_python(tmp_path, remote) -> str:
+    """A python_path under which the published layout is that of the tiny model standing in for
+    the published weights in `remote`: run_example.sh's weight check (diffiner.commands.pretrained,
+    run with diffiner.pretrained.PUBLISHED_LAYOUT patched) then takes it, and still checks it."""
+    layout = layout_of(torch.load(str(remote / "pretrained_diffiner_onVB.pt")))
+    bootstrap = tmp_path / "tiny_published_layout.py"
+    bootstrap.write_text(
+        "import runpy\n"
+        "from diffiner import pretrained\n"
+        f"pretrained.PUBLISHED_LAYOUT = pretrained.Layout({layout.tensors}, {layout.parameters})\n"
+        "runpy.run_module('diffiner.commands.pretrained', run_name='__main__', alter_sys=True)\n"
+    )
+    return executable(tmp_path / "python_tiny_published", (
+        "#!/usr/bin/env bash\n"
+        'if [[ "${1-} ${2-}" == "-m diffiner.commands.pretrained" ]]; then\n'
+        f'    shift 2; exec "{sys.executable}" "{bootstrap}" "$@"\n'
+        "fi\n"
+        f'exec "{sys.executable}" "$@"\n'))
+
+
 @pytest.fixture
-def python_log(tmp_path):
-    """A python_path wrapper that records each call's arguments and CUDA_VISIBLE_DEVICES."""
+def python_log(tmp_path, remote):
+    """A python_path wrapper (around tiny_published_python's) that records each call's arguments
+    and CUDA_VISIBLE_DEVICES."""
     log = tmp_path / "python_calls.log"
-    wrapper = tmp_path / "python_wrapper"
-    wrapper.write_text(
+    wrapper = executable(tmp_path / "python_wrapper", (
         "#!/usr/bin/env bash\n"
         f'echo "CUDA_VISIBLE_DEVICES=${{CUDA_VISIBLE_DEVICES-unset}} $*" >> "{log}"\n'
-        f'exec "{sys.executable}" "$@"\n'
-    )
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
-    return str(wrapper), log
+        f'exec "{tiny_published_python(tmp_path, remote)}" "$@"\n'))
+    return wrapper, log
 
 
 def table_rows(summary: str) -> Dict[str, List[str]]:
@@ -80,7 +107,8 @@ def run_script(cwd, *args, **settings):
 
 def vbd_settings(tmp_path, remote):
     url = "file://" + str(remote)
-    return dict(vbd_dir=tmp_path / "data", vbd_url=url, zenodo_url=url, model_path=tmp_path / "weights.pt",
+    return dict(vbd_dir=tmp_path / "data", vbd_url=url, zenodo_url=url, DIFFINER_CACHE=tmp_path / "cache",
+                python_path=tiny_published_python(tmp_path, remote),
                 refiner_flags=" ".join(tiny_cli_flags("ddim2") + ["--batch-size", "4", "--no-progress"]),
                 eval_flags=EVAL_FLAGS)
 
@@ -89,10 +117,11 @@ def test_all_stages_offline_then_a_rerun_skips_the_downloads(tmp_path, remote, p
     pytest.importorskip("pesq")
     wrapper, log = python_log
     settings = vbd_settings(tmp_path, remote)
-    done = run_script(tmp_path, "--simple-diffiner", "--id", "-1", python_path=wrapper, **settings)
+    done = run_script(tmp_path, "--simple-diffiner", "--id", "-1", **{**settings, "python_path": wrapper})
     assert done.returncode == 0, done.stdout + done.stderr
     data = tmp_path / "data"
-    assert (tmp_path / "weights.pt").is_file()
+    cached = tmp_path / "cache" / "pretrained_diffiner_onVB.pt"
+    assert cached.read_bytes() == (remote / "pretrained_diffiner_onVB.pt").read_bytes()
     for name, seconds in zip(NAMES, SECONDS):
         for subset in ("noisy_testset_wav", "clean_testset_wav"):
             assert (data / subset / name).is_file()
@@ -118,7 +147,7 @@ def test_all_stages_offline_then_a_rerun_skips_the_downloads(tmp_path, remote, p
     again = run_script(tmp_path, "--stop_stage", "1", **settings)
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("already there; not downloading or extracting") == 3
-    assert again.stdout.count("already there; not downloading it again") == 1
+    assert f"Published weights: {cached}" in again.stdout
     assert again.stdout.count("0 written, 2 already there") == 2
 
 
@@ -161,7 +190,7 @@ def test_a_gpu_id_becomes_a_device_flag_and_never_cuda_visible_devices(tmp_path,
     settings = vbd_settings(tmp_path, remote)
     assert run_script(tmp_path, "--stop_stage", "1", **settings).returncode == 0
     # A CPU-only machine fails to run on cuda:3; only the command line matters here.
-    run_script(tmp_path, "--stage", "2", "--stop-stage=2", python_path=wrapper, id=3, **settings)
+    run_script(tmp_path, "--stage", "2", "--stop-stage=2", id=3, **{**settings, "python_path": wrapper})
     call = next(line for line in log.read_text().splitlines() if "run_refiner.py" in line)
     assert "--device cuda:3" in call and "--no-gpu" not in call
     assert call.startswith("CUDA_VISIBLE_DEVICES=unset ")
@@ -172,8 +201,8 @@ def test_auto_device_is_probed_once_for_every_enhancer(tmp_path, remote, python_
     wrapper, log = python_log
     settings = vbd_settings(tmp_path, remote)
     assert run_script(tmp_path, "--stop_stage", "1", "--enhancer", "dcunet,none", **settings).returncode == 0
-    done = run_script(tmp_path, "--stage", "2", "--stop-stage=2", "--enhancer", "dcunet,none", python_path=wrapper,
-                      id="auto", **settings)
+    done = run_script(tmp_path, "--stage", "2", "--stop-stage=2", "--enhancer", "dcunet,none", id="auto",
+                      **{**settings, "python_path": wrapper})
     assert done.returncode == 0, done.stdout + done.stderr
     calls = log.read_text().splitlines()
     refiner_calls = [line for line in calls if "run_refiner.py" in line]
@@ -187,11 +216,15 @@ def test_offline_download_explains_how_to_place_files(tmp_path, remote):
     assert failed.returncode == 1
     assert "could not download" in failed.stderr and "--download_dir_local" in failed.stderr
     assert str(tmp_path / "data" / "downloads" / "noisy_testset_wav.zip") in failed.stderr
-    # The same files in a local folder are used instead of the network.
-    done = run_script(tmp_path, "--stop_stage", "0", vbd_dir=tmp_path / "data", vbd_url=url, zenodo_url=url,
-                      download_dir_local=remote, model_path=tmp_path / "w.pt")
+    # Nothing arrived, so no partial download is mentioned or left (it was, with wget's empty file).
+    assert ".part" not in failed.stderr and os.listdir(tmp_path / "data" / "downloads") == []
+    # The same files in a local folder are used instead of the network; the weights are checked
+    # and copied into the cache.
+    done = run_script(tmp_path, "--stop_stage", "0", download_dir_local=remote,
+                      **{**vbd_settings(tmp_path, remote), "vbd_url": url, "zenodo_url": url})
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "data" / "proc_dcunet" / NAMES[0]).is_file() and (tmp_path / "w.pt").is_file()
+    assert (tmp_path / "data" / "proc_dcunet" / NAMES[0]).is_file()
+    assert (tmp_path / "cache" / "pretrained_diffiner_onVB.pt").is_file()
 
 
 def test_demo_runs_offline_with_a_given_model(tmp_path, carried_tiny_checkpoint):
@@ -265,7 +298,7 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
               for line, nxt in zip(lines, lines[1:]) if line.startswith("  --") and nxt.strip().startswith("[now:")}
     assert values == {
         "vbd_dir": "data", "python_path": sys.executable, "stage": "2", "stop_stage": "3", "id": "auto",
-        "enhancer": "auto", "simple_diffiner": "auto", "model_path": "pretrained_diffiner_onVB.pt", "refiner_flags": "",
+        "enhancer": "auto", "simple_diffiner": "auto", "model_path": "published", "refiner_flags": "",
         "eval_flags": "", "vbd_url": "https://datashare.ed.ac.uk/bitstream/handle/10283/2791",
         "zenodo_url": "https://zenodo.org/record/7988790/files", "download_dir_local": "", "demo": "false",
         "demo_dir": "exp/demo", "demo_model": os.path.join(ROOT, "demo", "model", "diffiner_demo.pt"),
@@ -273,3 +306,29 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
     }
     assert run_script(tmp_path, "--no-such-setting", "1").returncode == 2
     assert run_script(tmp_path, "--stage", "two").returncode == 2
+
+
+def test_weights_that_are_not_the_published_layout_are_refused(tmp_path, remote):
+    """The demo model renamed as the published weights was taken by stage 0 (and refined with):
+    downloaded, it is refused and not kept (exit 1, the download failed); named by model_path,
+    it is refused (exit 2) before anything is refined."""
+    demo_model = os.path.join(ROOT, "demo", "model", "diffiner_demo.pt")
+    shutil.copy(demo_model, remote / "pretrained_diffiner_onVB.pt")
+    url = "file://" + str(remote)
+    settings = dict(vbd_dir=tmp_path / "data", vbd_url=url, zenodo_url=url, enhancer="none",
+                    DIFFINER_CACHE=tmp_path / "cache")
+    failed = run_script(tmp_path, "--stop_stage", "0", **settings)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    last_line = failed.stderr.strip().splitlines()[-1]
+    assert "not the published weights: 204 tensors and 1,313,666 parameters" in last_line
+    assert "the published file has 612 tensors and 164,303,618 parameters" in last_line
+    assert os.listdir(tmp_path / "cache") == []
+
+    renamed = tmp_path / "mine" / "pretrained_diffiner_onVB.pt"
+    renamed.parent.mkdir()
+    shutil.copy(demo_model, renamed)
+    shutil.copy(os.path.join(ROOT, "demo", "model", "model_config.yml"), renamed.parent)  # refinable as it is
+    failed = run_script(tmp_path, "--stage", "2", model_path=renamed, **settings)
+    assert failed.returncode == 2, failed.stdout + failed.stderr
+    assert f"{renamed}: not the published weights" in failed.stderr.strip().splitlines()[-1]
+    assert "Refining" not in failed.stdout

@@ -149,14 +149,18 @@ def own_audio_lines():
 def test_the_readme_lines_for_your_own_audio_run_verbatim(tmp_path, carried_tiny_checkpoint):
     command, python = own_audio_lines()
     assert "--root-noisy noisy.wav --root-proc enhanced.wav" in command and "refine_file" in python
+    assert "--model-path published" in command and 'from_pretrained("published")' in python
     work = tmp_path / "work"
     work.mkdir()
-    # The published file name, holding the tiny model with its settings beside it.
-    shutil.copy(carried_tiny_checkpoint, work / "pretrained_diffiner_onVB.pt")
-    shutil.copy(os.path.join(os.path.dirname(carried_tiny_checkpoint), "model_config.yml"), work)
+    # The cached copy of the published weights: the tiny model, with its settings beside it.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    shutil.copy(carried_tiny_checkpoint, cache / "pretrained_diffiner_onVB.pt")
+    shutil.copy(os.path.join(os.path.dirname(carried_tiny_checkpoint), "model_config.yml"), cache)
     make_files(work, "noisy.wav", "enhanced.wav", rate=16000, seconds=0.3)
     # The console scripts lie beside the interpreter that runs the tests.
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               DIFFINER_CACHE=str(cache))
     subprocess.run(["bash", "-c", command], cwd=work, env=env, check=True,
                    capture_output=True, timeout=300)
     refined = work / FOLDER_NAME / "enhanced.wav"

@@ -9,6 +9,7 @@ checkpoints), 1 for a run that failed or had failed files; anything else is 1, a
 
 import logging
 import math
+import os
 import sys
 import traceback
 from typing import Callable, Dict, Optional
@@ -70,6 +71,19 @@ def resolve_device(requested: Optional[str], no_gpu: bool = False) -> str:
     except Exception as exc:  # torch raises RuntimeError, NotImplementedError or AssertionError, by backend
         raise UsageError(f"--device {requested}: not usable here ({error_text(exc)})") from exc
     return requested
+
+
+def resolve_model_path(model_path: str, progress: bool = True) -> str:
+    """The checkpoint file of a --model-path value: `published` is the cached copy of the published
+    weights, downloaded on first use (DownloadError, one line, when that fails); UsageError when
+    any other value names no file."""
+    from ..pretrained import PUBLISHED_NAME, resolve  # imported here: the folder commands need no torch
+
+    path = resolve(model_path, progress=progress)
+    if not os.path.isfile(path):
+        raise UsageError(f"--model-path {model_path}: no such checkpoint file ('{PUBLISHED_NAME}': the published "
+                         "weights)")
+    return path
 
 
 def run_command(body: Callable[[], int], debug: bool = False) -> int:

@@ -39,7 +39,8 @@ from ..pipeline import BatchSettings, MethodSettings, Refiner, RefinerSettings, 
 from ..checkpoints import ModelSettings, resolve_model_settings
 from ..script_util import RESPACING_FLAG, carried_setting_flags
 from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, usage_errors
-from .common import check_number, check_respacing, print_failures, resolve_device, run_command, setup_logging
+from .common import (check_number, check_respacing, print_failures, resolve_device, resolve_model_path, run_command,
+                     setup_logging)
 
 INPUT_FLAGS = (
     Flag("root_noisy", required=True, help="folder of noisy recordings (searched recursively), or one noisy file",
@@ -47,8 +48,9 @@ INPUT_FLAGS = (
     Flag("root_proc", help="folder of the SE model's outputs, same relative paths, or the one processed file "
                            "(with --baseline: the folder the baseline writes them into, default "
                            "./diffiner_<baseline>)", metavar="DIR|FILE"),
-    Flag("model_path", required=True, help="checkpoint: a plain state dict (published or from train.py)",
-         metavar="FILE"),
+    Flag("model_path", required=True, help="checkpoint: a plain state dict (published or from train.py), or "
+                                           "'published': the published weights, downloaded once into a cache",
+         metavar="FILE|published"),
     Flag("output_dir", help="where to write (a folder, also for one file); default <root-proc>/<method>_etaA=..., "
                             "for one file beside it", metavar="DIR"),
     Flag("baseline", choices=ENHANCERS,
@@ -148,8 +150,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_number("--batch-size", args.batch_size, 1)
     check_number("--loaders", args.loaders, 1)
     check_number("--dist-timeout", args.dist_timeout, 0, strict=True)
-    if not os.path.isfile(args.model_path):
-        raise UsageError(f"--model-path {args.model_path}: no such checkpoint file")
+    args.model_path = resolve_model_path(args.model_path, progress=not args.no_progress)
     with usage_errors(ValueError):
         args.model_settings = resolve_model_settings(args.model_path, values_of(args, MODEL_FLAGS))
     check_respacing(args.timestep_respacing, args.model_settings.values["diffusion_steps"])
@@ -356,8 +357,8 @@ def report(summary: RunSummary, output_dir: str, world_size: int) -> None:
 
 def refine_corpus(args: argparse.Namespace) -> int:
     """The command's work, inside the error boundary; returns the exit status."""
+    setup_logging(args.debug)  # first: the download of the published weights is logged
     check_args(args)
-    setup_logging(args.debug)
     device = resolve_device(args.device, args.no_gpu)
     if args.cuda_graphs and torch.device(device).type != "cuda":
         raise UsageError(f"--cuda-graphs needs a CUDA device (this run is on {device})")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -18,12 +17,12 @@ import torch
 from .. import dist_util
 from ..acceleration import execution_flags
 from ..checkpoints import load_model, resolve_model_settings
-from ..errors import UsageError, usage_errors
+from ..errors import usage_errors
 from ..flags import (DEVICE_FLAG, MODEL_GROUP, Flag, command_parser, flags_of, precision_from_args, settings_of,
                      values_of)
 from ..sampling import SamplingSettings, sample_waves, write_samples
 from ..script_util import RESPACING_FLAG, carried_setting_flags
-from .common import check_number, check_respacing, resolve_device, run_command, setup_logging
+from .common import check_number, check_respacing, resolve_device, resolve_model_path, run_command, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,8 @@ SAMPLE_WRITER = "diffiner-sample"  # the holder named in the output folder's loc
 
 SAMPLING_FLAGS = (
     Flag("model_path", required=True, help="checkpoint to sample from (a plain state dict, e.g. "
-                                           "ema_0.9999_NNNNNN.pt)", metavar="FILE"),
+                                           "ema_0.9999_NNNNNN.pt), or 'published': the published weights, "
+                                           "downloaded once into a cache", metavar="FILE|published"),
     *flags_of(SamplingSettings),
     Flag("output_dir", "diffiner_samples", "folder for sample_000.wav, sample_001.wav, ...", metavar="DIR"),
     DEVICE_FLAG,
@@ -47,12 +47,11 @@ def create_argparser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Check the flags before any work; UsageError naming the problem."""
-    if not os.path.isfile(args.model_path):
-        raise UsageError(f"--model-path {args.model_path}: no such checkpoint file")
     check_number("--seconds", args.seconds, 0, strict=True)
     check_number("--num-samples", args.num_samples, 1)
     check_number("--batch-size", args.batch_size, 1)
     check_number("--seed", args.seed, 0)
+    args.model_path = resolve_model_path(args.model_path)
     with usage_errors(ValueError):
         args.model_settings = resolve_model_settings(args.model_path, values_of(args, MODEL_FLAGS))
     check_respacing(args.timestep_respacing, args.model_settings.values["diffusion_steps"])
@@ -60,8 +59,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def sample(args: argparse.Namespace) -> int:
     """The command's work, inside the error boundary."""
+    setup_logging(args.debug)  # first: the download of the published weights is logged
     check_args(args)
-    setup_logging(args.debug)
     requested = resolve_device(args.device)
     with usage_errors(ValueError):
         info = dist_util.setup_dist(device=torch.device(requested).type)

@@ -4,7 +4,7 @@ torchmetrics' `non_intrusive_speech_quality_assessment` loads `<NISQA_DIR>/nisqa
 process (an lru_cache without arguments) and, when that file is missing, downloads it into place
 without checking the answer, so an error page would be saved as the weights. This module never
 lets it: it finds the weights itself (a file the user names, or torchmetrics' cache), downloads
-them when asked to a temporary file that is checked before it is renamed into the cache, and
+them when asked (`diffiner.download`: a temporary copy, checked before it is renamed into the cache), and
 loads them into torchmetrics' cache by pointing NISQA_DIR at their folder for that one load
 (`load_weights`, the only hook into torchmetrics' internals). The public function then scores
 with them, in every process that called `load_weights`.
@@ -16,12 +16,12 @@ project never ships them.
 import logging
 import math
 import os
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from ..audio.io import MODEL_SAMPLE_RATE, TEMPORARY_PREFIX
+from ..audio.io import MODEL_SAMPLE_RATE
+from .. import download as downloader
 from ..errors import UsageError, error_text
 from .metrics import UnscorableFile, check_signal
 
@@ -36,9 +36,6 @@ CACHE_DIR = os.path.join("~", ".torchmetrics", "NISQA")
 WEIGHTS_URL = "https://github.com/gabrielmittag/NISQA/raw/refs/heads/master/weights/nisqa.tar"
 
 WEIGHTS_LICENCE = "CC BY-NC-SA 4.0: non-commercial use only"
-
-# (connect, read) seconds: an unreachable host fails fast; the file is about 1 MB.
-DOWNLOAD_TIMEOUT_S = (10, 60)
 
 # Columns in the paper's order: overall MOS, then noisiness, coloration, discontinuity, loudness.
 COLUMNS = ("nisqa_mos", "nisqa_noi", "nisqa_col", "nisqa_dis", "nisqa_loud")
@@ -136,45 +133,15 @@ def _locate_weights(path: Optional[str], download: bool) -> Optional[str]:
                     "or pass --nisqa-weights FILE)", cached, WEIGHTS_LICENCE)
         return None
     try:
-        _download(WEIGHTS_URL, cached)
-    except OSError as exc:  # requests' errors are OSErrors: offline, refused, HTTP error status
-        logger.warning("nisqa left out: no weights at %s and the download from %s failed (%s); "
-                       "pass --nisqa-weights FILE", cached, WEIGHTS_URL, _download_failure(exc))
-        return None
-    except NisqaWeightsError as exc:
-        logger.warning("nisqa left out: the download from %s is not a NISQA checkpoint (%s)", WEIGHTS_URL, exc)
+        # The check loads the weights from the temporary copy, which keeps the name torchmetrics
+        # needs; they are loaded again from the cache below, so that _loaded names that file.
+        downloader.download(WEIGHTS_URL, cached, load_weights)
+    except downloader.DownloadError as exc:  # offline, an HTTP error, a truncated file, not a NISQA checkpoint
+        logger.warning("nisqa left out: no weights at %s (%s); pass --nisqa-weights FILE", cached, exc)
         return None
     load_weights(cached)
+    logger.info("downloaded NISQA weights (%s) from %s to %s", WEIGHTS_LICENCE, WEIGHTS_URL, cached)
     return cached
-
-
-def _download(url: str, destination: str) -> None:
-    """Download the weights beside `destination`, check them, then rename them into place: the
-    cache never holds a partial or wrong file."""
-    import requests
-
-    response = requests.get(url, timeout=DOWNLOAD_TIMEOUT_S)
-    response.raise_for_status()
-    folder = os.path.dirname(destination)
-    os.makedirs(folder, exist_ok=True)
-    # A folder of our own, because torchmetrics only loads a file named nisqa.tar.
-    with tempfile.TemporaryDirectory(prefix=TEMPORARY_PREFIX, dir=folder) as scratch:
-        candidate = os.path.join(scratch, WEIGHTS_NAME)
-        with open(candidate, "wb") as f:
-            f.write(response.content)
-        load_weights(candidate)
-        os.replace(candidate, destination)
-    logger.info("downloaded NISQA weights (%s) from %s to %s", WEIGHTS_LICENCE, url, destination)
-
-
-def _download_failure(exc: OSError) -> str:
-    """The reason of a failed download in a few words: requests' connection errors nest whole
-    tracebacks of messages."""
-    import requests
-
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-        return f"offline or unreachable: {type(exc).__name__}"
-    return error_text(exc)[:200]
 
 
 def _length_limits(settings: Dict, sample_rate: int) -> Tuple[int, int]:

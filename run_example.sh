@@ -342,7 +342,7 @@ run_vbd() {
             dcunet=true
             what+=", the DCUnet outputs"
         fi
-        echo "Stage 0: downloading VoiceBank+DEMAND ($what) and the weights into $vbd_dir"
+        echo "Stage 0: downloading VoiceBank+DEMAND ($what) into $vbd_dir, and the published weights"
         fetch_archive "$vbd_url/noisy_testset_wav.zip" noisy_testset_wav
         fetch_archive "$vbd_url/clean_testset_wav.zip" clean_testset_wav
         if [[ "$dcunet" == true ]]; then

@@ -68,3 +68,87 @@ def test_a_device_error_fails_only_the_files_it_persists_on_after_one_retry_alon
     # bad.wav: tried in its batch (alone already) and once more alone, then no more.
     assert len([a for a in attempts if a[1] > short_width]) == 2
     assert (3, short_width) in attempts
+
+
+# Run diffiner-refine under a launcher, with rank 1's writes failing (a full disk) and rank 0's
+# batches slowed to SLOW_BATCH_S each, so that rank 0's share takes far longer than the bound.
+# Each rank writes its exit status and the time it returned to STATUS_FILE; rank 1 writes the
+# time of its failure too. No rank exits before every rank has written its status (or a minute
+# has passed): torchrun ends the others as soon as one exits with an error status.
+FAILING_RANK = """
+import os
+import sys
+import time
+
+from diffiner import corpus, pipeline
+from diffiner.audio.io import OutputError
+from diffiner.commands.refine import main
+
+status_file, slow_batch_s, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+if rank == 1:
+    def full_disk(path, *args, **kwargs):
+        with open(status_file.format(rank=rank) + ".failed", "w") as f:
+            f.write(repr(time.time()))
+        raise OutputError(f"{path}: cannot write: [Errno 28] No space left on device")
+    corpus.save_audio = full_disk
+else:
+    run_batch = pipeline.Refiner.run_batch
+    def slow(self, batch, progress=False):
+        time.sleep(slow_batch_s)
+        return run_batch(self, batch, progress)
+    pipeline.Refiner.run_batch = slow
+status = main(argv)
+done = status_file.format(rank=rank)
+with open(done + ".tmp", "w") as f:
+    f.write(f"{status} {time.time()!r}")
+os.replace(done + ".tmp", done)
+deadline = time.time() + 60
+while time.time() < deadline and not all(os.path.exists(status_file.format(rank=r)) for r in range(world_size)):
+    time.sleep(0.05)
+sys.exit(status)
+"""
+
+
+@pytest.mark.slow  # starts a two-process launcher
+def test_a_failing_rank_makes_the_other_stop_within_seconds_and_every_rank_names_it(tmp_path, tiny_checkpoint):
+    root = str(tmp_path)
+    files = 24
+    for k in range(files):
+        make_pair(root, f"f{k:02d}.wav", 0.2, 16000, seed=k)
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    status_file = str(tmp_path / "status{rank}")
+    slow_batch_s = 2.0
+    out = str(tmp_path / "out")
+    result = subprocess.run(
+        torchrun(str(script), status_file, str(slow_batch_s), "--root-noisy", os.path.join(root, "noisy"),
+                 "--root-proc", os.path.join(root, "proc"), "--output-dir", out, "--model-path", tiny_checkpoint,
+                 "--no-gpu", "--no-progress", "--batch-size", "1", *tiny_cli_flags()),
+        env=launcher_env(), capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    statuses = {}
+    for rank in (0, 1):
+        assert os.path.exists(status_file.format(rank=rank)), f"rank {rank} did not return: {output[-4000:]}"
+        with open(status_file.format(rank=rank)) as f:
+            code, ended = f.read().split()
+        statuses[rank] = (int(code), float(ended))
+    with open(status_file.format(rank=1) + ".failed") as f:
+        failed_at = float(f.read())
+    # A write failure is the run's failure (exit status 1) on every rank, not only on rank 1.
+    assert statuses[0][0] == statuses[1][0] == 1
+    # Rank 0 had (files / 2) batches of slow_batch_s ahead of it; it stopped after at most the one
+    # it was running, plus the time to leave it. The bound is generous for a loaded machine.
+    share_s = files / 2 * slow_batch_s
+    stopped_after = statuses[0][1] - failed_at
+    assert stopped_after < min(15.0, share_s / 2), stopped_after
+    # Each rank's one line names the failing rank and the file; no raw gloo error, no traceback.
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2, output[-4000:]
+    for line in lines:
+        assert "rank 1 of 2 failed" in line and "No space left on device" in line and "/out/" in line
+    assert sum("rank 0 stopped with it" in line for line in lines) == 1
+    # (torchrun itself then prints a traceback of its own, naming the rank that exited first.)
+    assert "Connection closed by peer" not in output and "ProcessGroupGloo" not in output
+    print(f"rank 0 stopped {stopped_after:.1f} s after rank 1 failed (its share: {share_s:.0f} s)")

@@ -273,3 +273,15 @@ def test_help_lists_every_setting_with_its_default(tmp_path):
     }
     assert run_script(tmp_path, "--no-such-setting", "1").returncode == 2
     assert run_script(tmp_path, "--stage", "two").returncode == 2
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--stage", "08"], "stage must be one of 0-3, got '08'"),
+    (["--stage", "4"], "stage must be one of 0-3, got '4'"),
+    (["--stop_stage", "9"], "stop_stage must be one of 0-3, got '9'"),
+    (["--stage", "3", "--stop_stage", "1"], "stage 3 comes after stop_stage 1: no stage would run"),
+])
+def test_a_stage_range_that_runs_nothing_is_one_line_and_status_2(tmp_path, args, says):
+    failed = run_script(tmp_path, *args)
+    assert failed.returncode == 2
+    assert failed.stderr.strip() == f"error: {says}"  # one line, no bash error

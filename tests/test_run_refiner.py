@@ -254,3 +254,22 @@ def test_the_second_method_does_not_list_the_first_ones_outputs(corpus, tiny_che
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings and not any("diffiner+_eta" in w for w in warnings), warnings
     assert "refined 5 file(s), skipped 0, failed 0" in capsys.readouterr().out
+
+
+def test_a_baseline_run_refuses_a_root_proc_holding_files_the_baseline_did_not_make(tmp_path, tiny_checkpoint,
+                                                                                       capsys):
+    """They would be skipped as "already made" and refined, under a config.yml recording
+    baseline: noisereduce."""
+    pytest.importorskip("noisereduce")
+    make_pair(str(tmp_path), "a.wav", 0.5, 16000, seed=1)  # proc/a.wav: the user's own enhanced file
+    proc = str(tmp_path / "proc")
+
+    def files():  # but the lock files the runs leave
+        return {rel: d for rel, d in output_digest(proc).items() if os.path.basename(rel) != LOCK_FILE}
+
+    before = files()
+    code = main(["--root-noisy", str(tmp_path / "noisy"), "--baseline", "noisereduce", "--root-proc", proc,
+                 "--model-path", tiny_checkpoint, "--no-gpu", "--no-progress", *tiny_cli_flags()])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "a.wav" in err and "noisereduce" in err, err
+    assert files() == before  # nothing refined, nothing recorded

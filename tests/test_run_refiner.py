@@ -2,6 +2,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -273,3 +274,30 @@ def test_a_baseline_run_refuses_a_root_proc_holding_files_the_baseline_did_not_m
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "a.wav" in err and "noisereduce" in err, err
     assert files() == before  # nothing refined, nothing recorded
+
+
+def test_a_project_moved_whole_reruns_and_a_different_root_is_still_refused(tmp_path, tiny_checkpoint, capsys):
+    """Roots are compared by where they lie from the output folder as well as by their absolute
+    paths: a project folder moved (or reached by another path) is the same project."""
+    old = tmp_path / "old"
+    for k in range(2):
+        make_pair(str(old / "project"), f"f{k}.wav", 0.3, 16000, seed=k)
+    assert run(str(old / "project"), tiny_checkpoint, "--output-dir", str(old / "project" / "out")) == 0
+    # The output folder moved alone: the roots are where they were.
+    os.rename(old / "project" / "out", old / "out")
+    capsys.readouterr()
+    assert run(str(old / "project"), tiny_checkpoint, "--output-dir", str(old / "out")) == 0
+    assert "0 file(s) to refine, 2 already done" in capsys.readouterr().out
+    # Everything moved: the roots lie where they lay from the output folder.
+    new = tmp_path / "elsewhere" / "new"
+    new.parent.mkdir()
+    os.rename(old, new)
+    assert run(str(new / "project"), tiny_checkpoint, "--output-dir", str(new / "out")) == 0
+    assert "0 file(s) to refine, 2 already done" in capsys.readouterr().out
+    # Another noisy folder is another run, wherever it lies.
+    shutil.copytree(new / "project" / "noisy", new / "project" / "noisy2")
+    code = main(["--root-noisy", str(new / "project" / "noisy2"), "--root-proc", str(new / "project" / "proc"),
+                 "--output-dir", str(new / "out"), "--model-path", tiny_checkpoint, "--no-gpu", "--no-progress",
+                 *tiny_cli_flags()])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.root_noisy" in err and len(err.strip().splitlines()) == 1

@@ -268,7 +268,25 @@ def setting_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> Li
 
     old, new = settings(recorded), settings(yaml.safe_load(yaml.safe_dump(current)))
     return [f"{key}: {_shown(old.get(key))} -> {_shown(new.get(key))}"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+            for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and not _same_place(recorded, current, key)]
+
+
+def _same_place(recorded: Dict[str, Any], current: Dict[str, Any], key: str) -> bool:
+    """Whether `key` is an input root ("data.root_noisy", "data.root_proc") that lies where it
+    lay from the output folder: a project moved whole (or reached by another path) reruns, a
+    root elsewhere from the output folder is another run's. The output folder alone moved keeps
+    its roots' absolute paths, which the caller compares."""
+    if key not in ("data.root_noisy", "data.root_proc"):
+        return False
+    name = key.split(".", 1)[1]
+    places = []
+    for config in (recorded, current):
+        data = config.get("data")
+        if not (isinstance(data, dict) and isinstance(data.get(name), str) and isinstance(data.get("output_dir"), str)):
+            return False  # not a record of ours: compared as written
+        places.append(os.path.relpath(data[name], data["output_dir"]))
+    return places[0] == places[1]
 
 
 def read_record(output_dir: str) -> Optional[Dict[str, Any]]:
@@ -316,10 +334,11 @@ def write_record(output_dir: str, settings: Dict[str, Any], recorded: Optional[D
                  args: argparse.Namespace, jobs: int) -> None:
     """config.yml: the settings, and the history of the runs that wrote files here. A run with
     nothing to do changes nothing but the file's time (run_example.sh finds the latest folder by
-    it)."""
+    it) and the folders' paths, which a move may have changed."""
     runs = list(recorded.get("runs", [])) if recorded else []
     if recorded and not jobs:
-        record = recorded
+        # Where the inputs and outputs are now: the same ones, maybe moved (`_same_place`).
+        record = dict(recorded, data=settings["data"])
     else:
         record = dict(settings)
         runs.append({"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -273,7 +273,8 @@ def _check_peers() -> None:
     """Raise _PeerFailed if another process has announced a failure; cheap (one store query)."""
     store = _store()
     try:
-        failed = store is not None and store.check([_FAILURE_KEY])
+        # add(key, 0) reads the count of failures announced (Store.add is in every torch we support).
+        failed = store is not None and store.add(_FAILURE_KEY, 0) > 0
     except RuntimeError:  # the store's host (rank 0's process or the launcher) is gone
         failed = True
     if failed:
@@ -306,7 +307,7 @@ def shared_fate() -> Iterator[Callable[[], None]]:
         store = _store()
         if store is not None:
             try:
-                store.set(_FAILURE_KEY, str(rank))
+                store.add(_FAILURE_KEY, 1)
             except RuntimeError:
                 pass  # the others still learn of it at the end of the block
     try:

@@ -19,7 +19,7 @@ from diffiner.pipeline import padded_width
 from diffiner.unet import UNetModel
 
 from conftest import tiny_cli_flags
-from launchers import launcher_env, torchrun
+from launchers import launcher_env, mpiexec_or_skip, torchrun
 from test_run_refiner import make_pair
 
 ILLEGAL_ACCESS = "CUDA error: an illegal memory access was encountered"
@@ -71,34 +71,41 @@ def test_a_device_error_fails_only_the_files_it_persists_on_after_one_retry_alon
 
 
 # Run diffiner-refine under a launcher, with rank 1's writes failing (a full disk) and rank 0's
-# batches slowed to SLOW_BATCH_S each, so that rank 0's share takes far longer than the bound.
-# Each rank writes its exit status and the time it returned to STATUS_FILE; rank 1 writes the
+# batches slowed to slow_batch_s each, so that rank 0's share takes far longer than the bound.
+# Each rank writes its exit status and the time it returned to status_file; rank 1 writes the
 # time of its failure too. No rank exits before every rank has written its status (or a minute
-# has passed): torchrun ends the others as soon as one exits with an error status.
+# has passed): torchrun and mpiexec end the others as soon as one exits with an error status.
 FAILING_RANK = """
 import os
 import sys
 import time
 
-from diffiner import corpus, pipeline
+from diffiner import corpus, dist_util, pipeline
 from diffiner.audio.io import OutputError
 from diffiner.commands.refine import main
 
 status_file, slow_batch_s, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
-rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-if rank == 1:
-    def full_disk(path, *args, **kwargs):
-        with open(status_file.format(rank=rank) + ".failed", "w") as f:
-            f.write(repr(time.time()))
-        raise OutputError(f"{path}: cannot write: [Errno 28] No space left on device")
-    corpus.save_audio = full_disk
-else:
-    run_batch = pipeline.Refiner.run_batch
-    def slow(self, batch, progress=False):
+save_audio, run_batch = corpus.save_audio, pipeline.Refiner.run_batch
+
+
+# Each rank is known only once the job is set up (mpiexec: by MPI, inside main).
+def full_disk_on_rank_1(path, *args, **kwargs):
+    if dist_util.get_rank() != 1:
+        return save_audio(path, *args, **kwargs)
+    with open(status_file.format(rank=1) + ".failed", "w") as f:
+        f.write(repr(time.time()))
+    raise OutputError(f"{path}: cannot write: [Errno 28] No space left on device")
+
+
+def slow_on_rank_0(self, batch, progress=False):
+    if dist_util.get_rank() == 0:
         time.sleep(slow_batch_s)
-        return run_batch(self, batch, progress)
-    pipeline.Refiner.run_batch = slow
+    return run_batch(self, batch, progress)
+
+
+corpus.save_audio, pipeline.Refiner.run_batch = full_disk_on_rank_1, slow_on_rank_0
 status = main(argv)
+rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])  # set by torchrun or by main
 done = status_file.format(rank=rank)
 with open(done + ".tmp", "w") as f:
     f.write(f"{status} {time.time()!r}")
@@ -111,7 +118,10 @@ sys.exit(status)
 
 
 @pytest.mark.slow  # starts a two-process launcher
-def test_a_failing_rank_makes_the_other_stop_within_seconds_and_every_rank_names_it(tmp_path, tiny_checkpoint):
+@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
+def test_a_failing_rank_makes_the_other_stop_within_seconds_and_every_rank_names_it(tmp_path, tiny_checkpoint,
+                                                                                     launcher):
+    launch = torchrun if launcher == "torchrun" else mpiexec_or_skip()
     root = str(tmp_path)
     files = 24
     for k in range(files):
@@ -122,7 +132,7 @@ def test_a_failing_rank_makes_the_other_stop_within_seconds_and_every_rank_names
     slow_batch_s = 2.0
     out = str(tmp_path / "out")
     result = subprocess.run(
-        torchrun(str(script), status_file, str(slow_batch_s), "--root-noisy", os.path.join(root, "noisy"),
+        launch(str(script), status_file, str(slow_batch_s), "--root-noisy", os.path.join(root, "noisy"),
                  "--root-proc", os.path.join(root, "proc"), "--output-dir", out, "--model-path", tiny_checkpoint,
                  "--no-gpu", "--no-progress", "--batch-size", "1", *tiny_cli_flags()),
         env=launcher_env(), capture_output=True, text=True, timeout=300)

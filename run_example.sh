@@ -107,7 +107,11 @@ while (($#)); do
     esac
 done
 
-[[ "$stage" =~ ^[0-9]+$ && "$stop_stage" =~ ^[0-9]+$ ]] || die "stage and stop_stage must be integers 0-3"
+# One digit 0-3: bash arithmetic would read "08" as a bad octal number and go on.
+for flag in stage stop_stage; do
+    [[ "${!flag}" =~ ^[0-3]$ ]] || die "$flag must be one of 0-3, got '${!flag}'"
+done
+((stage <= stop_stage)) || die "stage $stage comes after stop_stage $stop_stage: no stage would run"
 [[ "$id" == auto || "$id" =~ ^-?[0-9]+$ ]] || die "id must be an integer or auto, got '$id'"
 if [[ "$simple_diffiner" == auto ]]; then
     simple_diffiner="$demo"

@@ -122,7 +122,7 @@ if [[ "$GPUS" != none ]] && command -v nvidia-smi >/dev/null 2>&1; then
     done < <("${query[@]}" 2>/dev/null)
 fi
 
-# Host paths must be absolute for -v; fail early when they do not exist.
+# Host paths must be absolute for --mount; fail early when they do not exist.
 abspath() { (cd "$1" 2>/dev/null && pwd) || die "$2 '$1' is not a directory"; }
 if [[ -n "$DATA_DIR" ]]; then DATA_DIR="$(abspath "$DATA_DIR" "--data")"; fi
 if [[ "$REPO_DIR" != none ]]; then REPO_DIR="$(abspath "$REPO_DIR" "--repo")"; fi
@@ -139,8 +139,12 @@ if [[ "$IPC_HOST" == 1 ]]; then run+=(--ipc=host); else run+=(--shm-size="$SHM_S
 # Multi-GPU NCCL and DataLoader workers also need enough locked memory and stack.
 run+=(--ulimit memlock=-1 --ulimit stack=67108864)
 if [[ -n "$CONTAINER_NAME" ]]; then run+=(--name "$CONTAINER_NAME"); fi
-if [[ "$REPO_DIR" != none ]]; then run+=(-v "$REPO_DIR:/workspace/diffiner"); fi
-if [[ -n "$DATA_DIR" ]]; then run+=(-v "$DATA_DIR:/data"); fi
+# --mount, not -v: -v splits its value at ':', so a host path holding one was mounted wrong.
+# --mount reads its value as one CSV record: the source field is quoted (quotes doubled), so
+# commas and quotes in the path stay in it too.
+bind_mount() { printf 'type=bind,"source=%s",target=%s' "${1//\"/\"\"}" "$2"; }
+if [[ "$REPO_DIR" != none ]]; then run+=(--mount "$(bind_mount "$REPO_DIR" /workspace/diffiner)"); fi
+if [[ -n "$DATA_DIR" ]]; then run+=(--mount "$(bind_mount "$DATA_DIR" /data)"); fi
 if [[ "$AS_ME" == 1 ]]; then run+=(--user "$(id -u):$(id -g)" -e HOME=/tmp); fi
 run+=(-w "$WORKDIR")
 if [[ -n "$EXTRA_DOCKER_ARGS" ]]; then

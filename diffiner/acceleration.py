@@ -26,6 +26,11 @@ PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # torch < 1.13, as a plain RuntimeError; later as torch.cuda.OutOfMemoryError) and the CUDA runtime's
 # own error, raised when memory runs out outside the allocator (cuDNN or cuBLAS workspaces).
 _OUT_OF_MEMORY_MESSAGES = ("CUDA out of memory", "CUDA error: out of memory")
+# How the other errors of the GPU and its libraries read: the CUDA runtime's ("CUDA error: an
+# illegal memory access was encountered"), cuDNN's, cuBLAS's, cuFFT's. torch raises them as
+# RuntimeError (torch >= 2.8: torch.AcceleratorError, a RuntimeError) with these words in them.
+_DEVICE_ERROR_MARKERS = ("CUDA error", "CUDNN_STATUS", "cuDNN error", "CUBLAS_STATUS", "cuBLAS error",
+                         "CUFFT_", "cuFFT error", "CUSOLVER_STATUS", "CUSPARSE_STATUS")
 
 
 @dataclass(frozen=True)
@@ -258,19 +263,33 @@ def frames_that_fit(small: Tuple[int, int], large: Tuple[int, int], free: int, m
     return max(min(int((free * memory_fraction - fixed) / per_frame), max_frames), width)
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether `exc`, or the exception it was raised from (torch.compile wraps errors with
-    `raise ... from`), is a CUDA out-of-memory error in the form of any supported torch version."""
-    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)  # torch >= 1.13
+def _causes(exc: Optional[BaseException]) -> Iterator[BaseException]:
+    """`exc` and the exceptions it was raised from (torch.compile wraps errors with `raise ... from`)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if oom_type is not None and isinstance(exc, oom_type):
-            return True
-        if isinstance(exc, RuntimeError) and str(exc).startswith(_OUT_OF_MEMORY_MESSAGES):
-            return True
+        yield exc
         exc = exc.__cause__
-    return False
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc`, or the exception it was raised from, is a CUDA out-of-memory error in the
+    form of any supported torch version."""
+    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)  # torch >= 1.13
+    return any((oom_type is not None and isinstance(e, oom_type))
+               or (isinstance(e, RuntimeError) and str(e).startswith(_OUT_OF_MEMORY_MESSAGES))
+               for e in _causes(exc))
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """Whether `exc`, or the exception it was raised from, is an error of the GPU or of its
+    libraries other than running out of memory (see `is_out_of_memory`): a failed kernel, an
+    internal cuDNN or cuBLAS error. Such an error may concern one batch's shapes or one bad
+    launch, so a caller may retry; the programming errors torch raises as RuntimeError too
+    (mismatched devices or shapes) are not among them."""
+    return not is_out_of_memory(exc) and any(
+        isinstance(e, RuntimeError) and any(marker in str(e) for marker in _DEVICE_ERROR_MARKERS)
+        for e in _causes(exc))
 
 
 def release_cached_memory(device: torch.device) -> None:

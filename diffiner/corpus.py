@@ -155,12 +155,15 @@ def prefetched(pool: ThreadPoolExecutor, items: Sequence, fn: Callable, lookahea
 
 
 def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary, *, seed: int,
-                 keep_sample_rate: bool, progress: bool = True, loaders: int = 2) -> None:
+                 keep_sample_rate: bool, progress: bool = True, loaders: int = 2,
+                 check_peers: Callable[[], None] = lambda: None) -> None:
     """Refine the jobs in width order, batching segments of equal width across files.
 
     Reading and preparing upcoming files (`loaders` threads) and writing finished ones (one
     thread) overlap the network's work. Results go into `summary`; a file that fails is recorded
-    there and the others go on. Raises OutputError as soon as a write fails.
+    there and the others go on. Raises OutputError as soon as a write fails. `check_peers` is
+    called as each file is read and as each is refined; it raises to stop the run (another
+    process of the job has failed: `dist_util.shared_fate`).
     """
     bar = tqdm(total=len(jobs), desc="refining", unit="file", disable=not progress)
 
@@ -170,6 +173,7 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
 
     def readable(load_pool: ThreadPoolExecutor) -> Iterator[Tuple[Tuple[FileJob, Prepared], List]]:
         for job, future in prefetched(load_pool, jobs, prepare, lookahead=2 * loaders):
+            check_peers()
             prepared = None
             with file_errors(summary.failed, job.rel, job.processed_path):
                 prepared = future.result()
@@ -193,6 +197,7 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
         with ThreadPoolExecutor(loaders) as load_pool, ThreadPoolExecutor(1) as write_pool:
             writes: "deque[Future]" = deque()
             for done in refiner.refine_stream(readable(load_pool)):
+                check_peers()
                 job, prepared = done.item
                 if done.error is not None:
                     summary.failed[job.rel] = describe_failure(job.processed_path, done.error)

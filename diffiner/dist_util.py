@@ -21,12 +21,13 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional
+from typing import Callable, Iterable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from .audio.folders import FolderError, output_lock
+from .errors import DiffinerError, error_text, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -240,3 +241,84 @@ def job_output_lock(folder: str, writer: str) -> Iterator[None]:
         if refusal:
             raise FolderError(refusal)
         yield
+
+
+# The key under which a failing process tells the others, in the job's rendezvous store.
+_FAILURE_KEY = "diffiner/failed"
+
+
+class ProcessFailed(DiffinerError):
+    """A process of the job failed: every process ends with this one line naming the rank that
+    failed and its error, and with that error's exit status."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _PeerFailed(Exception):
+    """Raised by the check of `shared_fate` when another process has announced a failure."""
+
+
+def _store():
+    """The job's rendezvous store (a private accessor of torch.distributed; None where absent)."""
+    get = getattr(dist.distributed_c10d, "_get_default_store", None)
+    try:
+        return get() if get is not None else None
+    except RuntimeError:  # no default store (a group not made by init_process_group)
+        return None
+
+
+def _check_peers() -> None:
+    """Raise _PeerFailed if another process has announced a failure; cheap (one store query)."""
+    store = _store()
+    try:
+        # add(key, 0) reads the count of failures announced (Store.add is in every torch we support).
+        failed = store is not None and store.add(_FAILURE_KEY, 0) > 0
+    except RuntimeError:  # the store's host (rank 0's process or the launcher) is gone
+        failed = True
+    if failed:
+        raise _PeerFailed()
+
+
+@contextlib.contextmanager
+def shared_fate() -> Iterator[Callable[[], None]]:
+    """A block of work that the job's processes end together: if the block raises on any
+    process, every process raises ProcessFailed at its end, naming the rank that failed and
+    its error (with that error's exit status), instead of waiting for it at a later collective.
+
+    The block gets a check to call between units of work: it raises (and so ends the block)
+    as soon as another process has failed, so that the others stop within one unit of work,
+    not after their whole share. Every process must enter and leave the block together: its
+    end is a collective. In a single process it is a plain block.
+    """
+    if not is_distributed():
+        yield lambda: None
+        return
+    rank, error, status = get_rank(), None, None
+    try:
+        yield _check_peers
+    except _PeerFailed:
+        status = "stopped"
+    except Exception as exc:  # any error: the others must hear of it, whatever it is
+        error = exc
+        text = error_text(exc) if isinstance(exc, DiffinerError) else f"{type(exc).__name__}: {first_line(exc)}"
+        status = (getattr(exc, "exit_code", 1), text)
+        store = _store()
+        if store is not None:
+            try:
+                store.add(_FAILURE_KEY, 1)
+            except RuntimeError:
+                pass  # the others still learn of it at the end of the block
+    try:
+        statuses = all_gather_objects(status)
+    except RuntimeError as exc:  # a process died without a word (killed): gloo's raw error
+        raise ProcessFailed(f"rank {rank}: lost contact with the other processes of the job "
+                            f"({first_line(exc)})", 1) from (error or exc)
+    for failed, outcome in enumerate(statuses):
+        if isinstance(outcome, tuple):
+            exit_code, text = outcome
+            stopped = "" if failed == rank else f" (rank {rank} stopped with it)"
+            raise ProcessFailed(f"rank {failed} of {len(statuses)} failed: {text}{stopped}", exit_code) from error
+    if status == "stopped":  # cannot happen: a failure is announced only by a process that fails
+        raise ProcessFailed(f"rank {rank}: stopped for a failure that no process reports", 1)

@@ -12,7 +12,9 @@ This is the one code path shared by the Python API, the folder command and the b
    `Refiner.run_batch` refines one batch. Every segment has its own random generator, seeded
    from the seed and the segment's identity, so its result does not depend on which other
    segments share its batch. A batch that runs out of GPU memory is halved and retried, and the
-   smaller size is kept for later batches of that width.
+   smaller size is kept for later batches of that width. A batch that meets another error of the
+   GPU (a failed kernel, cuDNN, cuBLAS) is retried one segment at a time, and a segment that
+   fails alone too fails its recording only.
 3. `Refiner.assemble` joins segments with a normalised cross-fade and trims to the input length.
 
 In the diffusers sense, `refiner.refine` is the scheduler-and-sampler, the UNet is the model and
@@ -29,8 +31,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 import torch
 
-from .acceleration import (ExecutionSettings, build_runner, estimate_max_batch_frames, is_out_of_memory,
-                           release_cached_memory)
+from .acceleration import (ExecutionSettings, build_runner, estimate_max_batch_frames, is_device_error,
+                           is_out_of_memory, release_cached_memory)
 from .audio.folders import check_output_file
 from .audio.io import MODEL_SAMPLE_RATE, fit_length, resample, resampled_length, save_audio
 from .checkpoints import ModelSettings, load_model
@@ -371,8 +373,8 @@ class Refiner:
         """Refine segments (any widths) and return their waveforms at 16 kHz, in order.
 
         The segments of each width go through `refine_stream` together, so they are batched and
-        recovered from running out of GPU memory as a folder's are; raises SegmentTooLarge when a
-        single segment does not fit.
+        recovered from running out of GPU memory as a folder's are; raises SegmentFailed (a
+        SegmentTooLarge when a single segment does not fit).
         """
         by_width: Dict[int, List[int]] = {}
         for i, seg in enumerate(segments):
@@ -387,16 +389,20 @@ class Refiner:
         return results
 
     def _run_fitting(self, batch: Sequence[Segment], progress: bool = False
-                     ) -> Iterator[Tuple[int, Union[torch.Tensor, "SegmentTooLarge"]]]:
-        """Refine segments of equal width, halving the batch on CUDA out-of-memory errors.
+                     ) -> Iterator[Tuple[int, Union[torch.Tensor, "SegmentFailed"]]]:
+        """Refine segments of equal width, halving the batch on CUDA out-of-memory errors and
+        retrying it one segment at a time after any other error of the device.
 
-        Yields (index in `batch`, waveform) as parts finish, or (index, SegmentTooLarge) for a
-        segment that does not fit even alone. A smaller size that fits is remembered for the
-        width (`fitting_batch`), so later batches start there; each segment keeps its own
-        generator, so the results equal those of a run that never ran out of memory.
+        Yields (index in `batch`, waveform) as parts finish, or (index, SegmentFailed) for a
+        segment that cannot be refined: a SegmentTooLarge when it does not fit even alone, a
+        SegmentFailed when the device failed on it in its batch and again alone. A smaller size
+        that fits is remembered for the width (`fitting_batch`), so later batches start there;
+        each segment keeps its own generator, so the results equal those of a run that never
+        ran out of memory or retried.
         """
         width = batch[0].width
         parts = [list(range(len(batch)))]
+        retried = set()  # segments already retried alone after an error of the device
         while parts:
             part = parts.pop(0)
             fits = self.fitting_batch.get(width, len(part))
@@ -406,8 +412,9 @@ class Refiner:
             try:
                 waves = self.run_batch([batch[k] for k in part], progress)
             except Exception as exc:  # torch raises its out-of-memory errors as several types
-                if not is_out_of_memory(exc):
-                    raise
+                out_of_memory = is_out_of_memory(exc)
+                if not (out_of_memory or is_device_error(exc)):
+                    raise  # a programming error: every batch would meet it
                 failure = first_line(exc)
             else:
                 yield from zip(part, waves)
@@ -415,9 +422,23 @@ class Refiner:
             # Outside the except clause: the error's traceback, and with it the failed attempt's
             # tensors, is gone before the cached memory is released and the retry allocates.
             release_cached_memory(self.device)
+            seconds = batch[part[0]].samples / MODEL_SAMPLE_RATE
+            if not out_of_memory:
+                if len(part) == 1 and part[0] in retried:
+                    yield part[0], SegmentFailed(
+                        f"the {self.device.type} device failed on a segment of {seconds:.1f} s ({width} frames) "
+                        f"in its batch and again alone: {failure}")
+                    continue
+                # Once per segment: an error of one bad launch, or of one batch's shape, does not
+                # come back alone; one that does fails only that segment's recording.
+                logger.warning("%s error refining %d segment(s) of %d frames (%s): retrying them one at a time",
+                               self.device.type, len(part), width, failure)
+                retried.update(part)
+                parts[:0] = [[k] for k in part]
+                continue
             if len(part) == 1:
                 yield part[0], SegmentTooLarge(
-                    f"a segment of {batch[part[0]].samples / MODEL_SAMPLE_RATE:.1f} s ({width} frames) does not "
+                    f"a segment of {seconds:.1f} s ({width} frames) does not "
                     f"fit in {self.device} memory even alone ({failure}); a shorter --max-dur cuts recordings "
                     f"into shorter segments")
                 continue
@@ -456,8 +477,8 @@ class Refiner:
         Segments of consecutive recordings of equal width share batches (of `batch_size_for` that
         width), so recordings sorted by width fill the batches; a batch runs as soon as it
         is full, so only a batch's worth of segments waits in memory. A recording with a segment
-        that does not fit in GPU memory even alone fails alone (its `error` is a SegmentTooLarge);
-        the others go on. `progress` shows each batch's reverse steps.
+        that does not fit in GPU memory even alone, or that the device fails on in its batch and
+        again alone, fails alone (its `error` is a SegmentFailed); the others go on. `progress` shows each batch's reverse steps.
         """
         pending: List[Tuple[_InProgress, int]] = []  # (recording, segment index), all of one width
         for item, segments in recordings:
@@ -483,7 +504,7 @@ class Refiner:
                 entry, i = batch[k]
                 if entry.failed:
                     continue
-                if isinstance(wave, SegmentTooLarge):
+                if isinstance(wave, SegmentFailed):
                     entry.failed = True
                     yield Refined(entry.item, None, wave)
                     continue
@@ -568,7 +589,12 @@ class Refiner:
         save_audio(output_path, refined, output_sample_rate or rate)
 
 
-class SegmentTooLarge(RuntimeError):
+class SegmentFailed(RuntimeError):
+    """A segment that cannot be refined: the device failed on it in its batch and again alone.
+    Its recording fails; the others go on."""
+
+
+class SegmentTooLarge(SegmentFailed):
     """A single segment does not fit in GPU memory: its recording cannot be refined as set up."""
 
 

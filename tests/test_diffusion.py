@@ -8,6 +8,7 @@ from diffiner.script_util import create_gaussian_diffusion
 
 from gaussian_prior import GaussianDenoiser
 from conftest import tiny_model_and_diffusion
+from tolerances import rounding_rtol
 
 
 def test_linear_schedule_is_scaled_to_the_step_count():
@@ -38,7 +39,10 @@ def test_respaced_process_keeps_the_original_cumulative_alphas():
     base = create_gaussian_diffusion(steps=4000)
     spaced = create_gaussian_diffusion(steps=4000, timestep_respacing="ddim200")
     assert spaced.num_timesteps == 200
-    np.testing.assert_allclose(spaced.alphas_cumprod, base.alphas_cumprod[::20], rtol=1e-12)
+    # The spaced betas are 1 - (ratio of kept cumulative alphas), whose cumulative product telescopes
+    # back to the kept values: per step a division, a subtraction and a product, each rounding once.
+    np.testing.assert_allclose(spaced.alphas_cumprod, base.alphas_cumprod[::20],
+                               rtol=rounding_rtol(torch.float64, 3 * spaced.num_timesteps))
 
 
 def test_network_is_called_with_original_timestep_indices():

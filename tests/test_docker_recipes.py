@@ -13,6 +13,7 @@ The start script is checked with `--dry-run` and a stand-in `nvidia-smi`, and NI
 from the torch 1.11 image (no torchmetrics there) with its messages.
 """
 
+import csv
 import glob
 import json
 import os
@@ -265,3 +266,25 @@ def test_the_start_script_serves_both_recipes(tmp_path):
                              "--build", "--gpus", "0"], env=ampere, capture_output=True, text=True)
     assert legacy.returncode == 0, legacy.stderr
     assert "Dockerfile_torch1p11_diffiner" in legacy.stdout and "diffiner:torch1.11" in legacy.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("name", ["corpus:2024", "a,b", 'say "hi"', "plain"])
+def test_the_start_script_mounts_any_folder_name_as_given(tmp_path, name):
+    """docker's -v splits its value at ':' (a data folder "corpus:2024" became a mount of
+    "corpus" at "2024:/data"); the --mount form takes any path, its fields quoted as CSV."""
+    data, repo = tmp_path / name / "data", tmp_path / name / "repo"
+    data.mkdir(parents=True)
+    repo.mkdir()
+    shown = subprocess.run(["bash", START, "--dry-run", "--gpus", "none", "--data", str(data), "--repo", str(repo)],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    args = shlex.split(shown.stdout)
+    assert "-v" not in args and "--volume" not in args
+    mounts = {}
+    for flag, value in zip(args, args[1:]):
+        if flag == "--mount":
+            fields = dict(field.split("=", 1) for field in next(csv.reader([value])))
+            assert fields["type"] == "bind"
+            mounts[fields["target"]] = fields["source"]
+    assert mounts == {"/data": str(data), "/workspace/diffiner": str(repo)}

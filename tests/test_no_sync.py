@@ -22,6 +22,7 @@ from diffiner.refiner import refine
 
 from conftest import tiny_model_and_diffusion
 from gaussian_prior import GaussianDenoiser
+from tolerances import rounding_rtol
 
 CONVERSIONS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "__array__")
 # The ways an array or a Python value becomes a tensor: on a GPU, a host-to-device copy.
@@ -102,9 +103,12 @@ def test_schedule_tensors_are_cached_per_device_and_match_the_arrays():
     x = torch.ones(3, 2, 4, 4)
     signal = diffusion.q_sample(x, t, noise=torch.zeros_like(x))
     noise = diffusion.q_sample(torch.zeros_like(x), t, noise=x)
-    np.testing.assert_allclose(signal[:, 0, 0, 0].numpy(), diffusion.sqrt_alphas_cumprod[[0, 17, 39]], rtol=1e-6)
+    # The float32 table's cast of the float64 value, then a product with 1 and a sum with 0: one
+    # rounding, or two where the lookup computes in another way.
+    np.testing.assert_allclose(signal[:, 0, 0, 0].numpy(), diffusion.sqrt_alphas_cumprod[[0, 17, 39]],
+                               rtol=rounding_rtol(torch.float32, 2))
     np.testing.assert_allclose(noise[:, 0, 0, 0].numpy(), diffusion.sqrt_one_minus_alphas_cumprod[[0, 17, 39]],
-                               rtol=1e-6)
+                               rtol=rounding_rtol(torch.float32, 2))
 
 
 def test_a_respaced_process_has_its_own_tables():
@@ -113,5 +117,6 @@ def test_a_respaced_process_has_its_own_tables():
     assert spaced.schedule_tensor("alphas_cumprod", "cpu").shape == (4,)
     assert full.schedule_tensor("alphas_cumprod", "cpu").shape == (4000,)
     np.testing.assert_allclose(spaced.schedule_tensor("alphas_cumprod", "cpu").numpy(),
-                               full.alphas_cumprod[::1000].astype(np.float32), rtol=1e-6)
+                               full.alphas_cumprod[::1000].astype(np.float32),
+                               rtol=rounding_rtol(torch.float32, 2))  # each a cast of a float64 product
     assert spaced.schedule_tensor("timestep_map", "cpu").dtype == torch.int64  # integer arrays keep their type

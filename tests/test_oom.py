@@ -1,7 +1,8 @@
-"""Running out of GPU memory while refining: halve the batch, keep the results, fail only what cannot fit.
+"""Running out of GPU memory while refining: halve the batch, keep the results, fail only what cannot fit;
+and other errors of the GPU: retry one segment at a time, fail only the recordings they persist on.
 
-No GPU is needed: the network is wrapped so that it raises CUDA's out-of-memory error, in the forms
-torch raises it, for batches above a size or segments above a width.
+No GPU is needed: the network is wrapped so that it raises CUDA's errors, in the forms torch raises
+them, for batches above a size or segments above a width.
 """
 
 import logging
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from diffiner import pipeline
-from diffiner.acceleration import is_out_of_memory, release_cached_memory
+from diffiner.acceleration import is_device_error, is_out_of_memory, release_cached_memory
 from diffiner.pipeline import Refiner, SegmentTooLarge
 
 from conftest import speech_like, tiny_model_and_diffusion
@@ -151,13 +152,97 @@ def test_a_segment_that_does_not_fit_alone_fails_its_recording_and_the_run_goes_
         refiner.refine(*pair(0.35, 7), 16000)
 
 
-def test_other_errors_of_the_network_are_not_taken_for_out_of_memory():
+DEVICE_ERRORS = ["cuDNN error: CUDNN_STATUS_INTERNAL_ERROR",
+                 "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be asynchronously "
+                 "reported at some other API call",
+                 "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm( handle, opa, opb, m, n, k)`"]
+
+
+@pytest.mark.parametrize("message", DEVICE_ERRORS)
+def test_a_device_error_in_a_batch_is_retried_one_segment_at_a_time_with_the_same_results(message, caplog):
+    reference = make_refiner(batch_size=1)
+    segments = segments_of(reference, 0.05, 3)
+    expected = reference.run_segments(segments)
+    refiner = make_refiner(batch_size=3)
+    wrapper = OutOfMemoryAbove(refiner.network, lambda: RuntimeError(message), max_batch=1)
+    refiner.network = wrapper
+    with caplog.at_level(logging.WARNING, logger="diffiner.pipeline"):
+        got = refiner.run_segments(segments)
+    assert attempts(wrapper.events) == [-3, 1, 1, 1]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))  # the same batches as batch_size 1
+    assert refiner.fitting_batch == {}  # not taken for out of memory: later batches are full again
+    assert any("retrying them one at a time" in r.getMessage() for r in caplog.records)
+
+
+class FailingOn(torch.nn.Module):
+    """The network, raising `message` for batches of more than one segment and for any batch
+    whose first call `poisoned` says to fail (by its position among the attempts)."""
+
+    def __init__(self, network, message, poisoned):
+        super().__init__()
+        self.network, self.message, self.poisoned = network, message, poisoned
+        self.attempt, self.calls_left = -1, 0
+
+    def forward(self, x, t):
+        if self.calls_left == 0:  # the first call of an attempt (ddim2: two calls each)
+            self.attempt += 1
+            self.calls_left = 2
+        if x.shape[0] > 1 or self.attempt in self.poisoned:
+            self.calls_left = 0
+            raise RuntimeError(self.message)
+        self.calls_left -= 1
+        return self.network(x, t)
+
+
+def test_a_segment_the_device_fails_on_alone_too_fails_its_recording_only():
     refiner = make_refiner(batch_size=4)
-    refiner.network = OutOfMemoryAbove(refiner.network, lambda: RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"),
-                                       max_batch=1)
-    with pytest.raises(RuntimeError, match="CUDNN_STATUS_INTERNAL_ERROR"):
+    recordings = [(f"f{k}", refiner.prepare(*pair(0.05, k), 16000, key=f"f{k}").segments) for k in range(3)]
+    expected = {name: make_refiner(batch_size=1).run_segments(segs) for name, segs in recordings}
+    # Attempt 0: the batch of 3 fails; attempts 1-3: each alone, the second (f1) fails; attempt
+    # 4: f1 retried no more, so nothing else runs.
+    refiner.network = FailingOn(refiner.network, DEVICE_ERRORS[1], poisoned={2})
+    results = {r.item: r for r in refiner.refine_stream(recordings)}
+    assert sorted(results) == ["f0", "f1", "f2"]
+    failed = results["f1"]
+    assert failed.waves is None and isinstance(failed.error, pipeline.SegmentFailed)
+    assert not isinstance(failed.error, SegmentTooLarge)
+    text = str(failed.error)
+    assert "again alone" in text and "illegal memory access" in text and "\n" not in text
+    for name in ("f0", "f2"):
+        assert results[name].error is None
+        assert all(torch.equal(a, b) for a, b in zip(results[name].waves, expected[name]))
+    assert refiner.network.attempt == 3  # f1 was tried twice: in its batch and once alone
+
+    with pytest.raises(pipeline.SegmentFailed, match="again alone"):
+        refiner.network.attempt, refiner.network.poisoned = -1, {0, 1, 2, 3}
+        refiner.run_segments(recordings[0][1])
+
+
+def test_programming_errors_of_the_network_are_neither_retried_nor_taken_for_out_of_memory():
+    refiner = make_refiner(batch_size=4)
+    wrapper = OutOfMemoryAbove(refiner.network, lambda: RuntimeError(
+        "Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu!"),
+        max_batch=1)
+    refiner.network = wrapper
+    with pytest.raises(RuntimeError, match="same device"):
         refiner.run_segments(segments_of(refiner, 0.05, 2))
-    assert refiner.fitting_batch == {}
+    assert attempts(wrapper.events) == [-2] and refiner.fitting_batch == {}
+
+
+def test_is_device_error_recognises_gpu_library_errors_and_not_out_of_memory_or_programming_errors():
+    for message in DEVICE_ERRORS:
+        assert is_device_error(RuntimeError(message)) and not is_out_of_memory(RuntimeError(message))
+    try:
+        try:
+            raise RuntimeError(DEVICE_ERRORS[0])
+        except RuntimeError as cause:
+            raise ValueError("compiled function failed") from cause
+    except ValueError as wrapped:
+        assert is_device_error(wrapped)
+    assert not is_device_error(RuntimeError(MESSAGE))  # out of memory has its own handling
+    assert not is_device_error(RuntimeError("CUDA error: out of memory"))
+    assert not is_device_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not is_device_error(ValueError("CUDA error: an illegal memory access was encountered"))
 
 
 def test_is_out_of_memory_recognises_every_form_and_nothing_else():

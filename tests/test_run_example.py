@@ -332,3 +332,15 @@ def test_weights_that_are_not_the_published_layout_are_refused(tmp_path, remote)
     assert failed.returncode == 2, failed.stdout + failed.stderr
     assert f"{renamed}: not the published weights" in failed.stderr.strip().splitlines()[-1]
     assert "Refining" not in failed.stdout
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--stage", "08"], "stage must be one of 0-3, got '08'"),
+    (["--stage", "4"], "stage must be one of 0-3, got '4'"),
+    (["--stop_stage", "9"], "stop_stage must be one of 0-3, got '9'"),
+    (["--stage", "3", "--stop_stage", "1"], "stage 3 comes after stop_stage 1: no stage would run"),
+])
+def test_a_stage_range_that_runs_nothing_is_one_line_and_status_2(tmp_path, args, says):
+    failed = run_script(tmp_path, *args)
+    assert failed.returncode == 2
+    assert failed.stderr.strip() == f"error: {says}"  # one line, no bash error

@@ -2,6 +2,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -254,3 +255,49 @@ def test_the_second_method_does_not_list_the_first_ones_outputs(corpus, tiny_che
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings and not any("diffiner+_eta" in w for w in warnings), warnings
     assert "refined 5 file(s), skipped 0, failed 0" in capsys.readouterr().out
+
+
+def test_a_baseline_run_refuses_a_root_proc_holding_files_the_baseline_did_not_make(tmp_path, tiny_checkpoint,
+                                                                                       capsys):
+    """They would be skipped as "already made" and refined, under a config.yml recording
+    baseline: noisereduce."""
+    pytest.importorskip("noisereduce")
+    make_pair(str(tmp_path), "a.wav", 0.5, 16000, seed=1)  # proc/a.wav: the user's own enhanced file
+    proc = str(tmp_path / "proc")
+
+    def files():  # but the lock files the runs leave
+        return {rel: d for rel, d in output_digest(proc).items() if os.path.basename(rel) != LOCK_FILE}
+
+    before = files()
+    code = main(["--root-noisy", str(tmp_path / "noisy"), "--baseline", "noisereduce", "--root-proc", proc,
+                 "--model-path", tiny_checkpoint, "--no-gpu", "--no-progress", *tiny_cli_flags()])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "a.wav" in err and "noisereduce" in err, err
+    assert files() == before  # nothing refined, nothing recorded
+
+
+def test_a_project_moved_whole_reruns_and_a_different_root_is_still_refused(tmp_path, tiny_checkpoint, capsys):
+    """Roots are compared by where they lie from the output folder as well as by their absolute
+    paths: a project folder moved (or reached by another path) is the same project."""
+    old = tmp_path / "old"
+    for k in range(2):
+        make_pair(str(old / "project"), f"f{k}.wav", 0.3, 16000, seed=k)
+    assert run(str(old / "project"), tiny_checkpoint, "--output-dir", str(old / "project" / "out")) == 0
+    # The output folder moved alone: the roots are where they were.
+    os.rename(old / "project" / "out", old / "out")
+    capsys.readouterr()
+    assert run(str(old / "project"), tiny_checkpoint, "--output-dir", str(old / "out")) == 0
+    assert "0 file(s) to refine, 2 already done" in capsys.readouterr().out
+    # Everything moved: the roots lie where they lay from the output folder.
+    new = tmp_path / "elsewhere" / "new"
+    new.parent.mkdir()
+    os.rename(old, new)
+    assert run(str(new / "project"), tiny_checkpoint, "--output-dir", str(new / "out")) == 0
+    assert "0 file(s) to refine, 2 already done" in capsys.readouterr().out
+    # Another noisy folder is another run, wherever it lies.
+    shutil.copytree(new / "project" / "noisy", new / "project" / "noisy2")
+    code = main(["--root-noisy", str(new / "project" / "noisy2"), "--root-proc", str(new / "project" / "proc"),
+                 "--output-dir", str(new / "out"), "--model-path", tiny_checkpoint, "--no-gpu", "--no-progress",
+                 *tiny_cli_flags()])
+    err = capsys.readouterr().err
+    assert code == 2 and "data.root_noisy" in err and len(err.strip().splitlines()) == 1

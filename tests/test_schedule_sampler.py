@@ -4,6 +4,7 @@ import torch
 
 from diffiner.schedule_sampler import LossSecondMomentResampler, UniformSampler, create_named_schedule_sampler
 from diffiner.script_util import create_gaussian_diffusion
+from tolerances import rounding_rtol
 
 
 @pytest.fixture
@@ -52,7 +53,8 @@ def test_loss_second_moment_prefers_high_loss_steps_after_warm_up(diffusion):
     t, w = sampler.sample(4000, "cpu", torch.Generator().manual_seed(0))
     assert 0.12 < (t == 7).float().mean() < 0.22
     # Importance weights undo the non-uniform draw: E_p[w * f(t)] = uniform mean of f.
-    np.testing.assert_allclose(w.numpy(), 1.0 / (50 * p[t.numpy()]), rtol=1e-6)
+    # The float32 weights against float64 arithmetic: a cast and a division or two in float32.
+    np.testing.assert_allclose(w.numpy(), 1.0 / (50 * p[t.numpy()]), rtol=rounding_rtol(torch.float32, 3))
     # The history keeps only the latest values per step.
     sampler.update_with_all_losses([7, 7], [1.0, 1.0])
     assert sampler.weights()[7] == pytest.approx(sampler.weights()[8])

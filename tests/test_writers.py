@@ -80,7 +80,7 @@ def test_enhancer_flag_and_its_old_spelling(originals, tmp_path):
                        "default": ["--enhancer", "noisereduce"]}.items():
         assert enhance.main([originals, str(tmp_path / key), *flags]) == 0
         outputs[key] = {rel: sf.read(str(tmp_path / key / rel), dtype="float32")
-                        for rel in sorted(output_digest(str(tmp_path / key)))}
+                        for rel in sorted(output_digest(str(tmp_path / key))) if rel.endswith(".wav")}
     assert list(outputs["enhancer"]) == list(outputs["name"]) == list(outputs["default"]) == \
         ["a.wav", os.path.join("sub", "b.wav")]
     for rel, (audio, rate) in outputs["name"].items():

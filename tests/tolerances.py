@@ -20,3 +20,11 @@ def reordering_atol(dtype: torch.dtype, terms: int, magnitude: float, safety: fl
     a size of about `magnitude` (the largest value compared)."""
     eps = torch.finfo(dtype).eps
     return safety * eps * math.sqrt(terms) * magnitude
+
+
+def rounding_rtol(dtype: torch.dtype, roundings: int, safety: float = 2.0) -> float:
+    """Relative difference allowed between a value and the same value after `roundings` float
+    operations in `dtype` (casts included), each of which errs by at most half an epsilon
+    relative to its result (Higham's unit roundoff); `safety` covers the first-order bound's
+    neglected terms many times over."""
+    return safety * roundings * torch.finfo(dtype).eps / 2

@@ -87,7 +87,8 @@ class Listing:
     unreadable: Dict[str, str]
 
 
-def _is_audio(name: str) -> bool:
+def is_audio_name(name: str) -> bool:
+    """Whether a file name is one of the audio files the walker lists (not a temporary one)."""
     return os.path.splitext(name)[1].lower() in AUDIO_EXTENSIONS and not name.startswith(TEMPORARY_PREFIX)
 
 
@@ -166,7 +167,7 @@ def scan_audio_files(root: str, exclude: Iterable[str] = ()) -> Listing:
                     try:
                         st = os.stat(entry.path)
                     except OSError:  # broken link, or a loop of links to links
-                        if _is_audio(entry.name):
+                        if is_audio_name(entry.name):
                             logger.warning("%s: a link to nothing; skipped", entry.path)
                         continue
                     if stat.S_ISDIR(st.st_mode):
@@ -181,7 +182,7 @@ def scan_audio_files(root: str, exclude: Iterable[str] = ()) -> Listing:
             except OSError as exc:
                 unreadable[entry.path] = error_text(exc)
                 continue
-            if not _is_audio(entry.name):
+            if not is_audio_name(entry.name):
                 continue
             if stat.S_ISREG(st.st_mode):
                 files.append(child)
@@ -573,7 +574,7 @@ def convert_folder(in_root: str, out_root: str, convert: Conversion, overwrite: 
     FolderError for a layout the write rules refuse, an output folder that cannot be written or one
     that another run holds, OutputError when a write fails.
     """
-    if os.path.isfile(in_root) and _is_audio(os.path.basename(out_root)):
+    if os.path.isfile(in_root) and is_audio_name(os.path.basename(out_root)):
         check_output_file({in_root: in_root}, out_root)
         # No folder lock: the lock keeps two runs from mixing their files in one folder, and one
         # file written atomically is whole, whichever run wrote it.

@@ -269,7 +269,25 @@ def setting_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> Li
 
     old, new = settings(recorded), settings(yaml.safe_load(yaml.safe_dump(current)))
     return [f"{key}: {_shown(old.get(key))} -> {_shown(new.get(key))}"
-            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+            for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and not _same_place(recorded, current, key)]
+
+
+def _same_place(recorded: Dict[str, Any], current: Dict[str, Any], key: str) -> bool:
+    """Whether `key` is an input root ("data.root_noisy", "data.root_proc") that lies where it
+    lay from the output folder: a project moved whole (or reached by another path) reruns, a
+    root elsewhere from the output folder is another run's. The output folder alone moved keeps
+    its roots' absolute paths, which the caller compares."""
+    if key not in ("data.root_noisy", "data.root_proc"):
+        return False
+    name = key.split(".", 1)[1]
+    places = []
+    for config in (recorded, current):
+        data = config.get("data")
+        if not (isinstance(data, dict) and isinstance(data.get(name), str) and isinstance(data.get("output_dir"), str)):
+            return False  # not a record of ours: compared as written
+        places.append(os.path.relpath(data[name], data["output_dir"]))
+    return places[0] == places[1]
 
 
 def read_record(output_dir: str) -> Optional[Dict[str, Any]]:
@@ -317,10 +335,11 @@ def write_record(output_dir: str, settings: Dict[str, Any], recorded: Optional[D
                  args: argparse.Namespace, jobs: int) -> None:
     """config.yml: the settings, and the history of the runs that wrote files here. A run with
     nothing to do changes nothing but the file's time (run_example.sh finds the latest folder by
-    it)."""
+    it) and the folders' paths, which a move may have changed."""
     runs = list(recorded.get("runs", [])) if recorded else []
     if recorded and not jobs:
-        record = recorded
+        # Where the inputs and outputs are now: the same ones, maybe moved (`_same_place`).
+        record = dict(recorded, data=settings["data"])
     else:
         record = dict(settings)
         runs.append({"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -332,15 +351,15 @@ def write_record(output_dir: str, settings: Dict[str, Any], recorded: Optional[D
 
 
 def make_processed(args: argparse.Namespace, rank: int, summary: RunSummary) -> None:
-    """With --baseline: write the enhancer's outputs to --root-proc (process 0; the others wait).
-    Files the baseline could not make are failures of the run."""
+    """With --baseline: write the enhancer's outputs to --root-proc (process 0; the others wait
+    for it at the end of the caller's stage). Files the baseline could not make are failures of
+    the run."""
     if rank == 0:
         made = enhance_folder(args.baseline, args.root_noisy, args.root_proc, overwrite=args.overwrite,
                               progress=not args.no_progress)
         for rel, reason in made.failed.items():
             summary.failed[rel] = f"baseline {args.baseline}: {reason}"
         print(f"baseline {args.baseline} in {args.root_proc}: {made.describe()}")
-    dist_util.barrier()
 
 
 def report(summary: RunSummary, output_dir: str, world_size: int) -> None:
@@ -375,29 +394,35 @@ def refine_corpus(args: argparse.Namespace) -> int:
 
 def refine_into_folder(args: argparse.Namespace, refiner: Refiner, model_settings: ModelSettings, device: str,
                        rank: int, world_size: int) -> int:
-    """Check the output folder's record, plan, refine and report, holding the folder's lock."""
+    """Check the output folder's record, plan, refine and report, holding the folder's lock.
+
+    Each stage ends on every process together (`dist_util.shared_fate`): a process that fails
+    makes the others stop, each with one line naming it, instead of leaving them to wait for it.
+    """
     settings = describe_settings(args, refiner, model_settings, file_sha256(args.model_path), device, world_size)
-    recorded, differences = check_record(args, settings)
     summary = RunSummary()
     start = time.time()
-    if args.baseline is not None:
-        make_processed(args, rank, summary)
-    with usage_errors(FileNotFoundError):
-        jobs = plan_jobs(args.root_noisy, args.root_proc, args.output_dir, refiner, args.overwrite, summary)
-    if rank == 0:
-        if differences:
-            remove_previous_outputs(args.output_dir, differences)
-            recorded = None
-        write_record(args.output_dir, settings, recorded, args, len(jobs))
-        print(f"{len(jobs)} file(s) to refine, {len(summary.skipped)} already done, "
-              f"{len(summary.failed)} unreadable; output: {args.output_dir}")
-    dist_util.barrier()
+    with dist_util.shared_fate():
+        recorded, differences = check_record(args, settings)
+        if args.baseline is not None:
+            make_processed(args, rank, summary)
+    with dist_util.shared_fate():
+        with usage_errors(FileNotFoundError):
+            jobs = plan_jobs(args.root_noisy, args.root_proc, args.output_dir, refiner, args.overwrite, summary)
+        if rank == 0:
+            if differences:
+                remove_previous_outputs(args.output_dir, differences)
+                recorded = None
+            write_record(args.output_dir, settings, recorded, args, len(jobs))
+            print(f"{len(jobs)} file(s) to refine, {len(summary.skipped)} already done, "
+                  f"{len(summary.failed)} unreadable; output: {args.output_dir}")
     jobs = shard_jobs(jobs, rank, world_size)
-    if args.max_batch_frames == "auto" and jobs:
-        refiner.auto_max_batch_frames(max(job.width for job in jobs))
     try:
-        refine_files(refiner, jobs, summary, seed=args.seed, keep_sample_rate=args.keep_sample_rate,
-                     progress=not args.no_progress and rank == 0, loaders=args.loaders)
+        with dist_util.shared_fate() as check_peers:
+            if args.max_batch_frames == "auto" and jobs:
+                refiner.auto_max_batch_frames(max(job.width for job in jobs))
+            refine_files(refiner, jobs, summary, seed=args.seed, keep_sample_rate=args.keep_sample_rate,
+                         progress=not args.no_progress and rank == 0, loaders=args.loaders, check_peers=check_peers)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {len(summary.refined)} file(s) written; rerun to finish the rest", file=sys.stderr)
         return EXIT_INTERRUPTED

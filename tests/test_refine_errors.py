@@ -113,14 +113,14 @@ def test_a_checkpoint_that_cannot_be_read_is_one_line_with_status_2(corpus, tiny
 
 
 def test_one_file_failing_anywhere_in_its_processing_fails_alone(corpus, tiny_checkpoint, monkeypatch, capsys):
-    real = Refiner.prepare
+    real = Refiner.stream_segments
 
-    def prepare(self, noisy, processed, rate, seed=0, key=""):
+    def stream_segments(self, layout, noisy, processed, seed=0, key=""):
         if key == FILES[1]:
             raise RuntimeError("Argument #4: Padding size should be less than the corresponding input dimension")
-        return real(self, noisy, processed, rate, seed=seed, key=key)
+        return real(self, layout, noisy, processed, seed=seed, key=key)
 
-    monkeypatch.setattr(Refiner, "prepare", prepare)
+    monkeypatch.setattr(Refiner, "stream_segments", stream_segments)
     assert run(corpus, tiny_checkpoint) == 1
     err = capsys.readouterr().err
     assert f"FAILED {FILES[1]}:" in err and "RuntimeError" in err and "Traceback" not in err

@@ -21,6 +21,7 @@ import os
 import shutil
 import stat
 import struct
+import sys
 import uuid
 from typing import IO, Any, Iterable, Iterator, Optional, Tuple
 
@@ -72,10 +73,21 @@ class RecordError(DiffinerError, ValueError):
     exit_code = EXIT_USAGE
 
 
+def soundfile_path(path: str) -> Any:
+    """`path` as soundfile can open it. soundfile encodes a str path strictly, so a name that is
+    not valid in the file system's encoding (held by Python as surrogate escapes: a Latin-1 name
+    on a UTF-8 system) could not be opened at all; such a name goes as its bytes."""
+    try:
+        path.encode(sys.getfilesystemencoding())
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+    return path
+
+
 def audio_info(path: str) -> Tuple[int, int, int]:
     """Return (samples, sample_rate, channels) without reading the samples."""
     try:
-        info = sf.info(path)
+        info = sf.info(soundfile_path(path))
     except Exception as exc:  # soundfile raises several types for unreadable files
         raise AudioError(f"{path}: cannot read audio header ({exc})") from exc
     return info.frames, info.samplerate, info.channels
@@ -89,7 +101,7 @@ def load_audio(path: str) -> Tuple[np.ndarray, int]:
     warning naming both lengths.
     """
     try:
-        data, sr = sf.read(path, dtype="float32", always_2d=True)
+        data, sr = sf.read(soundfile_path(path), dtype="float32", always_2d=True)
     except Exception as exc:
         raise AudioError(f"{path}: cannot read audio ({exc})") from exc
     _check_length(path, data.shape[0])
@@ -132,7 +144,7 @@ def read_blocks(path: str, frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray]:
     the caller has planned its work by that length.
     """
     try:
-        handle = sf.SoundFile(path)
+        handle = sf.SoundFile(soundfile_path(path))
     except Exception as exc:
         raise AudioError(f"{path}: cannot read audio ({exc})") from exc
     with handle:
@@ -280,7 +292,7 @@ def save_audio(path: str, audio: np.ndarray, sample_rate: int, subtype: str = "P
     data = audio if audio.ndim == 1 else audio.T
     data = np.clip(data, -1.0, 1.0)
     with atomic_output(path) as tmp:
-        sf.write(tmp, data, sample_rate, subtype=subtype, format=_container(path))
+        sf.write(soundfile_path(tmp), data, sample_rate, subtype=subtype, format=_container(path))
 
 
 class BlockWriter:
@@ -303,7 +315,7 @@ class BlockWriter:
             # Opened inside atomic_output, so that a failure to create the file is an OutputError.
             with _soundfile_errors(self.path):
                 self._file = stack.enter_context(sf.SoundFile(
-                    tmp, "w", self.sample_rate, self.channels, self.subtype, format=_container(self.path)))
+                    soundfile_path(tmp), "w", self.sample_rate, self.channels, self.subtype, format=_container(self.path)))
             self._stack = stack.pop_all()
         return self
 

@@ -4,7 +4,11 @@ refined files out.
 The engine behind `diffiner-refine` (scripts/run_refiner.py). Noisy and processed files are
 paired by relative path. Files are sorted by the width their spectrogram is padded to, so that
 equal widths share batches, and each finished file is written at once (atomically), so an
-interrupted run loses nothing already written and a rerun picks up where it stopped. Under
+interrupted run loses nothing already written and a rerun picks up where it stopped.
+
+A file of any length is read, refined and written segment by segment (`stream_pair`,
+`Refiner.refine_segments`, `Refiner.stream_output`): what a run holds is a few segments per file
+being read ahead, a batch, and the windows being joined, never a whole long file. Under
 torchrun/mpiexec every process takes its share of the files (`shard_jobs`).
 
 Whatever goes wrong with one file (unreadable, too different from its partner, an error of the
@@ -16,18 +20,20 @@ stops the run, since every file after it would fail the same way.
 import itertools
 import logging
 import os
+import queue
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .audio.folders import describe_failure, file_errors, output_path, pair_folders
-from .audio.io import (MODEL_SAMPLE_RATE, AudioError, audio_info, fit_length, load_audio, resample, resampled_length,
-                       save_audio)
-from .pipeline import Prepared, Refiner
+from .audio.io import (MODEL_SAMPLE_RATE, AudioError, BlockWriter, audio_info, check_input_rate, fit_length,
+                       fit_stream, load_audio, read_blocks, resample, resample_stream, resampled_length)
+from .pipeline import Layout, Refiner, Segment, SegmentDone
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ class FileJob:
     output_path: str
     width: int = 0  # padded spectrogram width of its segments
     seconds: float = 0.0
+    segments: int = 0  # how many segments it is refined in (the progress bar counts them)
 
 
 @dataclass
@@ -98,10 +105,14 @@ def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner
             continue
         with file_errors(summary.failed, rel, job.processed_path):
             job.output_path = output_path(output_dir, rel)  # refuses a link leading out of output_dir
-            samples, rate, _ = audio_info(job.processed_path)
-            audio_info(job.noisy_path)
+            samples, rate, channels = audio_info(job.processed_path)
+            noisy_rate, noisy_channels = audio_info(job.noisy_path)[1:]
+            check_input_rate(job.processed_path, rate)
+            check_input_rate(job.noisy_path, noisy_rate)
             job.seconds = samples / rate
-            job.width = refiner.padded_width(resampled_length(samples, rate, MODEL_SAMPLE_RATE))
+            samples16 = resampled_length(samples, rate, MODEL_SAMPLE_RATE)
+            job.width = refiner.padded_width(samples16)
+            job.segments = refiner.layout(samples16, max(channels, noisy_channels), rate, samples).segments_count
             jobs.append(job)
     jobs.sort(key=lambda j: (j.width, j.rel))
     return jobs
@@ -134,24 +145,150 @@ def load_pair(noisy_path: str, processed_path: str) -> Tuple[np.ndarray, np.ndar
     processed, rate = load_audio(processed_path)
     if noisy_rate != rate:
         noisy = resample(noisy, noisy_rate, rate)
-    diff = abs(noisy.shape[-1] - processed.shape[-1]) / rate
+    check_pair_lengths(noisy_path, processed_path, noisy.shape[-1], processed.shape[-1], rate)
+    return fit_length(noisy, processed.shape[-1]), processed, rate
+
+
+def check_pair_lengths(noisy_path: str, processed_path: str, noisy_samples: int, samples: int, rate: int) -> None:
+    """AudioError naming both files when the noisy file (brought to `rate`) and the processed
+    file differ in length by more than LENGTH_TOLERANCE_S."""
+    diff = abs(noisy_samples - samples) / rate
     if diff > LENGTH_TOLERANCE_S:
         raise AudioError(
             f"{noisy_path} and {processed_path}: lengths differ by {diff:.3f} s "
             f"(more than {LENGTH_TOLERANCE_S} s); are they the same utterance?"
         )
-    return fit_length(noisy, processed.shape[-1]), processed, rate
 
 
-def prefetched(pool: ThreadPoolExecutor, items: Sequence, fn: Callable, lookahead: int) -> Iterator[Tuple]:
-    """Yield (item, future of fn(item)) in order, keeping `lookahead` calls running ahead."""
+def stream_pair(refiner: Refiner, noisy_path: str, processed_path: str) -> Tuple[Layout, Iterator[np.ndarray],
+                                                                                  Iterator[np.ndarray]]:
+    """A pair as `load_pair` and `Refiner.prepare` make it, streamed: (its layout, the noisy and
+    the processed blocks at 16 kHz covering the layout's windows). The headers are checked here
+    (rates, lengths, channels), before a sample is read; the blocks hold the same samples as the
+    whole-file path, block for block."""
+    noisy_samples, noisy_rate, noisy_channels = audio_info(noisy_path)
+    samples, rate, channels_processed = audio_info(processed_path)
+    check_input_rate(noisy_path, noisy_rate)
+    check_input_rate(processed_path, rate)
+    at_rate = resampled_length(noisy_samples, noisy_rate, rate)
+    check_pair_lengths(noisy_path, processed_path, at_rate, samples, rate)
+    channels = max(noisy_channels, channels_processed)
+    if {noisy_channels, channels_processed} - {1, channels}:
+        raise ValueError(f"channel counts differ: noisy {noisy_channels}, processed {channels_processed}")
+    samples16 = resampled_length(samples, rate, MODEL_SAMPLE_RATE)
+    layout = refiner.layout(samples16, channels, rate, samples)
+    covered = layout.bounds[-1][1]
+    noisy = fit_stream(resample_stream(read_blocks(noisy_path), noisy_rate, rate, at_rate), samples)
+    noisy16 = fit_stream(resample_stream(noisy, rate, MODEL_SAMPLE_RATE, samples16), covered)
+    processed16 = fit_stream(resample_stream(read_blocks(processed_path), rate, MODEL_SAMPLE_RATE, samples16), covered)
+    return layout, noisy16, processed16
+
+
+def started_ahead(items: Sequence, start: Callable, lookahead: int) -> Iterator[Tuple]:
+    """Yield (item, start(item)) in order, with `start` called for up to `lookahead` items ahead."""
     items = iter(items)
-    queue = deque((item, pool.submit(fn, item)) for item in itertools.islice(items, lookahead))
+    queue = deque((item, start(item)) for item in itertools.islice(items, lookahead))
     while queue:
-        item, future = queue.popleft()
+        item, started = queue.popleft()
         for nxt in itertools.islice(items, 1):
-            queue.append((nxt, pool.submit(fn, nxt)))
-        yield item, future
+            queue.append((nxt, start(nxt)))
+        yield item, started
+
+
+class SegmentsAhead:
+    """A recording's segments made in a loader thread, at most `ahead` of them waiting.
+
+    `make` returns (its layout, its segments); `layout` is set before the first segment comes
+    out. Iterating gives the segments, or raises what making them raised. After `close` the thread
+    stops at its next segment, and iterating ends.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, make: Callable[[], Tuple[Layout, Iterator]], ahead: int):
+        self.layout: Optional[Layout] = None
+        self._queue: "queue.Queue" = queue.Queue(ahead)
+        self._closed = threading.Event()
+        pool.submit(self._fill, make)
+
+    def _fill(self, make: Callable[[], Tuple[Layout, Iterator]]) -> None:
+        segments = None
+        if self._closed.is_set():
+            return
+        try:
+            self.layout, segments = make()
+            for segment in segments:
+                if not self._put((segment,)):
+                    return
+        except Exception as exc:  # handed to the consumer, whose boundary names the file
+            self._put(exc)
+            return
+        finally:
+            if segments is not None:
+                segments.close()  # the files it reads are closed now, not when collected
+        self._put(None)
+
+    def _put(self, entry: Any) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(entry, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Segment]:
+        while not self._closed.is_set():
+            try:
+                entry = self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if entry is None:
+                return
+            if isinstance(entry, Exception):
+                raise entry
+            yield entry[0]
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+# How often a loader or writer waiting on a queue checks whether it has been stopped.
+_POLL_S = 0.1
+# Segments made ahead per file being read (each about 2 MB for 10 s segments).
+SEGMENTS_AHEAD = 8
+
+
+class _Abandoned(Exception):
+    """The recording being written failed: its output is not made."""
+
+
+_ABANDON = object()  # put on a writer's queue: the recording failed, leave nothing
+
+
+class _Output:
+    """One recording being written in the writer thread, from the waves put on its queue (at most
+    SEGMENTS_AHEAD waiting: a writer that falls behind holds up the network, not memory)."""
+
+    def __init__(self) -> None:
+        self.waves: "queue.Queue" = queue.Queue(SEGMENTS_AHEAD)
+        self.stopped = False  # the writer is done (or failed): nothing put from now on is taken
+
+    def put(self, wave: Any) -> None:
+        """Hand the writer a wave, the end (None) or _ABANDON; dropped once the writer has stopped."""
+        while not self.stopped:
+            try:
+                self.waves.put(wave, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def taken(self) -> Iterator:
+        while True:
+            wave = self.waves.get()
+            if wave is None:
+                return
+            if wave is _ABANDON:
+                raise _Abandoned()
+            yield wave
 
 
 def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary, *, seed: int,
@@ -159,54 +296,79 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
                  check_peers: Callable[[], None] = lambda: None) -> None:
     """Refine the jobs in width order, batching segments of equal width across files.
 
-    Reading and preparing upcoming files (`loaders` threads) and writing finished ones (one
-    thread) overlap the network's work. Results go into `summary`; a file that fails is recorded
-    there and the others go on. Raises OutputError as soon as a write fails. `check_peers` is
-    called as each file is read and as each is refined; it raises to stop the run (another
-    process of the job has failed: `dist_util.shared_fate`).
+    Reading and cutting upcoming files (`loaders` threads, each file a few segments ahead) and
+    writing finished segments (one thread) overlap the network's work. Results go into
+    `summary`; a file that fails is recorded there and the others go on. Raises OutputError as
+    soon as a write fails. The progress bar counts segments. `check_peers` is called as each file
+    starts and as each segment is refined; it raises to stop the run (another process of the job
+    has failed: `dist_util.shared_fate`).
     """
-    bar = tqdm(total=len(jobs), desc="refining", unit="file", disable=not progress)
+    bar = tqdm(total=sum(job.segments for job in jobs), desc="refining", unit="segment", disable=not progress)
+    streams: Dict[int, SegmentsAhead] = {}
+    outputs: Dict[int, _Output] = {}
+    done: Dict[int, int] = {}
 
-    def prepare(job: FileJob) -> Prepared:
-        noisy, processed, rate = load_pair(job.noisy_path, job.processed_path)
-        return refiner.prepare(noisy, processed, rate, seed=seed, key=job.rel)
+    def start(numbered: Tuple[int, FileJob]) -> SegmentsAhead:
+        number, job = numbered
+        check_peers()
 
-    def readable(load_pool: ThreadPoolExecutor) -> Iterator[Tuple[Tuple[FileJob, Prepared], List]]:
-        for job, future in prefetched(load_pool, jobs, prepare, lookahead=2 * loaders):
-            check_peers()
-            prepared = None
-            with file_errors(summary.failed, job.rel, job.processed_path):
-                prepared = future.result()
-            if prepared is None:
-                bar.update(1)
-                continue
-            yield (job, prepared), prepared.segments
+        def make() -> Tuple[Layout, Iterator]:
+            layout, noisy16, processed16 = stream_pair(refiner, job.noisy_path, job.processed_path)
+            return layout, refiner.stream_segments(layout, noisy16, processed16, seed=seed, key=job.rel)
 
-    def finish(job: FileJob, prepared: Prepared, waves: List) -> None:
+        streams[number] = SegmentsAhead(load_pool, make, SEGMENTS_AHEAD)
+        return streams[number]
+
+    def write(job: FileJob, layout: Layout, output: _Output) -> None:
+        """The one place where a recording's refined blocks are written; a per-block step at the
+        output rate (one with a lookahead holds back that many samples until the next block or
+        the end) goes between `stream_output` and the writer."""
+        rate = layout.sample_rate if keep_sample_rate else MODEL_SAMPLE_RATE
         with file_errors(summary.failed, job.rel, job.processed_path):
-            rate = prepared.sample_rate if keep_sample_rate else MODEL_SAMPLE_RATE
-            audio = refiner.assemble(prepared, waves, rate)
-            if not np.all(np.isfinite(audio)):
-                raise ValueError("the refined audio is not finite")
-            save_audio(job.output_path, audio, rate)
+            try:
+                with BlockWriter(job.output_path, rate, layout.channels) as writer:
+                    for block in refiner.stream_output(layout, output.taken(), rate):
+                        writer.write(block)
+            except _Abandoned:
+                return
+            finally:
+                output.stopped = True
             summary.refined.append(job.rel)
             summary.audio_seconds += job.seconds
-        bar.update(1)
 
-    try:
-        with ThreadPoolExecutor(loaders) as load_pool, ThreadPoolExecutor(1) as write_pool:
-            writes: "deque[Future]" = deque()
-            for done in refiner.refine_stream(readable(load_pool)):
+    writes: "deque[Future]" = deque()
+    with ThreadPoolExecutor(loaders) as load_pool, ThreadPoolExecutor(1) as write_pool:
+        try:
+            recordings = started_ahead(list(enumerate(jobs)), start, lookahead=2 * loaders)
+            for event in refiner.refine_segments((number, stream) for (number, _), stream in recordings):
                 check_peers()
-                job, prepared = done.item
-                if done.error is not None:
-                    summary.failed[job.rel] = describe_failure(job.processed_path, done.error)
+                number = event.item
+                job = jobs[number]
+                if isinstance(event, SegmentDone):
                     bar.update(1)
+                    done[number] = done.get(number, 0) + 1
+                    if number not in outputs:
+                        outputs[number] = _Output()
+                        writes.append(write_pool.submit(write, job, streams[number].layout, outputs[number]))
+                    if outputs[number].stopped:
+                        streams[number].close()  # its write failed: no use refining the rest
+                    outputs[number].put(event.wave)
                 else:
-                    writes.append(write_pool.submit(finish, job, prepared, done.waves))
+                    streams.pop(number).close()
+                    output = outputs.pop(number, None)
+                    if event.error is not None:
+                        summary.failed[job.rel] = describe_failure(job.processed_path, event.error)
+                    bar.update(max(0, job.segments - done.get(number, 0)))  # those it will never refine
+                    if output is not None:
+                        output.put(_ABANDON if event.error is not None else None)
                 while writes and writes[0].done():
                     writes.popleft().result()  # a failed write (disk full) stops the run here
-            for write in writes:
-                write.result()
-    finally:
-        bar.close()
+            for pending in writes:
+                pending.result()
+        finally:
+            # Nothing may wait for ever: loaders blocked on a full queue, writers on an empty one.
+            for stream in streams.values():
+                stream.close()
+            for output in outputs.values():
+                output.put(_ABANDON)
+            bar.close()

@@ -7,15 +7,21 @@ This is the one code path shared by the Python API, the folder command and the b
    silence only up to the network's multiple of frames (32 for the published model), keeping at
    least one frame past the signal (see `padded_width`). Recordings shorter than the STFT allows
    are zero-padded first (`MIN_SAMPLES`).
-2. `Refiner.refine_stream`, the one batch runner, groups the segments of recordings that arrive
-   one by one (a folder, or `run_segments`' list) into batches of equal width, and
-   `Refiner.run_batch` refines one batch. Every segment has its own random generator, seeded
-   from the seed and the segment's identity, so its result does not depend on which other
-   segments share its batch. A batch that runs out of GPU memory is halved and retried, and the
-   smaller size is kept for later batches of that width. A batch that meets another error of the
-   GPU (a failed kernel, cuDNN, cuBLAS) is retried one segment at a time, and a segment that
-   fails alone too fails its recording only.
+2. `Refiner.refine_segments`, the one batch runner, groups the segments of recordings that
+   arrive one by one (a folder, or `run_segments`' list) into batches of equal width, taking
+   each recording's segments only as batches need them, and `Refiner.run_batch` refines one
+   batch. Every segment has its own random generator, seeded from the seed and the segment's
+   identity, so its result does not depend on which other segments share its batch (up to the
+   last bits). A batch that runs out of GPU memory is halved and retried, and the smaller size is
+   kept for later batches of that width. A batch that meets another error of the GPU (a failed
+   kernel, cuDNN, cuBLAS) is retried one segment at a time, and a segment that fails alone too
+   fails its recording only. `refine_stream` gathers each recording's results.
 3. `Refiner.assemble` joins segments with a normalised cross-fade and trims to the input length.
+
+A recording of any length can also go through as a stream, with the same samples
+(`stream_segments` cuts segments from blocks of 16 kHz audio, `stream_output` joins refined
+segments into blocks at the output rate as soon as no later segment overlaps them): the folder
+command refines every file so, and holds a few segments per file, never a whole long file.
 
 In the diffusers sense, `refiner.refine` is the scheduler-and-sampler, the UNet is the model and
 `Refiner` is the pipeline around them.
@@ -34,7 +40,7 @@ import torch
 from .acceleration import (ExecutionSettings, build_runner, estimate_max_batch_frames, is_device_error,
                            is_out_of_memory, release_cached_memory)
 from .audio.folders import check_output_file
-from .audio.io import MODEL_SAMPLE_RATE, fit_length, resample, resampled_length, save_audio
+from .audio.io import MODEL_SAMPLE_RATE, fit_length, resample, resample_stream, resampled_length, save_audio
 from .checkpoints import ModelSettings, load_model
 from .errors import UsageError, first_line
 from .flags import affects_output, setting
@@ -46,6 +52,10 @@ from .seeding import derive_seed, torch_generator
 from .spectrogram import HOP_LENGTH, MIN_SAMPLES, noise_map, num_frames, spec_to_wave, wave_to_spec
 
 logger = logging.getLogger(__name__)
+
+# Multichannel recordings up to this long are cut channel by channel (see Layout.channel_major);
+# holding one costs about 200 kB per second and extra channel.
+CHANNEL_MAJOR_MAX_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -161,15 +171,44 @@ class Segment:
 
 
 @dataclass
-class Prepared:
-    """A recording split into segments, with what is needed to put it back together."""
+class Layout:
+    """How a recording is cut into segments and put back together."""
 
-    segments: List[Segment]
     bounds: List[Tuple[int, int]]  # (start, end) sample of each window, the same for every channel
     channels: int
     samples: int  # length at 16 kHz (the windows cover max(samples, MIN_SAMPLES): short ones are padded)
     sample_rate: int  # the caller's sample rate
     input_samples: int  # length at the caller's sample rate
+
+    @property
+    def segments_count(self) -> int:
+        return self.channels * len(self.bounds)
+
+    @property
+    def channel_major(self) -> bool:
+        """Whether the segments go channel by channel (else window by window; for one channel,
+        or one window, the two orders are the same). Recordings up to CHANNEL_MAJOR_MAX_SECONDS
+        keep the order in which segments were always batched, since a batch's other segments
+        change a result in its last bits; longer ones go window by window, so that the memory
+        held does not grow with their length."""
+        return self.samples <= CHANNEL_MAJOR_MAX_SECONDS * MODEL_SAMPLE_RATE
+
+    def output_length(self, rate: int) -> int:
+        """Samples of the refined recording at `rate`: at the caller's own rate exactly the
+        input's count; at another, the 16 kHz length resampled, and at least one sample (a
+        1-sample file at 48 kHz is 0 samples long at 16 kHz, and an empty output would pass for a
+        refined file)."""
+        if rate == self.sample_rate:
+            return self.input_samples
+        return max(1, resampled_length(self.samples, MODEL_SAMPLE_RATE, rate))
+
+
+@dataclass
+class Prepared(Layout):
+    """A recording split into segments (channel by channel, each in time order), with what is
+    needed to put it back together."""
+
+    segments: List[Segment] = dataclasses.field(default_factory=list)
 
 
 def segment_seed(seed: int, key: str, channel: int, index: int) -> int:
@@ -211,21 +250,72 @@ def padded_width(samples: int, multiple: int, max_samples: int) -> int:
 
 def crossfade_join(chunks: Sequence[np.ndarray], bounds: Sequence[Tuple[int, int]], samples: int,
                    overlap: int) -> np.ndarray:
-    """Overlap-add windows with linear fades over `overlap` samples, normalised by the weights."""
-    if len(chunks) == 1:
-        return chunks[0]
-    out = np.zeros(samples, dtype=np.float64)
-    total = np.zeros(samples, dtype=np.float64)
-    ramp = (np.arange(overlap) + 0.5) / max(overlap, 1)
-    for k, (chunk, (start, end)) in enumerate(zip(chunks, bounds)):
+    """Overlap-add windows with linear fades over `overlap` samples, normalised by the weights;
+    the windows cover `samples` exactly (see `CrossfadeJoiner`)."""
+    if bounds[0][0] != 0 or bounds[-1][1] != samples:
+        raise ValueError(f"windows {bounds[0]} ... {bounds[-1]} do not cover {samples} samples")
+    joiner = CrossfadeJoiner(bounds, overlap)
+    return np.concatenate([joiner.add(np.asarray(chunk)[None])[0] for chunk in chunks])
+
+
+class CrossfadeJoiner:
+    """`crossfade_join` as a stream: windows (channels, samples) go in in order, and each `add`
+    returns the samples that no later window overlaps, joined: the same values, so the memory it
+    holds is one window's, however many windows there are.
+
+    Each sample is the sum of weight * window over the windows that cover it, in window order
+    from zero, divided by the sum of the weights (float64, then float32); a single window comes
+    back as it is.
+    """
+
+    def __init__(self, bounds: Sequence[Tuple[int, int]], overlap: int):
+        self.bounds = list(bounds)
+        self.overlap = overlap
+        self.ramp = (np.arange(overlap) + 0.5) / max(overlap, 1)
+        self.index = 0
+        self.offset = 0  # the first sample not yet returned; `out` and `total` start there
+        self.out = np.zeros((0, 0), dtype=np.float64)
+        self.total = np.zeros(0, dtype=np.float64)
+
+    def add(self, chunk: np.ndarray) -> np.ndarray:
+        """Take the next window (channels, end - start); return the finished samples (channels, n)."""
+        k, (start, end) = self.index, self.bounds[self.index]
+        self.index += 1
+        last = self.index == len(self.bounds)
+        if len(self.bounds) == 1:
+            return chunk
         weight = np.ones(end - start)
-        if k > 0 and overlap:
-            weight[:overlap] = ramp
-        if k < len(chunks) - 1 and overlap:
-            weight[-overlap:] = np.minimum(weight[-overlap:], ramp[::-1])
-        out[start:end] += weight * chunk
-        total[start:end] += weight
-    return (out / total).astype(np.float32)
+        if k > 0 and self.overlap:
+            weight[:self.overlap] = self.ramp
+        if not last and self.overlap:
+            weight[-self.overlap:] = np.minimum(weight[-self.overlap:], self.ramp[::-1])
+        grow = end - self.offset - self.total.shape[0]
+        if grow > 0:
+            self.out = np.concatenate([self.out.reshape(chunk.shape[0], -1),
+                                       np.zeros((chunk.shape[0], grow))], axis=1)
+            self.total = np.concatenate([self.total, np.zeros(grow)])
+        self.out[:, start - self.offset:end - self.offset] += weight * chunk
+        self.total[start - self.offset:end - self.offset] += weight
+        done = (end if last else self.bounds[self.index][0]) - self.offset
+        joined = (self.out[:, :done] / self.total[:done]).astype(np.float32)
+        self.out, self.total = self.out[:, done:], self.total[done:]
+        self.offset += done
+        return joined
+
+
+def sliding_windows(blocks: Iterable[np.ndarray], bounds: Sequence[Tuple[int, int]]) -> Iterator[np.ndarray]:
+    """The (channels, end - start) windows `bounds` (starts and ends increasing) of the signal
+    that `blocks` (channels, n) make up, holding no more of it than a window and a block."""
+    blocks = iter(blocks)
+    buffer: Optional[np.ndarray] = None
+    offset = 0  # the sample at buffer[:, 0]
+    for start, end in bounds:
+        if buffer is not None:
+            buffer, offset = buffer[:, start - offset:], start
+        while buffer is None or offset + buffer.shape[1] < end:
+            block = next(blocks)
+            buffer = block if buffer is None else np.concatenate([buffer, block], axis=1)
+        yield np.ascontiguousarray(buffer[:, start - offset:end - offset])
 
 
 class Refiner:
@@ -353,21 +443,67 @@ class Refiner:
         # recordings are refined as if followed by silence, and `assemble` trims it away.
         covered = max(samples, MIN_SAMPLES)
         noisy16, processed16 = fit_length(noisy16, covered), fit_length(processed16, covered)
-        bounds = segment_bounds(covered, self.max_samples, self.overlap_samples)
+        layout = self.layout(samples, channels, sample_rate, input_samples)
         segments = []
         for channel in range(channels):
             y_wave = torch.from_numpy(noisy16[min(channel, noisy16.shape[0] - 1)])
             p_wave = torch.from_numpy(processed16[min(channel, processed16.shape[0] - 1)])
-            for index, (start, end) in enumerate(bounds):
-                # Silence after the window, up to the shortest length whose STFT has the network's
-                # width: the frames past the signal are those of a signal that ends, so inverting
-                # them all gives the window back (see padded_width).
-                pad = (0, (self.padded_width(end - start) - 1) * HOP_LENGTH - (end - start))
-                y_spec = wave_to_spec(torch.nn.functional.pad(y_wave[start:end], pad))
-                sigma = noise_map(y_spec, wave_to_spec(torch.nn.functional.pad(p_wave[start:end], pad)))
-                segments.append(Segment(noisy=y_spec, noise_map=sigma, samples=end - start,
-                                        seed=segment_seed(seed, key, channel, index)))
-        return Prepared(segments, bounds, channels, samples, sample_rate, input_samples)
+            for index, (start, end) in enumerate(layout.bounds):
+                segments.append(self._segment(y_wave[start:end], p_wave[start:end],
+                                              segment_seed(seed, key, channel, index)))
+        return Prepared(**dataclasses.asdict(layout), segments=segments)
+
+    def layout(self, samples: int, channels: int, sample_rate: int, input_samples: int) -> Layout:
+        """The windows of a recording of `samples` at 16 kHz (`input_samples` at `sample_rate`)."""
+        # The centred STFT reflects 256 samples at each end, which needs more than 256: shorter
+        # recordings are refined as if followed by silence, and the output is trimmed.
+        bounds = segment_bounds(max(samples, MIN_SAMPLES), self.max_samples, self.overlap_samples)
+        return Layout(bounds, channels, samples, sample_rate, input_samples)
+
+    def _segment(self, noisy: torch.Tensor, processed: torch.Tensor, seed: int) -> Segment:
+        """The segment of one mono window of the noisy and processed signals (16 kHz)."""
+        samples = noisy.shape[-1]
+        # Silence after the window, up to the shortest length whose STFT has the network's
+        # width: the frames past the signal are those of a signal that ends, so inverting
+        # them all gives the window back (see padded_width).
+        pad = (0, (self.padded_width(samples) - 1) * HOP_LENGTH - samples)
+        y_spec = wave_to_spec(torch.nn.functional.pad(noisy, pad))
+        sigma = noise_map(y_spec, wave_to_spec(torch.nn.functional.pad(processed, pad)))
+        return Segment(noisy=y_spec, noise_map=sigma, samples=samples, seed=seed)
+
+    # ----- streams: a recording of any length in the memory of a few windows -----
+    def stream_segments(self, layout: Layout, noisy: Iterable[np.ndarray], processed: Iterable[np.ndarray], *,
+                        seed: int = 0, key: str = "") -> Iterator[Segment]:
+        """The segments of a recording given as 16 kHz blocks (channels, n) that make up exactly
+        `layout.bounds[-1][1]` samples (noisy or processed may be mono, shared by every channel),
+        each made as `prepare` makes it, in `prepare`'s order (channel by channel) where
+        `layout.channel_major`, else window by window. Only the windows being cut are held (all
+        of them for a multichannel recording cut channel by channel)."""
+        windows: Iterable[Tuple[np.ndarray, np.ndarray]] = zip(sliding_windows(noisy, layout.bounds),
+                                                               sliding_windows(processed, layout.bounds))
+
+        def segment(y: np.ndarray, p: np.ndarray, channel: int, index: int) -> Segment:
+            return self._segment(torch.from_numpy(y[min(channel, y.shape[0] - 1)]),
+                                 torch.from_numpy(p[min(channel, p.shape[0] - 1)]),
+                                 segment_seed(seed, key, channel, index))
+
+        if layout.channel_major and layout.channels > 1:
+            windows = list(windows)
+            for channel in range(layout.channels):
+                for index, (y, p) in enumerate(windows):
+                    yield segment(y, p, channel, index)
+            return
+        for index, (y, p) in enumerate(windows):
+            for channel in range(layout.channels):
+                yield segment(y, p, channel, index)
+
+    def stream_output(self, layout: Layout, waves: Iterable[torch.Tensor], rate: int) -> Iterator[np.ndarray]:
+        """The refined recording at `rate`, as (channels, n) float32 blocks, from the waves of its
+        segments in `stream_segments`' order: the samples `assemble` returns, exactly
+        `layout.output_length(rate)` of them, each block as soon as no later segment changes it."""
+        joiner = CrossfadeJoiner(layout.bounds, self.overlap_samples)
+        joined = (joiner.add(window) for window in _windows_of(layout, waves))
+        return resample_stream(joined, MODEL_SAMPLE_RATE, rate, layout.output_length(rate))
 
     def run_segments(self, segments: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:
         """Refine segments (any widths) and return their waveforms at 16 kHz, in order.
@@ -468,50 +604,91 @@ class Refiner:
         spec = spec.float().cpu()
         return [spec_to_wave(spec[k], seg.samples) for k, seg in enumerate(batch)]
 
-    def refine_stream(self, recordings: Iterable[Tuple[Any, Sequence[Segment]]], progress: bool = False
+    def refine_stream(self, recordings: Iterable[Tuple[Any, Iterable[Segment]]], progress: bool = False
                       ) -> Iterator["Refined"]:
         """Refine recordings as they arrive, each given as (item, its segments, all of one width);
         yield a `Refined` for each one as soon as all its segments are done (or as soon as it has
-        failed). The one batch runner: the folder command and the Python API both refine here.
+        failed). `refine_segments`, with each recording's waves gathered.
+        """
+        items: Dict[int, Any] = {}
+        waves: Dict[int, List[torch.Tensor]] = {}
+
+        def numbered() -> Iterator[Tuple[int, Iterable[Segment]]]:
+            for number, (item, segments) in enumerate(recordings):
+                items[number] = item
+                yield number, segments
+
+        for event in self.refine_segments(numbered(), progress=progress):
+            if isinstance(event, SegmentDone):
+                waves.setdefault(event.item, []).append(event.wave)
+                continue
+            done = waves.pop(event.item, [])
+            yield Refined(items.pop(event.item), None if event.error else done, event.error)
+
+    def refine_segments(self, recordings: Iterable[Tuple[Any, Iterable[Segment]]], progress: bool = False
+                        ) -> Iterator[Union["SegmentDone", "RecordingDone"]]:
+        """Refine recordings as they arrive, each given as (item, its segments, all of one width,
+        taken one by one as batches need them): the one batch runner, under the folder command
+        and the Python API alike.
+
+        Yields a `SegmentDone` for each segment, in each recording's order, then a
+        `RecordingDone` once the recording's segments have run out and are all done; or, as soon
+        as it fails, a `RecordingDone` with the error, and nothing more of it. A recording fails
+        when a segment does not fit in GPU memory even alone (a SegmentTooLarge), when the device
+        fails on a segment in its batch and again alone (a SegmentFailed), or when taking its
+        next segment raises (reading it failed midway); the others go on.
 
         Segments of consecutive recordings of equal width share batches (of `batch_size_for` that
         width), so recordings sorted by width fill the batches; a batch runs as soon as it
-        is full, so only a batch's worth of segments waits in memory. A recording with a segment
-        that does not fit in GPU memory even alone, or that the device fails on in its batch and
-        again alone, fails alone (its `error` is a SegmentFailed); the others go on. `progress` shows each batch's reverse steps.
+        is full, so only a batch's worth of segments waits in memory, whatever a recording's
+        length. `progress` shows each batch's reverse steps.
         """
-        pending: List[Tuple[_InProgress, int]] = []  # (recording, segment index), all of one width
+        pending: List[Tuple[_InProgress, int, Segment]] = []  # (recording, index, segment), all of one width
         for item, segments in recordings:
-            entry = _InProgress(item, list(segments))
-            if pending and pending[0][0].width != entry.width:
-                yield from self._run_pending(pending, flush=True, progress=progress)
-            pending.extend((entry, i) for i in range(len(entry.segments)))
-            yield from self._run_pending(pending, flush=False, progress=progress)
+            entry = _InProgress(item)
+            taken = iter(segments)
+            while not entry.failed:
+                try:
+                    segment = next(taken)
+                except StopIteration:
+                    break
+                except Exception as exc:  # the boundary: reading one recording failed, the others go on
+                    entry.failed = True
+                    yield RecordingDone(item, exc)
+                    break
+                if pending and pending[0][2].width != segment.width:
+                    yield from self._run_pending(pending, flush=True, progress=progress)
+                pending.append((entry, entry.taken, segment))
+                entry.taken += 1
+                yield from self._run_pending(pending, flush=False, progress=progress)
+            entry.exhausted = True
+            if entry.finished:
+                yield RecordingDone(item)
         yield from self._run_pending(pending, flush=True, progress=progress)
 
-    def _run_pending(self, pending: List[Tuple["_InProgress", int]], flush: bool, progress: bool = False
-                     ) -> Iterator["Refined"]:
+    def _run_pending(self, pending: List[Tuple["_InProgress", int, Segment]], flush: bool, progress: bool = False
+                     ) -> Iterator[Union["SegmentDone", "RecordingDone"]]:
         """Run the full batches of `pending` (every batch with `flush`) and drop them from it."""
         while True:
-            pending[:] = [(entry, i) for entry, i in pending if not entry.failed]
+            pending[:] = [waiting for waiting in pending if not waiting[0].failed]
             if not pending:
                 return
-            size = self.batch_size_for(pending[0][0].width)  # one width (refine_stream)
+            size = self.batch_size_for(pending[0][2].width)  # one width (refine_segments)
             if not flush and len(pending) < size:
                 return  # wait for more segments of this width
             batch = pending[:size]
-            for k, wave in self._run_fitting([entry.segments[i] for entry, i in batch], progress):
-                entry, i = batch[k]
+            for k, wave in self._run_fitting([segment for _, _, segment in batch], progress):
+                entry, index, _ = batch[k]
                 if entry.failed:
                     continue
                 if isinstance(wave, SegmentFailed):
                     entry.failed = True
-                    yield Refined(entry.item, None, wave)
+                    yield RecordingDone(entry.item, wave)
                     continue
-                entry.waves[i] = wave
-                entry.remaining -= 1
-                if entry.remaining == 0:
-                    yield Refined(entry.item, entry.waves)
+                entry.done += 1
+                yield SegmentDone(entry.item, index, wave)
+                if entry.finished:
+                    yield RecordingDone(entry.item)
             del pending[:len(batch)]
 
     def assemble(self, prepared: Prepared, waves: Sequence[torch.Tensor],
@@ -521,22 +698,14 @@ class Refiner:
         At the caller's own sample rate the output has exactly the input's sample count.
         """
         per_channel = len(prepared.bounds)
-        covered = prepared.bounds[-1][1]  # more than prepared.samples when a short recording was padded
-        joined = np.stack([
-            crossfade_join([w.numpy() for w in waves[c * per_channel:(c + 1) * per_channel]],
-                           prepared.bounds, covered, self.overlap_samples)
-            for c in range(prepared.channels)
-        ])
+        joiner = CrossfadeJoiner(prepared.bounds, self.overlap_samples)
+        joined = np.concatenate([
+            joiner.add(np.stack([waves[c * per_channel + k].numpy() for c in range(prepared.channels)]))
+            for k in range(per_channel)], axis=1)
         rate = output_sample_rate or MODEL_SAMPLE_RATE
-        if rate == prepared.sample_rate:
-            length = prepared.input_samples
-        else:
-            # At least one sample: a 1-sample file at 48 kHz is 0 samples long at 16 kHz, and an
-            # empty output would pass for a refined file.
-            length = max(1, resampled_length(prepared.samples, MODEL_SAMPLE_RATE, rate))
         # Resampled before trimming: the padding of a short recording gives the resampler its
         # context, and the trim then gives exactly the input's duration.
-        return resample(joined, MODEL_SAMPLE_RATE, rate, length=length)
+        return resample(joined, MODEL_SAMPLE_RATE, rate, length=prepared.output_length(rate))
 
     # ----- the Python API -----
     def refine(self, noisy: np.ndarray, processed: np.ndarray, sample_rate: int, *, seed: int = 0,
@@ -609,20 +778,49 @@ class Refined:
 
 
 @dataclass
+class SegmentDone:
+    """One refined segment out of `Refiner.refine_segments`: its wave (16 kHz, on the CPU)."""
+
+    item: Any
+    index: int  # in its recording's order
+    wave: torch.Tensor
+
+
+@dataclass
+class RecordingDone:
+    """The end of a recording in `Refiner.refine_segments`: every segment done, or `error`."""
+
+    item: Any
+    error: Optional[Exception] = None
+
+
+@dataclass
 class _InProgress:
     """A recording whose segments are being refined."""
 
     item: Any
-    segments: List[Segment]
-
-    def __post_init__(self):
-        self.waves: List[Optional[torch.Tensor]] = [None] * len(self.segments)
-        self.remaining = len(self.waves)
-        self.failed = False
+    taken: int = 0  # segments taken from it so far
+    done: int = 0  # segments refined
+    exhausted: bool = False  # no segment left to take
+    failed: bool = False
 
     @property
-    def width(self) -> int:
-        return self.segments[0].width
+    def finished(self) -> bool:
+        return self.exhausted and not self.failed and self.done == self.taken
+
+
+def _windows_of(layout: Layout, waves: Iterable[torch.Tensor]) -> Iterator[np.ndarray]:
+    """The refined windows (channels, n) in time order, from segment waves in `stream_segments`'
+    order."""
+    windows, channels = len(layout.bounds), layout.channels
+    if layout.channel_major and channels > 1:
+        waves = list(waves)
+        for k in range(windows):
+            yield np.stack([waves[c * windows + k].numpy() for c in range(channels)])
+        return
+    waves = iter(waves)
+    for _ in range(windows):
+        yield np.stack([next(waves).numpy() for _ in range(channels)])
 
 
 class ArrayError(UsageError, ValueError):

@@ -46,7 +46,9 @@ def derive_seed(seed: int, *parts: object) -> int:
     """A 64-bit seed that depends only on `seed` and `parts` (hashed: stable across processes,
     unlike Python's salted hash())."""
     text = "\x00".join(str(p) for p in (seed, *parts))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    # surrogateescape: a file name that is not UTF-8 (its bytes held as surrogate escapes) hashes
+    # as those bytes; every other text encodes as plain UTF-8, so no seed changes.
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()[:8], "little")
 
 
 def torch_generator(seed: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:

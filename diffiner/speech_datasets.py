@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from .audio.folders import list_audio_files
-from .audio.io import MODEL_SAMPLE_RATE, AudioError, audio_info, resample, to_mono
+from .audio.io import MODEL_SAMPLE_RATE, AudioError, audio_info, resample, soundfile_path, to_mono
 from .seeding import STREAM_EXCERPT, STREAM_FILE_ORDER, stream_rng
 from .spectrogram import wave_to_spec
 
@@ -108,7 +108,7 @@ def read_excerpt(entry: AudioFile, start: int, seq_dur: float) -> np.ndarray:
     """
     stop = start + source_samples(seq_dur, entry.sample_rate)
     try:
-        data, _ = sf.read(entry.path, start=start, stop=stop, dtype="float32", always_2d=True)
+        data, _ = sf.read(soundfile_path(entry.path), start=start, stop=stop, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several types for damaged files
         raise AudioError(f"{entry.path}: cannot read samples {start}..{stop} ({exc})") from exc
     if not np.all(np.isfinite(data)):

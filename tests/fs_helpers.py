@@ -64,18 +64,28 @@ def deny_listing(monkeypatch, *folders: str) -> None:
 
 
 def fill_disk(monkeypatch, after: int = 0) -> None:
-    """Make soundfile.write fail as libsndfile does on a full disk ("System error.") once `after`
-    files have been written."""
-    real = sf.write
-    written = [0]
+    """Make writing audio fail as libsndfile does on a full disk ("System error.") once `after`
+    files have been written: through soundfile.write (a whole file) and SoundFile.write (a file
+    written block by block, counted once)."""
+    real, real_block = sf.write, sf.SoundFile.write
+    started = []
+
+    def check(name) -> None:
+        if name not in started:
+            if len(started) >= after:
+                raise sf.LibsndfileError(2, prefix=f"Error writing {name!r}: ")
+            started.append(name)
 
     def write(file, *args, **kwargs):
-        if written[0] >= after:
-            raise sf.LibsndfileError(2, prefix=f"Error opening {file!r}: ")
-        written[0] += 1
+        check(file)
         return real(file, *args, **kwargs)
 
+    def write_block(self, data):
+        check(self.name)
+        return real_block(self, data)
+
     monkeypatch.setattr(sf, "write", write)
+    monkeypatch.setattr(sf.SoundFile, "write", write_block)
 
 
 def deny_writing(monkeypatch, folder: str) -> None:

@@ -169,3 +169,16 @@ def test_a_record_too_large_too_deep_or_not_a_file_is_refused(tmp_path):
             audio.read_yaml_record(str(fifo))
     path.write_text("refiner: {method: diffiner+}\nseed: 0\n")
     assert audio.read_yaml_record(str(path)) == {"refiner": {"method": "diffiner+"}, "seed": 0}
+
+
+def test_a_file_name_that_is_not_utf8_reads_and_writes(tmp_path):
+    from diffiner.audio.io import BlockWriter, audio_info, load_audio, read_blocks, save_audio
+
+    path = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.wav"))  # U+DCE9 stands for byte 0xE9
+    audio = np.linspace(-0.5, 0.5, 300, dtype=np.float32)[None]
+    save_audio(path, audio, 16000)
+    assert audio_info(path) == (300, 16000, 1)
+    assert np.array_equal(load_audio(path)[0], np.concatenate(list(read_blocks(path, 100)), axis=1))
+    with BlockWriter(path, 16000, 1) as writer:
+        writer.write(audio)
+    assert os.listdir(os.fsencode(tmp_path)) == [b"caf\xe9.wav"]

@@ -113,14 +113,14 @@ def test_a_checkpoint_that_cannot_be_read_is_one_line_with_status_2(corpus, tiny
 
 
 def test_one_file_failing_anywhere_in_its_processing_fails_alone(corpus, tiny_checkpoint, monkeypatch, capsys):
-    real = Refiner.prepare
+    real = Refiner.stream_segments
 
-    def prepare(self, noisy, processed, rate, seed=0, key=""):
+    def stream_segments(self, layout, noisy, processed, seed=0, key=""):
         if key == FILES[1]:
             raise RuntimeError("Argument #4: Padding size should be less than the corresponding input dimension")
-        return real(self, noisy, processed, rate, seed=seed, key=key)
+        return real(self, layout, noisy, processed, seed=seed, key=key)
 
-    monkeypatch.setattr(Refiner, "prepare", prepare)
+    monkeypatch.setattr(Refiner, "stream_segments", stream_segments)
     assert run(corpus, tiny_checkpoint) == 1
     err = capsys.readouterr().err
     assert f"FAILED {FILES[1]}:" in err and "RuntimeError" in err and "Traceback" not in err
@@ -233,3 +233,29 @@ def test_a_file_the_baseline_cannot_make_fails_the_run(corpus, tiny_checkpoint, 
     assert code == 1 and "FAILED broken.wav: baseline noisereduce:" in err and "Traceback" not in err
     refined = corpus / "nr" / "diffiner+_etaA=0.4_etaB=0.6_etaC=0.0_etaD=0.6"
     assert all((refined / rel).is_file() for rel in FILES)
+
+
+def test_a_file_name_that_is_not_utf8_is_refined_like_any_other(corpus, tiny_checkpoint, capsys):
+    # Issue 21 item 10: a Latin-1 name on a UTF-8 system (Python holds its byte 0xE9 as the
+    # surrogate escape U+DCE9, which soundfile and the seed's hash refused to encode) was
+    # reported as unreadable.
+    name = os.fsdecode(b"caf\xe9 take.wav")
+    for side in ("noisy", "proc"):  # soundfile takes such a name as bytes only
+        sf.write(os.fsencode(corpus / side / name), 0.5 * speech_like(0.3, 16000, seed=9), 16000)
+    assert run(corpus, tiny_checkpoint) == 0, capsys.readouterr().err
+    summary = json.load(open(corpus / "out" / "summary.json"))
+    assert summary["refined"] == len(FILES) + 1 and summary["failed"] == {}
+    assert b"caf\xe9 take.wav" in os.listdir(os.fsencode(corpus / "out"))
+    data, rate = sf.read(os.fsencode(corpus / "out" / name))
+    assert rate == 16000 and data.shape == (4800,) and np.abs(data).max() > 0
+
+
+def test_seeds_of_utf8_keys_are_unchanged_by_the_escape_handling():
+    import hashlib
+
+    from diffiner.seeding import derive_seed
+
+    for key in ("a.wav", "sub/ü €.wav"):
+        text = f"7\x00{key}\x000\x001"
+        assert derive_seed(7, key, 0, 1) == int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+    assert derive_seed(7, os.fsdecode(b"caf\xe9.wav")) != derive_seed(7, os.fsdecode(b"caf\xe8.wav"))

@@ -6,6 +6,10 @@ interrupted run never leaves a truncated file behind. A write that fails (full d
 folder) raises `OutputError` naming the file: the caller cannot go on writing, unlike a bad input
 or a non-finite result, which concern one file only (`AudioError`).
 
+Long files are read, resampled and written block by block (`read_blocks`, `resample_stream`,
+`BlockWriter`), with exactly the samples the whole-file functions give (soxr's stream carries its
+filter state across blocks), so a file's length never sets the memory a run needs.
+
 Records that runs leave beside their outputs (YAML) are read by `read_yaml_record`, which bounds
 what a hostile or broken file can cost: a size cap and no anchors or aliases.
 """
@@ -17,8 +21,9 @@ import os
 import shutil
 import stat
 import struct
+import sys
 import uuid
-from typing import IO, Any, Iterator, Optional, Tuple
+from typing import IO, Any, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import soundfile as sf
@@ -35,6 +40,12 @@ TEMPORARY_PREFIX = ".tmp-"
 NAME_MAX = 255
 # Records (config.yml and the like) are a few kB; a larger file is not one of ours.
 RECORD_MAX_BYTES = 1 << 20
+# Below this rate a recording holds less than 2 kHz of band, no speech the 16 kHz model can use; a
+# header that claims such a rate (a WAV "at 1 Hz") would make each of its samples 16000 or more at
+# 16 kHz: a few hundred kB of file, days of refinement.
+MIN_INPUT_SAMPLE_RATE = 4000
+# Frames read (or written) at a time by the block functions: 1 s at 64 kHz, a few hundred kB.
+BLOCK_FRAMES = 1 << 16
 # What libsndfile raises for a failed write (soundfile < 0.11 raised a plain RuntimeError).
 _SOUNDFILE_ERROR = getattr(sf, "LibsndfileError", RuntimeError)
 
@@ -62,10 +73,21 @@ class RecordError(DiffinerError, ValueError):
     exit_code = EXIT_USAGE
 
 
+def soundfile_path(path: str) -> Any:
+    """`path` as soundfile can open it. soundfile encodes a str path strictly, so a name that is
+    not valid in the file system's encoding (held by Python as surrogate escapes: a Latin-1 name
+    on a UTF-8 system) could not be opened at all; such a name goes as its bytes."""
+    try:
+        path.encode(sys.getfilesystemencoding())
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+    return path
+
+
 def audio_info(path: str) -> Tuple[int, int, int]:
     """Return (samples, sample_rate, channels) without reading the samples."""
     try:
-        info = sf.info(path)
+        info = sf.info(soundfile_path(path))
     except Exception as exc:  # soundfile raises several types for unreadable files
         raise AudioError(f"{path}: cannot read audio header ({exc})") from exc
     return info.frames, info.samplerate, info.channels
@@ -79,20 +101,66 @@ def load_audio(path: str) -> Tuple[np.ndarray, int]:
     warning naming both lengths.
     """
     try:
-        data, sr = sf.read(path, dtype="float32", always_2d=True)
+        data, sr = sf.read(soundfile_path(path), dtype="float32", always_2d=True)
     except Exception as exc:
         raise AudioError(f"{path}: cannot read audio ({exc})") from exc
-    if data.shape[0] == 0:
+    _check_length(path, data.shape[0])
+    _check_finite(path, data)
+    return np.ascontiguousarray(data.T), sr
+
+
+def _check_length(path: str, held: int) -> None:
+    """AudioError for an empty file; a warning for a WAV that holds less than its header promises."""
+    if held == 0:
         raise AudioError(f"{path}: file has zero length")
-    if not np.all(np.isfinite(data)):
-        raise AudioError(f"{path}: file contains NaN or infinite samples")
     promised = wav_header_samples(path)
-    if promised is not None and promised > data.shape[0]:
+    if promised is not None and promised > held:
         # libsndfile silently clamps the length to what the file holds: a truncated copy would
         # otherwise pass for a complete recording.
         logger.warning("%s: the header promises %d samples but the file holds %d (truncated?); using %d",
-                       path, promised, data.shape[0], data.shape[0])
-    return np.ascontiguousarray(data.T), sr
+                       path, promised, held, held)
+
+
+def _check_finite(path: str, samples: np.ndarray) -> None:
+    if not np.all(np.isfinite(samples)):
+        raise AudioError(f"{path}: file contains NaN or infinite samples")
+
+
+def check_input_rate(path: str, rate: int) -> None:
+    """AudioError naming `path` for a sample rate below MIN_INPUT_SAMPLE_RATE; checked from the
+    header, before a sample is read or a buffer sized by the file's length is made."""
+    if rate < MIN_INPUT_SAMPLE_RATE:
+        raise AudioError(f"{path}: sample rate {rate} Hz is below {MIN_INPUT_SAMPLE_RATE} Hz; not a recording the "
+                         "refiner can use (is the header damaged?)")
+
+
+def read_blocks(path: str, frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray]:
+    """The samples of `path` as float32 (channels, n) blocks of at most `frames`, the values
+    `load_audio` reads, with its checks (AudioError for an unreadable or empty file and for
+    non-finite samples, raised at the block that holds them; the warning for a WAV cut short).
+
+    Exactly `audio_info(path)[0]` samples come out: a file that ends before its header's length
+    (a FLAC cut short; libsndfile already counts a WAV by what it holds) is an AudioError, since
+    the caller has planned its work by that length.
+    """
+    try:
+        handle = sf.SoundFile(soundfile_path(path))
+    except Exception as exc:
+        raise AudioError(f"{path}: cannot read audio ({exc})") from exc
+    with handle:
+        expected = handle.frames
+        _check_length(path, expected)
+        done = 0
+        while done < expected:
+            try:
+                block = handle.read(min(frames, expected - done), dtype="float32", always_2d=True)
+            except Exception as exc:
+                raise AudioError(f"{path}: cannot read audio ({exc})") from exc
+            if block.shape[0] == 0:
+                raise AudioError(f"{path}: the file ends after {done} of the {expected} samples its header promises")
+            _check_finite(path, block)
+            done += block.shape[0]
+            yield np.ascontiguousarray(block.T)
 
 
 def wav_header_samples(path: str) -> Optional[int]:
@@ -150,6 +218,50 @@ def resample(audio: np.ndarray, sr_in: int, sr_out: int, length: Optional[int] =
     return out[0] if squeeze else out
 
 
+def resample_stream(blocks: Iterable[np.ndarray], sr_in: int, sr_out: int, length: int) -> Iterator[np.ndarray]:
+    """`resample` of the concatenated (channels, n) `blocks`, as blocks: the same samples, exactly
+    `length` of them (the stream's end is trimmed or zero-padded, as `fit_length` does)."""
+    if sr_in == sr_out:
+        return fit_stream(blocks, length)
+    return fit_stream(_soxr_stream(blocks, sr_in, sr_out), length)
+
+
+def _soxr_stream(blocks: Iterable[np.ndarray], sr_in: int, sr_out: int) -> Iterator[np.ndarray]:
+    """soxr's streaming resampler over (channels, n) float32 blocks; its output equals that of one
+    soxr.resample call over the whole signal, sample for sample."""
+    import soxr
+
+    stream = None
+    pending = None  # one block held back, so that the last one goes in with last=True
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float32)
+        if stream is None:
+            stream = soxr.ResampleStream(sr_in, sr_out, block.shape[0], dtype="float32", quality="VHQ")
+        if pending is not None:
+            yield stream.resample_chunk(np.ascontiguousarray(pending.T)).T
+        pending = block
+    if pending is not None:
+        yield stream.resample_chunk(np.ascontiguousarray(pending.T), last=True).T
+
+
+def fit_stream(blocks: Iterable[np.ndarray], length: int) -> Iterator[np.ndarray]:
+    """`fit_length` over a stream of (channels, n) blocks: the first `length` samples, then zeros
+    (in blocks of at most BLOCK_FRAMES) up to `length`."""
+    done, channels = 0, None
+    for block in blocks:
+        take = max(0, min(block.shape[-1], length - done))
+        if take or channels is None:  # an empty first block still tells the next stage the channels
+            yield np.ascontiguousarray(block[:, :take])
+            done += take
+        channels = block.shape[0]
+    while done < length:
+        if channels is None:
+            raise ValueError("cannot pad an empty stream: its channel count is unknown")
+        take = min(BLOCK_FRAMES, length - done)
+        yield np.zeros((channels, take), dtype=np.float32)
+        done += take
+
+
 def fit_length(audio: np.ndarray, length: int) -> np.ndarray:
     """Trim or zero-pad the last axis to `length` samples."""
     n = audio.shape[-1]
@@ -179,10 +291,60 @@ def save_audio(path: str, audio: np.ndarray, sample_rate: int, subtype: str = "P
                          "not written")
     data = audio if audio.ndim == 1 else audio.T
     data = np.clip(data, -1.0, 1.0)
-    ext = os.path.splitext(path)[1].lower()
-    fmt = "FLAC" if ext == ".flac" else "WAV"
     with atomic_output(path) as tmp:
-        sf.write(tmp, data, sample_rate, subtype=subtype, format=fmt)
+        sf.write(soundfile_path(tmp), data, sample_rate, subtype=subtype, format=_container(path))
+
+
+class BlockWriter:
+    """A file written block by block as `save_audio` writes it whole, byte for byte: 16-bit PCM by
+    default, the container by the extension, samples clipped to [-1, 1], atomically.
+
+    Use as a context manager: the file appears at `path` when the block exits normally after
+    `write` took every block; on an error (a non-finite block is an AudioError naming `path`) or an
+    interruption nothing is left but what was there before.
+    """
+
+    def __init__(self, path: str, sample_rate: int, channels: int, subtype: str = "PCM_16"):
+        self.path, self.sample_rate, self.channels, self.subtype = path, sample_rate, channels, subtype
+        self._stack = contextlib.ExitStack()
+        self._file: Optional[sf.SoundFile] = None
+
+    def __enter__(self) -> "BlockWriter":
+        with self._stack as stack:
+            tmp = stack.enter_context(atomic_output(self.path))
+            # Opened inside atomic_output, so that a failure to create the file is an OutputError.
+            with _soundfile_errors(self.path):
+                self._file = stack.enter_context(sf.SoundFile(
+                    soundfile_path(tmp), "w", self.sample_rate, self.channels, self.subtype, format=_container(self.path)))
+            self._stack = stack.pop_all()
+        return self
+
+    def write(self, audio: np.ndarray) -> None:
+        """Append (channels, n) float audio."""
+        audio = np.asarray(audio, dtype=np.float32)
+        if not np.all(np.isfinite(audio)):
+            raise AudioError(f"{self.path}: the audio to write has NaN or infinite samples; not written")
+        with _soundfile_errors(self.path):
+            self._file.write(np.clip(audio.T, -1.0, 1.0))
+
+    def __exit__(self, *exc_info) -> None:
+        self._stack.__exit__(*exc_info)
+
+
+@contextlib.contextmanager
+def _soundfile_errors(path: str) -> Iterator[None]:
+    """libsndfile's write errors as OutputError naming `path` (atomic_output's rule, for errors
+    raised between its entry and exit)."""
+    try:
+        yield
+    except _SOUNDFILE_ERROR as exc:
+        raise OutputError(f"{path}: cannot write ({error_text(exc)}"
+                          f"{free_space_hint(os.path.dirname(os.path.abspath(path)))})") from exc
+
+
+def _container(path: str) -> str:
+    """The container a written file takes from its extension: FLAC for .flac, else WAV."""
+    return "FLAC" if os.path.splitext(path)[1].lower() == ".flac" else "WAV"
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -85,16 +85,18 @@ from diffiner.audio.io import OutputError
 from diffiner.commands.refine import main
 
 status_file, slow_batch_s, argv = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
-save_audio, run_batch = corpus.save_audio, pipeline.Refiner.run_batch
+run_batch = pipeline.Refiner.run_batch
+BlockWriter = corpus.BlockWriter
 
 
 # Each rank is known only once the job is set up (mpiexec: by MPI, inside main).
-def full_disk_on_rank_1(path, *args, **kwargs):
-    if dist_util.get_rank() != 1:
-        return save_audio(path, *args, **kwargs)
-    with open(status_file.format(rank=1) + ".failed", "w") as f:
-        f.write(repr(time.time()))
-    raise OutputError(f"{path}: cannot write: [Errno 28] No space left on device")
+class FullDiskOnRank1(BlockWriter):
+    def write(self, block):
+        if dist_util.get_rank() != 1:
+            return super().write(block)
+        with open(status_file.format(rank=1) + ".failed", "w") as f:
+            f.write(repr(time.time()))
+        raise OutputError(f"{self.path}: cannot write: [Errno 28] No space left on device")
 
 
 def slow_on_rank_0(self, batch, progress=False):
@@ -103,7 +105,7 @@ def slow_on_rank_0(self, batch, progress=False):
     return run_batch(self, batch, progress)
 
 
-corpus.save_audio, pipeline.Refiner.run_batch = full_disk_on_rank_1, slow_on_rank_0
+corpus.BlockWriter, pipeline.Refiner.run_batch = FullDiskOnRank1, slow_on_rank_0
 status = main(argv)
 rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])  # set by torchrun or by main
 done = status_file.format(rank=rank)

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .audio.folders import describe_failure, file_errors, output_path, pair_folders
+from .audio.records import CHANGED, DONE, UNLISTED, OutputRecord, fingerprint
 from .audio.io import (MODEL_SAMPLE_RATE, AudioError, audio_info, fit_length, load_audio, resample, resampled_length,
                        save_audio)
 from .pipeline import Prepared, Refiner
@@ -44,6 +45,11 @@ class FileJob:
     output_path: str
     width: int = 0  # padded spectrogram width of its segments
     seconds: float = 0.0
+    inputs: Dict[str, Dict] = field(default_factory=dict)  # {role: fingerprint}, taken before reading
+
+    def input_paths(self) -> Dict[str, str]:
+        """{role: path} of the files the output is made from, as the output record keys them."""
+        return {"noisy": self.noisy_path, "processed": self.processed_path}
 
 
 @dataclass
@@ -51,6 +57,7 @@ class RunSummary:
     refined: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
     failed: Dict[str, str] = field(default_factory=dict)
+    redone: List[str] = field(default_factory=list)  # planned again: an input changed since it was refined
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
 
@@ -66,14 +73,20 @@ class RunSummary:
         for part in parts:
             merged.refined += part.refined
             merged.skipped = part.skipped  # every process saw the same finished files
+            merged.redone = part.redone
             merged.failed.update(part.failed)
             merged.audio_seconds += part.audio_seconds
         return merged
 
 
 def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner, overwrite: bool,
-              summary: RunSummary) -> List[FileJob]:
+              summary: RunSummary, record: OutputRecord) -> List[FileJob]:
     """Pair the files, drop those already refined, and sort the rest by padded width.
+
+    Already refined: `record` lists the output, made from the same noisy and processed files,
+    unchanged since (`records.OutputRecord.state`); one whose input changed is planned again and
+    named in `summary.redone`. With `overwrite` every pair is planned. Without it, files at output
+    paths that `record` does not list are refused (SettingsError): they are not ours to replace.
 
     Two folders pair by relative path; neither is read below the other one or below the output
     folder. A noisy file pairs with the processed file `root_proc` (or, `root_proc` being a
@@ -91,18 +104,29 @@ def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner
         summary.failed.update(pairing.unreadable)
         pairs = [(rel, os.path.join(root_noisy, rel), os.path.join(root_proc, rel)) for rel in pairing.common]
     jobs = []
+    unlisted = []
     for rel, noisy_path, processed_path in pairs:
         job = FileJob(rel, noisy_path, processed_path, os.path.join(output_dir, rel))
-        if os.path.exists(job.output_path) and not overwrite:
-            summary.skipped.append(rel)
-            continue
+        state = record.state(rel, job.input_paths())
+        if not overwrite:
+            if state == DONE:
+                summary.skipped.append(rel)
+                continue
+            if state == UNLISTED:
+                unlisted.append(rel)
+                continue
+            if state == CHANGED:
+                logger.info("%s: its noisy or processed file changed since it was refined; redone", job.output_path)
+                summary.redone.append(rel)
         with file_errors(summary.failed, rel, job.processed_path):
             job.output_path = output_path(output_dir, rel)  # refuses a link leading out of output_dir
+            job.inputs = {role: fingerprint(path) for role, path in job.input_paths().items()}
             samples, rate, _ = audio_info(job.processed_path)
             audio_info(job.noisy_path)
             job.seconds = samples / rate
             job.width = refiner.padded_width(resampled_length(samples, rate, MODEL_SAMPLE_RATE))
             jobs.append(job)
+    record.refuse_unlisted(output_dir, record.writer, unlisted)
     jobs.sort(key=lambda j: (j.width, j.rel))
     return jobs
 
@@ -155,12 +179,14 @@ def prefetched(pool: ThreadPoolExecutor, items: Sequence, fn: Callable, lookahea
 
 
 def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary, *, seed: int,
-                 keep_sample_rate: bool, progress: bool = True, loaders: int = 2) -> None:
+                 keep_sample_rate: bool, progress: bool = True, loaders: int = 2,
+                 record: Optional[OutputRecord] = None) -> None:
     """Refine the jobs in width order, batching segments of equal width across files.
 
     Reading and preparing upcoming files (`loaders` threads) and writing finished ones (one
-    thread) overlap the network's work. Results go into `summary`; a file that fails is recorded
-    there and the others go on. Raises OutputError as soon as a write fails.
+    thread) overlap the network's work. Results go into `summary`, and each file written into
+    `record`; a file that fails is recorded there and the others go on. Raises OutputError as
+    soon as a write fails.
     """
     bar = tqdm(total=len(jobs), desc="refining", unit="file", disable=not progress)
 
@@ -185,6 +211,8 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
             if not np.all(np.isfinite(audio)):
                 raise ValueError("the refined audio is not finite")
             save_audio(job.output_path, audio, rate)
+            if record is not None:
+                record.add(job.rel, job.inputs)
             summary.refined.append(job.rel)
             summary.audio_seconds += job.seconds
         bar.update(1)

@@ -131,13 +131,16 @@ def enhance_folder(name: str, root_noisy: str, out_root: str, overwrite: bool = 
 
     16-bit, like the refiner's own outputs and the corpora it is shown on, so that every system
     in a comparison is stored alike; its quantisation noise (about -96 dBFS) lies far below the
-    noise that enhancers leave. Existing outputs are skipped unless `overwrite`; writes are
-    atomic; `progress` shows a progress bar over the files. Unreadable inputs are listed in the result's `failed`. Raises ValueError for an
-    unknown name, ImportError when its package is missing (before anything is read or written),
-    FileNotFoundError for a missing folder.
+    noise that enhancers leave. Outputs already done (the writer's record: same enhancer, inputs
+    unchanged) are skipped unless `overwrite`; a folder enhanced with another enhancer is refused
+    (SettingsError) unless `overwrite`, which deletes the files its record lists and redoes all.
+    Writes are atomic; `progress` shows a progress bar over the files. Unreadable inputs are
+    listed in the result's `failed`. Raises ValueError for an unknown name, ImportError when its
+    package is missing (before anything is read or written), FileNotFoundError for a missing
+    folder.
     """
     check_available(name)  # once, not as a failure of every file
     result = convert_folder(root_noisy, out_root, lambda rel, audio, sr: (enhance(name, audio, sr), sr), overwrite,
-                            progress=progress, desc=name, writer=WRITER)
+                            progress=progress, desc=name, writer=WRITER, settings={"enhancer": name})
     logger.debug("enhancer %s -> %s: %s", name, out_root, result.describe())  # the commands print it
     return result

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from diffiner import __version__
-from diffiner.audio.folders import LOCK_FILE
+from diffiner.audio.folders import LOCK_FILE, REFINE_WRITER
+from diffiner.audio.records import record_name
 from diffiner.commands.refine import main, parse_etas
 from diffiner.pipeline import MethodSettings
 
@@ -151,6 +152,14 @@ def test_two_process_sharded_run_equals_a_single_process_run_bit_for_bit(tmp_pat
         rel = f"s{k % 2}/f{k}.wav"
         with open(os.path.join(root, "single", rel), "rb") as a, open(os.path.join(root, "sharded", rel), "rb") as b:
             assert a.read() == b.read(), rel
+    # Every process's files are in the one record (their log folded in by process 0): a rerun of
+    # the job has nothing to do.
+    record = json.load(open(os.path.join(root, "sharded", record_name(REFINE_WRITER))))
+    assert sorted(record["files"]) == sorted(f"s{k % 2}/f{k}.wav" for k in range(6))
+    assert not os.path.exists(os.path.join(root, "sharded", record_name(REFINE_WRITER) + ".log"))
+    again = subprocess.run(launch(script, *common, "--output-dir", os.path.join(root, "sharded")),
+                           env=launcher_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 file(s) to refine, 6 already done" in again.stdout, again.stderr[-3000:]
 
 
 def test_duration_balanced_sharding():

@@ -251,6 +251,17 @@ def test_quiet_prints_only_the_closing_line_and_no_progress_no_bar(originals, tm
     assert captured.err == ""
 
 
+def test_quiet_evaluation_prints_where_the_results_are_only(tmp_path, capsys):
+    for folder in ("clean", "sys"):
+        write_wav(str(tmp_path / folder / "a.wav"), speech_like(0.5, 16000), 16000)
+    out = str(tmp_path / "out")
+    assert evaluate.main(["--clean", str(tmp_path / "clean"), "--system", f"s={tmp_path / 'sys'}", "--metrics",
+                          "sisdr", "--workers", "1", "--output-dir", out, "--num-plot-files", "0", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"results written to {out}"] and captured.err == ""
+    assert os.path.isfile(os.path.join(out, "summary.md"))  # the table is there, not on the terminal
+
+
 def test_quiet_refinement_prints_its_summary_only(tmp_path, tiny_checkpoint, capsys):
     for side in ("noisy", "proc"):
         write_wav(str(tmp_path / side / "a.wav"), speech_like(0.3, 16000), 16000)

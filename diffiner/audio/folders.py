@@ -26,8 +26,9 @@ runs never mix their files in one folder; the lock file also records which write
 
 `convert_folder` is the one way the package turns an input tree into an output tree (preceding
 enhancers, resampling, demo noise): every audio file under the input folder becomes one file at
-the same relative path under the output folder, written atomically, and outputs that already
-exist are skipped, so an interrupted run is resumed by running it again.
+the same relative path under the output folder, written atomically, and outputs already done
+(the writer's record, `records.OutputRecord`: same settings, inputs unchanged) are skipped, so an
+interrupted run is resumed by running it again.
 """
 
 import contextlib

@@ -13,7 +13,8 @@ from .common import report_folder, run_command, setup_logging, show_progress
 def build_parser():
     parser = command_parser(
         "Enhance every .wav/.flac file under NOISY (or the one file NOISY) with a preceding SE method, writing the "
-        "same relative paths under OUT; existing outputs are skipped.", {"settings": [
+        "same relative paths under OUT; outputs already done are skipped, another enhancer into OUT is refused "
+        "unless --overwrite.", {"settings": [
             Flag("enhancer", ENHANCERS[0], "the SE method", choices=ENHANCERS, aliases=("name",)),
             OVERWRITE_FLAG,
             *CONSOLE_FLAGS,

@@ -32,7 +32,8 @@ def resample_folder(in_root: str, out_root: str, rate: int = MODEL_SAMPLE_RATE,
 
 def build_parser():
     parser = command_parser(
-        "Resample every .wav/.flac file under IN to OUT, keeping relative paths; existing outputs are skipped.",
+        "Resample every .wav/.flac file under IN to OUT, keeping relative paths; outputs already done are skipped, "
+        "another --rate into OUT is refused unless --overwrite.",
         {"settings": [
             Flag("rate", MODEL_SAMPLE_RATE, "target sample rate in Hz"),
             OVERWRITE_FLAG,

@@ -15,7 +15,7 @@ from diffiner.audio.records import CHANGED, DONE, NEW, UNLISTED, OutputRecord, f
 from diffiner.commands import enhance, make_noisy_set, refine, resample_audio, sample_prior
 
 from conftest import speech_like, tiny_cli_flags, write_wav
-from fs_helpers import output_digest, tree_digest
+from fs_helpers import deadline, output_digest, tree_digest
 
 
 def one_error_line(err: str) -> str:
@@ -260,3 +260,35 @@ def test_a_record_that_is_not_ours_lists_nothing(tmp_path, content):
     record = OutputRecord.read(str(tmp_path), "w")
     assert record.files == {} and record.state("a.wav", {}) == UNLISTED
     assert record.remove_written() == 0 and (tmp_path / "a.wav").exists()
+
+
+def test_two_runs_into_one_record_at_once_keep_each_others_files(tmp_path):
+    """Runs of one file each into a shared folder take no folder lock (nor do the processes of a
+    torchrun job among themselves): whichever saves last, the record lists both files."""
+    folder = str(tmp_path)
+    write_wav(os.path.join(folder, "in.wav"), speech_like(0.05), 16000)
+    first = OutputRecord.open(folder, "w", {"x": 1}, overwrite=False)
+    second = OutputRecord.open(folder, "w", {"x": 1}, overwrite=False)
+    first.add("a.wav", {"input": fingerprint(os.path.join(folder, "in.wav"))})
+    second.add("b.wav", {"input": fingerprint(os.path.join(folder, "in.wav"))})
+    first.save()
+    second.save()
+    assert sorted(OutputRecord.read(folder, "w").files) == ["a.wav", "b.wav"]
+    # A record of other settings is not merged into: its files are not this run's.
+    other = OutputRecord(folder, "w", {"x": 2})
+    other.add("c.wav", {})
+    other.save()
+    assert sorted(OutputRecord.read(folder, "w").files) == ["c.wav"]
+
+
+def test_a_fifo_planted_as_the_records_log_does_not_hang_the_run(tmp_path, capsys):
+    """Opening a FIFO blocks until someone opens its other end: the log is read non-blocking and
+    checked (a warning names it), and the run goes on."""
+    tmp = str(tmp_path)
+    pairs(tmp)
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(str(out / (record_name("diffiner-resample") + ".log")))
+    with deadline(60):
+        assert resample_audio.main([os.path.join(tmp, "noisy"), str(out), "--no-progress"]) == 0
+    assert sorted(OutputRecord.read(str(out), "diffiner-resample").files) == ["a.wav", os.path.join("sub", "b.wav")]

@@ -565,9 +565,11 @@ def convert_folder(in_root: str, out_root: str, convert: Conversion, overwrite: 
     does not stop the run.
 
     What is already done follows the writer's record (`records.OutputRecord`): `settings` (what
-    shapes every file) must match the recorded ones unless `overwrite`, which deletes the files
-    the record lists and redoes all; `made(rel)` gives a file's own parameters, recorded and
-    compared with it; `info(rel)`, asked after its conversion, what else to record beside it. A file whose input changed since it was written is redone. Raises
+    shapes every file) must match the recorded ones unless `overwrite`, which redoes every file
+    (after deleting the files the record lists, where the settings differ); `made(rel)` gives a
+    file's own parameters, recorded and compared with it; `info(rel)`, asked after its
+    conversion, what else to record beside it. A file whose input changed since it was written
+    is redone. Raises
     FileNotFoundError when `in_root` is neither a folder nor a file, FolderError for a layout the
     write rules refuse, an output folder that cannot be written or one that another run holds,
     SettingsError for other settings or files at output paths that no run recorded (without
@@ -577,7 +579,8 @@ def convert_folder(in_root: str, out_root: str, convert: Conversion, overwrite: 
     if os.path.isfile(in_root) and _is_audio(os.path.basename(out_root)):
         check_output_file({in_root: in_root}, out_root)
         # No folder lock: the lock keeps two runs from mixing their files in one folder, and one
-        # file written atomically is whole, whichever run wrote it.
+        # file written atomically is whole, whichever run wrote it. Runs of one file each into a
+        # shared folder keep each other's record entries (`OutputRecord.save` merges).
         out_folder, name = os.path.split(out_root)
         out_folder = out_folder or os.curdir
         prepare_output_folder(out_folder)
@@ -601,7 +604,8 @@ def convert_folder(in_root: str, out_root: str, convert: Conversion, overwrite: 
 
 def _convert_files(files: List[Tuple[str, str]], record: OutputRecord, convert: Conversion, overwrite: bool,
                    progress: bool, desc: str, made: Optional[Callable[[str], Dict]] = None,
-                   info: Optional[Callable[[str], Dict]] = None, failed: Optional[Dict[str, str]] = None) -> FolderResult:
+                   info: Optional[Callable[[str], Dict]] = None,
+                   failed: Optional[Dict[str, str]] = None) -> FolderResult:
     """`convert_folder`'s work on (output path relative to the record's folder, input path)
     pairs; what is done is skipped unless `overwrite`, and every file written is added to
     `record`. `failed` starts the result's failures."""

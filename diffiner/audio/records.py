@@ -28,11 +28,12 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import threading
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from ..errors import EXIT_USAGE, DiffinerError
-from .io import open_regular, write_text_atomic
+from ..errors import EXIT_USAGE, DiffinerError, error_text
+from .io import OutputError, open_regular, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +143,8 @@ class OutputRecord:
     """The files one writer wrote into one folder, and the settings they were written with.
 
     Open it with `OutputRecord.open` while holding the folder's lock; then ask `state` for each
-    output, call `add` after each write, and `close` at the end (or leave it: the log keeps every
-    file added).
+    output, call `add` after each write, and `save` at the end (a run that cannot, killed, leaves
+    the log, which keeps every file added).
     """
 
     def __init__(self, folder: str, writer: str, settings: Optional[Dict[str, Any]] = None,
@@ -200,7 +201,7 @@ class OutputRecord:
             record.removed = record.remove_written()
             logger.info("%s: removed %d file(s) written with other settings", folder, record.removed)
         record.settings = settings
-        record.save()
+        record.save(merge=False)  # `read` took in everything on disk; what was removed stays out
         return record
 
     # -- deciding --
@@ -249,24 +250,34 @@ class OutputRecord:
         line = json.dumps({"rel": rel, "entry": entry}, separators=(",", ":")) + "\n"
         with self._lock:
             self.files[rel] = entry
-            fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-                         | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
-                os.write(fd, line.encode("utf-8"))  # one write: other processes' lines never interleave
-            finally:
-                os.close(fd)
+                # Not through a link, and never blocking on a FIFO planted at the name.
+                fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                             | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
+                try:
+                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                        raise OSError("not a regular file (a FIFO, a device?)")
+                    os.write(fd, line.encode("utf-8"))  # one write: other processes' lines never interleave
+                finally:
+                    os.close(fd)
+            except OSError as exc:  # the record cannot be kept: no later file could be recorded either
+                raise OutputError(f"{self.journal_path}: cannot add to the record of written files "
+                                  f"({error_text(exc)})") from exc
 
-    def merge(self, others: Iterable["OutputRecord"]) -> None:
-        """Take in the files other processes of the job added (their records are read after they
-        are done)."""
-        for other in others:
-            self.files.update(other.files)
+    def save(self, merge: bool = True) -> None:
+        """Write the record atomically, then drop the log it now contains.
 
-    def save(self) -> None:
-        """Write the record atomically, then drop the log it now contains."""
-        data = {"format": FORMAT_VERSION, "writer": self.writer, "settings": self.settings,
-                "files": dict(sorted(self.files.items()))}
+        With `merge`, the files that the record on disk (and its log) lists under the same
+        settings are kept beside this object's: the processes of a torchrun job, and runs of one
+        file each into a shared folder (which take no folder lock), add to one record.
+        """
         with self._lock:
+            if merge:
+                on_disk = OutputRecord.read(self.folder, self.writer)
+                if on_disk.settings == _plain(self.settings):
+                    self.files = {**on_disk.files, **self.files}
+            data = {"format": FORMAT_VERSION, "writer": self.writer, "settings": self.settings,
+                    "files": dict(sorted(self.files.items()))}
             write_text_atomic(self.path, json.dumps(data, indent=1) + "\n")
             try:
                 os.remove(self.journal_path)

@@ -320,8 +320,8 @@ def report(summary: RunSummary, output_dir: str, world_size: int) -> None:
     print_failures(summary.failed)
     speed = f" (RTF {summary.rtf:.3f})" if summary.rtf is not None else ""
     redone = f" ({len(summary.redone)} redone: their input changed)" if summary.redone else ""
-    print(f"refined {len(summary.refined)} file(s){redone}, skipped {len(summary.skipped)}, failed {len(summary.failed)}; "
-          f"{summary.audio_seconds:.1f} s of audio in {summary.wall_seconds:.1f} s{speed}")
+    print(f"refined {len(summary.refined)} file(s){redone}, skipped {len(summary.skipped)}, "
+          f"failed {len(summary.failed)}; {summary.audio_seconds:.1f} s of audio in {summary.wall_seconds:.1f} s{speed}")
     record = {"refined": len(summary.refined), "skipped": len(summary.skipped), "failed": summary.failed,
               "audio_seconds": summary.audio_seconds, "wall_seconds": summary.wall_seconds,
               "real_time_factor": summary.rtf, "processes": world_size}

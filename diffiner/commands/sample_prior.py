@@ -51,7 +51,8 @@ MODEL_FLAGS = carried_setting_flags()
 
 def create_argparser() -> argparse.ArgumentParser:
     return command_parser("Draw unconditional samples from a trained Diffiner model.", {
-        "sampling": SAMPLING_FLAGS, "precision": execution_flags("channels_last"), MODEL_GROUP: MODEL_FLAGS}, prog="diffiner-sample")
+        "sampling": SAMPLING_FLAGS, "precision": execution_flags("channels_last"), MODEL_GROUP: MODEL_FLAGS},
+        prog="diffiner-sample")
 
 
 def check_args(args: argparse.Namespace) -> None:

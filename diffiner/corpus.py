@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .audio.folders import describe_failure, file_errors, output_path, pair_folders
+from .audio.records import CHANGED, DONE, UNLISTED, OutputRecord, fingerprint
 from .audio.io import (MODEL_SAMPLE_RATE, AudioError, BlockWriter, audio_info, check_input_rate, fit_length,
                        fit_stream, load_audio, read_blocks, resample, resample_stream, resampled_length)
 from .pipeline import Layout, Refiner, Segment, SegmentDone
@@ -51,6 +52,11 @@ class FileJob:
     width: int = 0  # padded spectrogram width of its segments
     seconds: float = 0.0
     segments: int = 0  # how many segments it is refined in (the progress bar counts them)
+    inputs: Dict[str, Dict] = field(default_factory=dict)  # {role: fingerprint}, taken before reading
+
+    def input_paths(self) -> Dict[str, str]:
+        """{role: path} of the files the output is made from, as the output record keys them."""
+        return {"noisy": self.noisy_path, "processed": self.processed_path}
 
 
 @dataclass
@@ -58,6 +64,7 @@ class RunSummary:
     refined: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
     failed: Dict[str, str] = field(default_factory=dict)
+    redone: List[str] = field(default_factory=list)  # planned again: an input changed since it was refined
     audio_seconds: float = 0.0
     wall_seconds: float = 0.0
 
@@ -73,14 +80,20 @@ class RunSummary:
         for part in parts:
             merged.refined += part.refined
             merged.skipped = part.skipped  # every process saw the same finished files
+            merged.redone = part.redone
             merged.failed.update(part.failed)
             merged.audio_seconds += part.audio_seconds
         return merged
 
 
 def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner, overwrite: bool,
-              summary: RunSummary) -> List[FileJob]:
+              summary: RunSummary, record: OutputRecord) -> List[FileJob]:
     """Pair the files, drop those already refined, and sort the rest by padded width.
+
+    Already refined: `record` lists the output, made from the same noisy and processed files,
+    unchanged since (`records.OutputRecord.state`); one whose input changed is planned again and
+    named in `summary.redone`. With `overwrite` every pair is planned. Without it, files at output
+    paths that `record` does not list are refused (SettingsError): they are not ours to replace.
 
     Two folders pair by relative path; neither is read below the other one or below the output
     folder. A noisy file pairs with the processed file `root_proc` (or, `root_proc` being a
@@ -98,13 +111,23 @@ def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner
         summary.failed.update(pairing.unreadable)
         pairs = [(rel, os.path.join(root_noisy, rel), os.path.join(root_proc, rel)) for rel in pairing.common]
     jobs = []
+    unlisted = []
     for rel, noisy_path, processed_path in pairs:
         job = FileJob(rel, noisy_path, processed_path, os.path.join(output_dir, rel))
-        if os.path.exists(job.output_path) and not overwrite:
-            summary.skipped.append(rel)
-            continue
+        state = record.state(rel, job.input_paths())
+        if not overwrite:
+            if state == DONE:
+                summary.skipped.append(rel)
+                continue
+            if state == UNLISTED:
+                unlisted.append(rel)
+                continue
+            if state == CHANGED:
+                logger.info("%s: its noisy or processed file changed since it was refined; redone", job.output_path)
+                summary.redone.append(rel)
         with file_errors(summary.failed, rel, job.processed_path):
             job.output_path = output_path(output_dir, rel)  # refuses a link leading out of output_dir
+            job.inputs = {role: fingerprint(path) for role, path in job.input_paths().items()}
             samples, rate, channels = audio_info(job.processed_path)
             noisy_rate, noisy_channels = audio_info(job.noisy_path)[1:]
             check_input_rate(job.processed_path, rate)
@@ -114,6 +137,7 @@ def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner
             job.width = refiner.padded_width(samples16)
             job.segments = refiner.layout(samples16, max(channels, noisy_channels), rate, samples).segments_count
             jobs.append(job)
+    record.refuse_unlisted(output_dir, record.writer, unlisted)
     jobs.sort(key=lambda j: (j.width, j.rel))
     return jobs
 
@@ -293,15 +317,15 @@ class _Output:
 
 def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary, *, seed: int,
                  keep_sample_rate: bool, progress: bool = True, loaders: int = 2,
-                 check_peers: Callable[[], None] = lambda: None) -> None:
+                 check_peers: Callable[[], None] = lambda: None, record: Optional[OutputRecord] = None) -> None:
     """Refine the jobs in width order, batching segments of equal width across files.
 
     Reading and cutting upcoming files (`loaders` threads, each file a few segments ahead) and
     writing finished segments (one thread) overlap the network's work. Results go into
-    `summary`; a file that fails is recorded there and the others go on. Raises OutputError as
-    soon as a write fails. The progress bar counts segments. `check_peers` is called as each file
-    starts and as each segment is refined; it raises to stop the run (another process of the job
-    has failed: `dist_util.shared_fate`).
+    `summary`, and each file written into `record`; a file that fails is recorded there and the
+    others go on. Raises OutputError as soon as a write fails. The progress bar counts segments.
+    `check_peers` is called as each file starts and as each segment is refined; it raises to stop
+    the run (another process of the job has failed: `dist_util.shared_fate`).
     """
     bar = tqdm(total=sum(job.segments for job in jobs), desc="refining", unit="segment", disable=not progress)
     streams: Dict[int, SegmentsAhead] = {}
@@ -333,6 +357,8 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
                 return
             finally:
                 output.stopped = True
+            if record is not None:
+                record.add(job.rel, job.inputs)
             summary.refined.append(job.rel)
             summary.audio_seconds += job.seconds
 

@@ -222,8 +222,13 @@ MODEL_GROUP = "model and diffusion (must match the checkpoint; default: the publ
 # ----- settings shared by several commands -----
 
 # The writers of a folder of outputs (refine, enhance, resample) skip outputs that exist unless told.
-OVERWRITE_FLAG = Flag("overwrite", False, "rewrite outputs that already exist")
+OVERWRITE_FLAG = Flag("overwrite", False, "redo every output, also those already done; into a folder written with "
+                                          "other settings: delete the files its record lists first")
+# What a command shows while it runs; every command but diffiner-train takes both as CONSOLE_FLAGS.
 NO_PROGRESS_FLAG = Flag("no_progress", False, "no progress bar")
+QUIET_FLAG = Flag("quiet", False, "print only warnings, errors and the closing one-line summary (no progress bar, "
+                                  "no notes)")
+CONSOLE_FLAGS = (NO_PROGRESS_FLAG, QUIET_FLAG)
 # The commands that run the network on a device (refine, sample).
 DEVICE_FLAG = Flag("device", None, "torch device, e.g. cuda:1 (default: cuda if available, else cpu)",
                    metavar="DEVICE")

@@ -8,7 +8,7 @@ does not click at its end.
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .acceleration import NetworkRunner
 from .audio.io import MODEL_SAMPLE_RATE, save_audio
+from .audio.records import OutputRecord
 from .flags import setting
 from .pipeline import padded_width
 from .seeding import STREAM_SAMPLING, stream_generator
@@ -64,10 +65,13 @@ def sample_waves(model: torch.nn.Module, diffusion, indices: Sequence[int], sett
         yield from zip(batch, (wave.numpy() for wave in waves))
 
 
-def write_samples(output_dir: str, samples: Iterator[tuple]) -> int:
-    """Write each (index, waveform) as `output_dir`/sample_NNN.wav, atomically; returns the count."""
+def write_samples(output_dir: str, samples: Iterator[tuple], record: Optional[OutputRecord] = None) -> int:
+    """Write each (index, waveform) as `output_dir`/sample_NNN.wav, atomically, adding it to
+    `record`; returns the count."""
     count = 0
     for index, wave in samples:
         save_audio(os.path.join(output_dir, sample_name(index)), np.asarray(wave), MODEL_SAMPLE_RATE)
+        if record is not None:
+            record.add(sample_name(index), {})  # made from the checkpoint alone: in the record's settings
         count += 1
     return count

@@ -11,7 +11,7 @@ from typing import Dict, Iterator
 
 import soundfile as sf
 
-from diffiner.audio.folders import LOCK_FILE
+from diffiner.audio.records import is_bookkeeping
 
 
 @contextlib.contextmanager
@@ -44,9 +44,9 @@ def tree_digest(root: str) -> Dict[str, str]:
 
 
 def output_digest(root: str) -> Dict[str, str]:
-    """`tree_digest` of an output folder without its lock file, which every run rewrites with
-    its own pid and start time."""
-    return {rel: digest for rel, digest in tree_digest(root).items() if rel != LOCK_FILE}
+    """`tree_digest` of an output folder without the writers' own files: the lock file, which
+    every run rewrites with its own pid and start time, and the writers' records."""
+    return {rel: digest for rel, digest in tree_digest(root).items() if not is_bookkeeping(os.path.basename(rel))}
 
 
 def deny_listing(monkeypatch, *folders: str) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from diffiner.audio.records import record_name
 from diffiner.audio.folders import (LOCK_FILE, REFINE_WRITER, RUN_RECORD, FolderError, check_write_rules,
                                     convert_folder, earlier_writer, is_inside, list_audio_files, output_lock,
                                     pair_files, pair_folders, read_run_record, scan_audio_files)
@@ -216,6 +217,8 @@ def test_an_output_subfolder_linking_into_the_input_is_not_written_through(tmp_p
 
 # ----- convert_folder: one error boundary per file, progress, resumable -----
 
+RECORD = record_name("test")  # the writer's record of the files it wrote
+
 @pytest.fixture
 def three_files(tmp_path):
     for k, rel in enumerate(["a.wav", "b.wav", os.path.join("sub", "c.wav")]):
@@ -236,7 +239,7 @@ def test_one_failing_file_is_named_and_the_others_are_written(three_files):
     assert list(result.failed) == ["b.wav"]
     reason = result.failed["b.wav"]
     assert os.path.join(in_root, "b.wav") in reason and "RuntimeError" in reason and "padding" in reason
-    assert sorted(os.listdir(out_root)) == [LOCK_FILE, "a.wav", "sub"]
+    assert sorted(os.listdir(out_root)) == [RECORD, LOCK_FILE, "a.wav", "sub"]
 
 
 def test_a_non_finite_result_fails_that_file_by_name_and_the_others_are_written(three_files):
@@ -250,7 +253,7 @@ def test_a_non_finite_result_fails_that_file_by_name_and_the_others_are_written(
     assert list(result.failed) == ["b.wav"]
     reason = result.failed["b.wav"]
     assert os.path.join(out_root, "b.wav") + ": the audio to write has 201 NaN or infinite sample(s)" in reason
-    assert sorted(os.listdir(out_root)) == [LOCK_FILE, "a.wav", "sub"]
+    assert sorted(os.listdir(out_root)) == [RECORD, LOCK_FILE, "a.wav", "sub"]
 
 
 def test_an_interruption_is_not_swallowed_and_a_rerun_resumes(three_files):
@@ -263,7 +266,7 @@ def test_an_interruption_is_not_swallowed_and_a_rerun_resumes(three_files):
 
     with pytest.raises(KeyboardInterrupt):
         convert_folder(in_root, out_root, interrupted, progress=False, writer="test")
-    assert sorted(os.listdir(out_root)) == [LOCK_FILE, "a.wav"]  # written whole, nothing half-written beside it
+    assert sorted(os.listdir(out_root)) == [RECORD, LOCK_FILE, "a.wav"]  # written whole, nothing half-written beside it
     result = convert_folder(in_root, out_root, lambda rel, a, sr: (a, sr), progress=False, writer="test")
     assert result.skipped == ["a.wav"] and result.written == ["b.wav", os.path.join("sub", "c.wav")]
 
@@ -273,7 +276,7 @@ def test_a_failed_write_stops_the_run_with_the_file_named(three_files, monkeypat
     fill_disk(monkeypatch, after=1)
     with pytest.raises(OutputError, match="b.wav.*System error"):
         convert_folder(in_root, out_root, lambda rel, a, sr: (a, sr), progress=False, writer="test")
-    assert sorted(os.listdir(out_root)) == [LOCK_FILE, "a.wav"]
+    assert sorted(os.listdir(out_root)) == [RECORD, LOCK_FILE, "a.wav"]
 
 
 def test_progress_bar_counts_files(three_files, capsys):

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from diffiner import __version__
-from diffiner.audio.folders import LOCK_FILE
+from diffiner.audio.folders import LOCK_FILE, REFINE_WRITER
+from diffiner.audio.records import record_name
 from diffiner.commands.refine import main, parse_etas
 from diffiner.pipeline import MethodSettings
 
@@ -152,6 +153,14 @@ def test_two_process_sharded_run_equals_a_single_process_run_bit_for_bit(tmp_pat
         rel = f"s{k % 2}/f{k}.wav"
         with open(os.path.join(root, "single", rel), "rb") as a, open(os.path.join(root, "sharded", rel), "rb") as b:
             assert a.read() == b.read(), rel
+    # Every process's files are in the one record (their log folded in by process 0): a rerun of
+    # the job has nothing to do.
+    record = json.load(open(os.path.join(root, "sharded", record_name(REFINE_WRITER))))
+    assert sorted(record["files"]) == sorted(f"s{k % 2}/f{k}.wav" for k in range(6))
+    assert not os.path.exists(os.path.join(root, "sharded", record_name(REFINE_WRITER) + ".log"))
+    again = subprocess.run(launch(script, *common, "--output-dir", os.path.join(root, "sharded")),
+                           env=launcher_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "0 file(s) to refine, 6 already done" in again.stdout, again.stderr[-3000:]
 
 
 def test_duration_balanced_sharding():
@@ -220,16 +229,20 @@ def test_a_rerun_with_other_settings_is_refused_and_overwrite_redoes_every_file(
     runs = yaml.safe_load(open(config_path))["runs"]
     assert [r["files"] for r in runs] == [3, 1] and runs[1]["device"] == "cpu"
 
-    # --overwrite with other settings redoes every file, drops files of the old settings that the
-    # new run does not make, and config.yml then records the new settings only.
-    with open(os.path.join(out, "stale.wav"), "wb") as f:
+    # --overwrite with other settings redoes every file, drops the files of the old settings that
+    # the new run does not make (f2.wav: its pair is gone) and nothing else (the user's own
+    # mine.wav, issue 21 item 8), and config.yml then records the new settings only.
+    with open(os.path.join(out, "mine.wav"), "wb") as f:
         f.write(before["f0.wav"])
+    for side in ("noisy", "proc"):
+        os.remove(os.path.join(root, side, "f2.wav"))
     assert run(root, tiny_checkpoint, "--output-dir", out, "--seed", "1", "--overwrite") == 0
-    assert "refined 3 file(s)" in capsys.readouterr().out
-    assert not os.path.exists(os.path.join(out, "stale.wav"))
+    assert "removed 3 file(s) refined with other settings" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out, "f2.wav"))
+    assert open(os.path.join(out, "mine.wav"), "rb").read() == before["f0.wav"]
     config = yaml.safe_load(open(config_path))
     assert config["seed"] == 1 and len(config["runs"]) == 1
-    assert all(open(os.path.join(out, f"f{k}.wav"), "rb").read() != before[f"f{k}.wav"] for k in range(3))
+    assert all(open(os.path.join(out, f"f{k}.wav"), "rb").read() != before[f"f{k}.wav"] for k in range(2))
 
 
 def test_a_folder_of_audio_that_no_run_recorded_is_not_written_into(tmp_path, tiny_checkpoint, capsys):

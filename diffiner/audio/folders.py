@@ -26,8 +26,9 @@ runs never mix their files in one folder; the lock file also records which write
 
 `convert_folder` is the one way the package turns an input tree into an output tree (preceding
 enhancers, resampling, demo noise): every audio file under the input folder becomes one file at
-the same relative path under the output folder, written atomically, and outputs that already
-exist are skipped, so an interrupted run is resumed by running it again.
+the same relative path under the output folder, written atomically, and outputs already done
+(the writer's record, `records.OutputRecord`: same settings, inputs unchanged) are skipped, so an
+interrupted run is resumed by running it again.
 """
 
 import contextlib
@@ -51,6 +52,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import EXIT_USAGE, DiffinerError, error_text
+from .records import CHANGED, DONE, UNLISTED, OutputRecord, fingerprint
 from .io import (AUDIO_EXTENSIONS, TEMPORARY_PREFIX, AudioError, OutputError, RecordError, load_audio,
                  read_yaml_record, save_audio)
 
@@ -351,20 +353,6 @@ def output_path(out_root: str, rel: str) -> str:
     return path
 
 
-def remove_audio_files(folder: str) -> int:
-    """Delete the audio files under `folder` and return how many. A file reached through a link
-    that leads out of `folder` is not one of its own (it may be an input): it is left alone."""
-    removed = 0
-    for rel in scan_audio_files(folder).files:
-        path = os.path.join(folder, rel)
-        if not is_inside(os.path.dirname(path), folder):
-            logger.warning("%s: reached through a link out of %s; not removed", path, folder)
-            continue
-        os.remove(path)
-        removed += 1
-    return removed
-
-
 def prepare_output_folder(folder: str) -> None:
     """Create `folder` and make sure a file can be written in it, before any work is done.
 
@@ -547,20 +535,25 @@ Conversion = Callable[[str, np.ndarray, int], Tuple[np.ndarray, int]]
 
 @dataclass
 class FolderResult:
-    """Relative paths written, skipped (output already there) and failed (with the reason; a
-    folder that could not be listed is keyed by its path)."""
+    """Relative paths written, skipped (already done: see `records`) and failed (with the reason;
+    a folder that could not be listed is keyed by its path); `redone`: those of `written` that
+    had been written before, from an input that has changed since."""
 
     written: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
     failed: Dict[str, str] = field(default_factory=dict)
+    redone: List[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        return f"{len(self.written)} written, {len(self.skipped)} already there, {len(self.failed)} failed"
+        redone = f" ({len(self.redone)} because their input changed)" if self.redone else ""
+        return f"{len(self.written)} written{redone}, {len(self.skipped)} already there, {len(self.failed)} failed"
 
 
 def convert_folder(in_root: str, out_root: str, convert: Conversion, overwrite: bool = False,
                    progress: bool = True, desc: str = "converting", listing: Optional[Listing] = None, *,
-                   writer: str) -> FolderResult:
+                   writer: str, settings: Optional[Dict] = None,
+                   made: Optional[Callable[[str], Dict]] = None,
+                   info: Optional[Callable[[str], Dict]] = None) -> FolderResult:
     """Apply `convert` to every audio file under `in_root`, writing the same relative paths
     under `out_root` as 16-bit PCM (`out_root` may lie inside `in_root` as `check_write_rules`
     allows: it is never read back as input), holding `output_lock(out_root, writer)`.
@@ -570,16 +563,30 @@ def convert_folder(in_root: str, out_root: str, convert: Conversion, overwrite: 
     but on the input. `listing` is `scan_audio_files(in_root, exclude=[out_root])` for a caller
     that needed it first. Every file's failure (unreadable, rejected by `convert`, a non-finite
     result) is recorded in `failed` and the rest go on, so one broken file in a corpus of hundreds
-    does not stop the run. Raises FileNotFoundError when `in_root` is neither a folder nor a file,
-    FolderError for a layout the write rules refuse, an output folder that cannot be written or one
-    that another run holds, OutputError when a write fails.
+    does not stop the run.
+
+    What is already done follows the writer's record (`records.OutputRecord`): `settings` (what
+    shapes every file) must match the recorded ones unless `overwrite`, which redoes every file
+    (after deleting the files the record lists, where the settings differ); `made(rel)` gives a
+    file's own parameters, recorded and compared with it; `info(rel)`, asked after its
+    conversion, what else to record beside it. A file whose input changed since it was written
+    is redone. Raises
+    FileNotFoundError when `in_root` is neither a folder nor a file, FolderError for a layout the
+    write rules refuse, an output folder that cannot be written or one that another run holds,
+    SettingsError for other settings or files at output paths that no run recorded (without
+    `overwrite`), OutputError when a write fails.
     """
+    settings = dict(settings or {})
     if os.path.isfile(in_root) and is_audio_name(os.path.basename(out_root)):
         check_output_file({in_root: in_root}, out_root)
         # No folder lock: the lock keeps two runs from mixing their files in one folder, and one
-        # file written atomically is whole, whichever run wrote it.
+        # file written atomically is whole, whichever run wrote it. Runs of one file each into a
+        # shared folder keep each other's record entries (`OutputRecord.save` merges).
         out_folder, name = os.path.split(out_root)
-        return _convert_files([(name, in_root)], out_folder or os.curdir, convert, overwrite, progress, desc)
+        out_folder = out_folder or os.curdir
+        prepare_output_folder(out_folder)
+        record = OutputRecord.open(out_folder, writer, settings, overwrite)
+        return _convert_files([(name, in_root)], record, convert, overwrite, progress, desc, made, info)
     if not os.path.exists(in_root):
         raise FileNotFoundError(f"{in_root}: no such file or folder")
     check_write_rules({in_root: in_root}, out_root, writer)
@@ -591,22 +598,39 @@ def convert_folder(in_root: str, out_root: str, convert: Conversion, overwrite: 
         in_folder = in_root
     files = [(rel, os.path.join(in_folder, rel)) for rel in listing.files]
     with output_lock(out_root, writer):
-        return _convert_files(files, out_root, convert, overwrite, progress, desc, failed=listing.unreadable)
+        record = OutputRecord.open(out_root, writer, settings, overwrite)
+        return _convert_files(files, record, convert, overwrite, progress, desc, made, info,
+                              failed=listing.unreadable)
 
 
-def _convert_files(files: List[Tuple[str, str]], out_root: str, convert: Conversion, overwrite: bool,
-                   progress: bool, desc: str, failed: Optional[Dict[str, str]] = None) -> FolderResult:
-    """`convert_folder`'s work on (output path relative to `out_root`, input path) pairs; an
-    output that exists is skipped unless `overwrite`. `failed` starts the result's failures."""
+def _convert_files(files: List[Tuple[str, str]], record: OutputRecord, convert: Conversion, overwrite: bool,
+                   progress: bool, desc: str, made: Optional[Callable[[str], Dict]] = None,
+                   info: Optional[Callable[[str], Dict]] = None,
+                   failed: Optional[Dict[str, str]] = None) -> FolderResult:
+    """`convert_folder`'s work on (output path relative to the record's folder, input path)
+    pairs; what is done is skipped unless `overwrite`, and every file written is added to
+    `record`. `failed` starts the result's failures."""
+    out_root = record.folder
     result = FolderResult(failed=dict(failed or {}))
-    for rel, in_path in tqdm(files, desc=desc, unit="file", disable=not progress):
-        if os.path.exists(os.path.join(out_root, rel)) and not overwrite:
-            result.skipped.append(rel)
-            continue
-        with file_errors(result.failed, rel, in_path):
-            target = output_path(out_root, rel)
-            audio, rate = load_audio(in_path)
-            converted, out_rate = convert(rel, audio, rate)
-            save_audio(target, converted, out_rate)
-            result.written.append(rel)
+    states = {rel: record.state(rel, {"input": in_path}, made(rel) if made else None) for rel, in_path in files}
+    if not overwrite:
+        record.refuse_unlisted(out_root, record.writer, [rel for rel, state in states.items() if state == UNLISTED])
+    try:
+        for rel, in_path in tqdm(files, desc=desc, unit="file", disable=not progress):
+            if states[rel] == DONE and not overwrite:
+                result.skipped.append(rel)
+                continue
+            with file_errors(result.failed, rel, in_path):
+                target = output_path(out_root, rel)
+                inputs = {"input": fingerprint(in_path)}  # before reading: a change during the run shows next time
+                audio, rate = load_audio(in_path)
+                converted, out_rate = convert(rel, audio, rate)
+                save_audio(target, converted, out_rate)
+                record.add(rel, inputs, made(rel) if made else None, **(info(rel) if info else {}))
+                result.written.append(rel)
+                if states[rel] == CHANGED and not overwrite:
+                    logger.info("%s: its input changed since it was written; redone", target)
+                    result.redone.append(rel)
+    finally:
+        record.save()
     return result

@@ -24,6 +24,7 @@ import numpy as np
 from ..seeding import numpy_rng
 from .folders import FolderResult, check_write_rules, convert_folder, output_lock, scan_audio_files
 from .io import write_text_atomic
+from .records import OutputRecord
 
 logger = logging.getLogger(__name__)
 
@@ -142,16 +143,22 @@ def format_conditions_csv(conditions: Dict[str, Condition]) -> str:
 
 
 def make_noisy_set(clean_dir: str, out_dir: str, snrs: Sequence[float] = DEFAULT_SNRS,
-                   colours: Sequence[str] = NOISE_COLOURS, seed: int = 0, progress: bool = True) -> FolderResult:
+                   colours: Sequence[str] = NOISE_COLOURS, seed: int = 0, progress: bool = True,
+                   overwrite: bool = False) -> FolderResult:
     """Write a noisy copy of every clean file (16-bit WAV at the clean file's rate and channels)
-    plus `conditions.csv` (file, colour, snr_db, gain; one row per file written) to `out_dir`.
+    plus `conditions.csv` (file, colour, snr_db, gain; one row per noisy file of the set) to
+    `out_dir`.
 
-    Every file is rewritten on each call: the output is fully determined by the inputs, and a
-    call with other SNRs or colours must not leave stale files behind. A clean file that cannot
-    be read or is silent is recorded in the result's `failed`, and the others are still written.
-    Raises ValueError for unknown colours or an empty SNR or colour list, FileNotFoundError for a
-    missing folder, FolderError for an output folder that the write rules refuse or that another
-    run holds (the lock covers conditions.csv too).
+    A rerun skips the files already made from the same clean file with the same condition (the
+    writer's record, `records.OutputRecord`), and redoes those whose clean file or condition
+    changed (a clean file added before them in sorted order shifts the conditions dealt out). A
+    folder made with other SNRs, colours or seed is refused (SettingsError) unless `overwrite`,
+    which deletes the files its record lists and makes the set anew: the enhanced and refined
+    files made from the old set are then redone by their writers, whose records see the change.
+    A clean file that cannot be read or is silent is recorded in the result's `failed`, and the
+    others are still written. Raises ValueError for unknown colours or an empty SNR or colour
+    list, FileNotFoundError for a missing folder, FolderError for an output folder that the write
+    rules refuse or that another run holds (the lock covers conditions.csv too).
     """
     unknown = [c for c in colours if c not in _GENERATORS]
     if unknown or not colours or not snrs:
@@ -170,10 +177,16 @@ def make_noisy_set(clean_dir: str, out_dir: str, snrs: Sequence[float] = DEFAULT
         conditions[rel] = Condition(cond.colour, cond.snr_db, gain)
         return noisy, rate
 
+    settings = {"snrs": [float(s) for s in snrs], "colours": list(colours), "seed": seed}
     with output_lock(out_dir, WRITER):
-        result = convert_folder(clean_dir, out_dir, add_noise, overwrite=True, progress=progress,
-                                desc="adding noise", listing=listing, writer=WRITER)
-        written = {rel: conditions[rel] for rel in result.written}
-        write_text_atomic(os.path.join(out_dir, CONDITIONS_FILE), format_conditions_csv(written))
+        result = convert_folder(
+            clean_dir, out_dir, add_noise, overwrite=overwrite, progress=progress, desc="adding noise",
+            listing=listing, writer=WRITER, settings=settings,
+            made=lambda rel: {"colour": conditions[rel].colour, "snr_db": conditions[rel].snr_db},
+            info=lambda rel: {"gain": conditions[rel].gain})
+        recorded = OutputRecord.read(out_dir, WRITER).files
+        in_set = {rel: Condition(conditions[rel].colour, conditions[rel].snr_db, float(recorded[rel].get("gain", 1.0)))
+                  for rel in listing.files if rel in recorded and rel not in result.failed}
+        write_text_atomic(os.path.join(out_dir, CONDITIONS_FILE), format_conditions_csv(in_set))
     logger.info("wrote %d noisy file(s) to %s", len(result.written), out_dir)
     return result

@@ -7,6 +7,7 @@ their exit status (`diffiner.errors`): 2 for a problem with what was asked (flag
 checkpoints), 1 for a run that failed or had failed files; anything else is 1, and Ctrl-C 130.
 """
 
+import argparse
 import logging
 import math
 import os
@@ -19,11 +20,25 @@ from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, DiffinerError, Usag
 
 
 
-def setup_logging(debug: bool = False) -> None:
+def setup_logging(debug: bool = False, quiet: bool = False) -> None:
     """INFO-level log lines on stderr, naming the module they come from; with `debug`, the
-    package's DEBUG lines too (among them the traceback of every file that failed)."""
+    package's DEBUG lines too (among them the traceback of every file that failed); with `quiet`
+    (and not `debug`), warnings and errors only."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("diffiner").setLevel(logging.DEBUG if debug else logging.NOTSET)
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.NOTSET
+    logging.getLogger("diffiner").setLevel(level)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Whether to draw progress bars: not with --no-progress, nor with --quiet."""
+    return not (args.no_progress or args.quiet)
+
+
+def note(args: argparse.Namespace, text: str) -> None:
+    """Print a line the user may want while a run goes on (what is to do, what was removed): not
+    with --quiet, which keeps errors and the closing summary only."""
+    if not args.quiet:
+        print(text)
 
 
 def check_number(flag: str, value: float, minimum: float, *, strict: bool = False) -> None:

@@ -5,18 +5,19 @@ import sys
 from typing import Optional, Sequence
 
 from ..audio.enhancers import ENHANCERS, enhance_folder
-from ..flags import NO_PROGRESS_FLAG, OVERWRITE_FLAG, Flag, command_parser
+from ..flags import CONSOLE_FLAGS, OVERWRITE_FLAG, Flag, command_parser
 from ..errors import usage_errors
-from .common import report_folder, run_command, setup_logging
+from .common import report_folder, run_command, setup_logging, show_progress
 
 
 def build_parser():
     parser = command_parser(
         "Enhance every .wav/.flac file under NOISY (or the one file NOISY) with a preceding SE method, writing the "
-        "same relative paths under OUT; existing outputs are skipped.", {"settings": [
+        "same relative paths under OUT; outputs already done are skipped, another enhancer into OUT is refused "
+        "unless --overwrite.", {"settings": [
             Flag("enhancer", ENHANCERS[0], "the SE method", choices=ENHANCERS, aliases=("name",)),
             OVERWRITE_FLAG,
-            NO_PROGRESS_FLAG,
+            *CONSOLE_FLAGS,
         ]}, prog="diffiner-enhance")
     parser.add_argument("noisy", metavar="NOISY", help="folder of noisy recordings (searched recursively), or one "
                         "noisy file")
@@ -32,10 +33,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        setup_logging(args.debug)
+        setup_logging(args.debug, args.quiet)
         with usage_errors(ImportError, FileNotFoundError):
             result = enhance_folder(args.enhancer, args.noisy, args.output, args.overwrite,
-                                   progress=not args.no_progress)
+                                   progress=show_progress(args))
         return report_folder(result, f"{args.enhancer} outputs in {args.output}")
 
     return run_command(body, args.debug)

@@ -10,8 +10,8 @@ from ..errors import UsageError, usage_errors
 from ..evaluation.nisqa import CACHE_DIR, WEIGHTS_LICENCE, WEIGHTS_NAME
 from ..evaluation.run import CLEAN, NOISY, EvaluationSetup, evaluate
 from ..evaluation.scoring import ALL_METRICS
-from ..flags import Flag, command_parser
-from .common import check_number, run_command, setup_logging
+from ..flags import CONSOLE_FLAGS, Flag, command_parser
+from .common import check_number, run_command, setup_logging, show_progress
 
 # What the user has to fix (a folder, a file, a flag): one line and exit status 2.
 # Raised by readers of the user's files: what was asked is wrong (EvaluationError and
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "score is lower; a file whose clean reference is missing or unusable is left out of "
                           "the intrusive metrics for every system.", {
         "folders": FOLDER_FLAGS, "scoring": SCORING_FLAGS, "listening page": REPORT_FLAGS,
-        "spectrograms": PLOT_FLAGS}, prog="diffiner-evaluate")
+        "spectrograms": PLOT_FLAGS, "console": CONSOLE_FLAGS}, prog="diffiner-evaluate")
 
 
 def _setup_from_args(args: argparse.Namespace) -> EvaluationSetup:
@@ -102,6 +102,7 @@ def _setup_from_args(args: argparse.Namespace) -> EvaluationSetup:
         num_plot_files=args.num_plot_files,
         nisqa_weights=args.nisqa_weights,
         report_copy_audio=args.report_copy_audio,
+        progress=show_progress(args),
     )
 
 
@@ -117,16 +118,17 @@ def _print_missing(missing: Dict[str, List[str]]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of `diffiner-evaluate` / scripts/evaluate.py; returns the exit status."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.debug)
+    setup_logging(args.debug, args.quiet)
 
     def body() -> int:
         setup = _setup_from_args(args)
         with usage_errors(*INPUT_ERRORS):
             result = evaluate(setup)
-        _print_missing(result.missing)
-        print(result.markdown, end="")
+        if not args.quiet:  # the table and the lists: in summary.md and per_file.csv too
+            _print_missing(result.missing)
+            print(result.markdown, end="")
+            print(f"listening page: {result.report_path}")
         print(f"results written to {setup.output_dir}")
-        print(f"listening page: {result.report_path}")
         return 0
 
     return run_command(body, args.debug)

@@ -14,7 +14,6 @@ respacing, precision, ...) is refused, unless --overwrite, which then redoes eve
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import sys
@@ -27,11 +26,11 @@ import yaml
 from .. import __version__, dist_util, spectrogram
 from ..audio.enhancers import ENHANCERS, check_available, enhance_folder
 from ..audio.enhancers import WRITER as ENHANCE_WRITER
-from ..audio.folders import (REFINE_WRITER, RUN_RECORD, check_write_rules, read_run_record,
-                             remove_audio_files, scan_audio_files)
+from ..audio.folders import REFINE_WRITER, RUN_RECORD, check_write_rules, read_run_record, scan_audio_files
+from ..audio.records import OutputRecord, describe_differences, file_sha256, setting_differences
 from ..audio.io import MODEL_SAMPLE_RATE, write_text_atomic
 from ..corpus import RunSummary, plan_jobs, refine_files, shard_jobs
-from ..flags import (DEVICE_FLAG, MODEL_GROUP, NO_PROGRESS_FLAG, OVERWRITE_FLAG, Flag, command_parser, flags_of,
+from ..flags import (CONSOLE_FLAGS, DEVICE_FLAG, MODEL_GROUP, OVERWRITE_FLAG, Flag, command_parser, flags_of,
                      precision_from_args, values_of)
 from ..methods import DEFAULT_METHOD, get_method, method_names, resolve_etas
 from ..acceleration import execution_flags
@@ -39,8 +38,8 @@ from ..pipeline import BatchSettings, MethodSettings, Refiner, RefinerSettings, 
 from ..checkpoints import ModelSettings, resolve_model_settings
 from ..script_util import RESPACING_FLAG, carried_setting_flags
 from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, usage_errors
-from .common import (check_number, check_respacing, print_failures, resolve_device, resolve_model_path, run_command,
-                     setup_logging)
+from .common import (check_number, check_respacing, note, print_failures, resolve_device, resolve_model_path,
+                     run_command, setup_logging, show_progress)
 
 INPUT_FLAGS = (
     Flag("root_noisy", required=True, help="folder of noisy recordings (searched recursively), or one noisy file",
@@ -90,11 +89,11 @@ RUN_FLAGS = (
     Flag("no_gpu", False, "run on the CPU (same as --device cpu)"),
     *execution_flags(),
     Flag("keep_sample_rate", False, "write outputs at the processed file's sample rate instead of 16 kHz"),
-    OVERWRITE_FLAG.with_help("refine files whose output already exists; into a folder refined with other "
-                             "settings: redo every file"),
+    OVERWRITE_FLAG.with_help("refine every file, also those already done; into a folder refined with other "
+                             "settings: delete the files its record lists, then redo every file"),
     Flag("loaders", 2, "threads reading and preparing upcoming files"),
     Flag("dist_timeout", 7200.0, "seconds a rank waits for the others at the end of a torchrun/mpiexec run"),
-    NO_PROGRESS_FLAG,
+    *CONSOLE_FLAGS,
 )
 MODEL_FLAGS = carried_setting_flags()
 
@@ -208,15 +207,6 @@ def build_refiner(args: argparse.Namespace, device: str) -> Tuple[Refiner, Model
     return refiner, model_settings
 
 
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (checkpoints are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def describe_settings(args: argparse.Namespace, refiner: Refiner, model_settings: ModelSettings, model_sha256: str,
                       device: str, processes: int) -> Dict[str, Any]:
     """config.yml without its run history: every setting that shaped the files beside it, then
@@ -245,32 +235,11 @@ def describe_settings(args: argparse.Namespace, refiner: Refiner, model_settings
     }
 
 
-def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _shown(value: Any) -> str:
-    text = "(none)" if value is None else str(value)
-    return text if len(text) <= 24 else text[:12] + "..."
-
-
-def setting_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+def config_differences(recorded: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     """"key: recorded -> current" for every setting, outside the EXECUTION_KEYS, in which the
     two configs differ."""
-    def settings(config: Dict[str, Any]) -> Dict[str, Any]:
-        return {k: v for k, v in _flatten(config).items()
-                if not any(k == e or k.startswith(e + ".") for e in EXECUTION_KEYS)}
-
-    old, new = settings(recorded), settings(yaml.safe_load(yaml.safe_dump(current)))
-    return [f"{key}: {_shown(old.get(key))} -> {_shown(new.get(key))}"
-            for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key) and not _same_place(recorded, current, key)]
+    return [difference for difference in setting_differences(recorded, current, ignore=EXECUTION_KEYS)
+            if not _same_place(recorded, current, difference.split(":", 1)[0])]
 
 
 def _same_place(recorded: Dict[str, Any], current: Dict[str, Any], key: str) -> bool:
@@ -313,22 +282,25 @@ def check_record(args: argparse.Namespace, settings: Dict[str, Any]) -> Tuple[Op
     naming them, unless --overwrite (then they are returned, and the record is to be replaced).
     """
     recorded = read_record(args.output_dir)
-    differences = setting_differences(recorded, settings) if recorded is not None else []
+    differences = config_differences(recorded, settings) if recorded is not None else []
     if differences and not args.overwrite:
-        shown = "; ".join(differences[:6]) + (f"; and {len(differences) - 6} more" if len(differences) > 6 else "")
-        raise UsageError(f"{args.output_dir} holds files refined with other settings ({shown}); rerun with "
+        raise UsageError(f"{args.output_dir} holds files refined with other settings "
+                         f"({describe_differences(differences)}); rerun with "
                          "--overwrite to redo them all, or choose another --output-dir")
     return recorded, differences
 
 
-def remove_previous_outputs(output_dir: str, differences: List[str]) -> None:
-    """Delete the audio files (and summary) of an earlier run with other settings, so that no
-    file of it survives under a config.yml that does not describe it."""
-    removed = remove_audio_files(output_dir)
-    if os.path.exists(os.path.join(output_dir, SUMMARY_FILE)):
-        os.remove(os.path.join(output_dir, SUMMARY_FILE))
-    print(f"--overwrite: removed {removed} file(s) refined with other settings "
-          f"({'; '.join(differences[:3])}{' ...' if len(differences) > 3 else ''})")
+def open_output_record(args: argparse.Namespace, differences: List[str]) -> OutputRecord:
+    """The output folder's record of refined files (process 0). With other settings (and
+    --overwrite) the files it lists are deleted first, and the summary of their run: nothing
+    else, so the user's own files in the folder stay; config.yml is then rewritten."""
+    record = OutputRecord.open(args.output_dir, REFINE_WRITER, None, args.overwrite, replace=bool(differences))
+    if differences:
+        if os.path.exists(os.path.join(args.output_dir, SUMMARY_FILE)):
+            os.remove(os.path.join(args.output_dir, SUMMARY_FILE))
+        note(args, f"--overwrite: removed {record.removed} file(s) refined with other settings "
+                   f"({describe_differences(differences, 3)})")
+    return record
 
 
 def write_record(output_dir: str, settings: Dict[str, Any], recorded: Optional[Dict[str, Any]],
@@ -356,18 +328,19 @@ def make_processed(args: argparse.Namespace, rank: int, summary: RunSummary) -> 
     the run."""
     if rank == 0:
         made = enhance_folder(args.baseline, args.root_noisy, args.root_proc, overwrite=args.overwrite,
-                              progress=not args.no_progress)
+                              progress=show_progress(args))
         for rel, reason in made.failed.items():
             summary.failed[rel] = f"baseline {args.baseline}: {reason}"
-        print(f"baseline {args.baseline} in {args.root_proc}: {made.describe()}")
+        note(args, f"baseline {args.baseline} in {args.root_proc}: {made.describe()}")
 
 
 def report(summary: RunSummary, output_dir: str, world_size: int) -> None:
     """Print the closing lines and write summary.json beside the outputs."""
     print_failures(summary.failed)
     speed = f" (RTF {summary.rtf:.3f})" if summary.rtf is not None else ""
-    print(f"refined {len(summary.refined)} file(s), skipped {len(summary.skipped)}, failed {len(summary.failed)}; "
-          f"{summary.audio_seconds:.1f} s of audio in {summary.wall_seconds:.1f} s{speed}")
+    redone = f" ({len(summary.redone)} redone: their input changed)" if summary.redone else ""
+    print(f"refined {len(summary.refined)} file(s){redone}, skipped {len(summary.skipped)}, "
+          f"failed {len(summary.failed)}; {summary.audio_seconds:.1f} s of audio in {summary.wall_seconds:.1f} s{speed}")
     record = {"refined": len(summary.refined), "skipped": len(summary.skipped), "failed": summary.failed,
               "audio_seconds": summary.audio_seconds, "wall_seconds": summary.wall_seconds,
               "real_time_factor": summary.rtf, "processes": world_size}
@@ -376,7 +349,7 @@ def report(summary: RunSummary, output_dir: str, world_size: int) -> None:
 
 def refine_corpus(args: argparse.Namespace) -> int:
     """The command's work, inside the error boundary; returns the exit status."""
-    setup_logging(args.debug)  # first: the download of the published weights is logged
+    setup_logging(args.debug, args.quiet)  # first: the download of the published weights is logged
     check_args(args)
     device = resolve_device(args.device, args.no_gpu)
     if args.cuda_graphs and torch.device(device).type != "cuda":
@@ -407,29 +380,37 @@ def refine_into_folder(args: argparse.Namespace, refiner: Refiner, model_setting
         if args.baseline is not None:
             make_processed(args, rank, summary)
     with dist_util.shared_fate():
+        record = OutputRecord.read(args.output_dir, REFINE_WRITER)
         with usage_errors(FileNotFoundError):
-            jobs = plan_jobs(args.root_noisy, args.root_proc, args.output_dir, refiner, args.overwrite, summary)
+            jobs = plan_jobs(args.root_noisy, args.root_proc, args.output_dir, refiner, args.overwrite, summary,
+                             record)
         if rank == 0:
+            record = open_output_record(args, differences)
             if differences:
-                remove_previous_outputs(args.output_dir, differences)
                 recorded = None
             write_record(args.output_dir, settings, recorded, args, len(jobs))
-            print(f"{len(jobs)} file(s) to refine, {len(summary.skipped)} already done, "
-                  f"{len(summary.failed)} unreadable; output: {args.output_dir}")
+            redone = f" ({len(summary.redone)} because their input changed)" if summary.redone else ""
+            note(args, f"{len(jobs)} file(s) to refine{redone}, {len(summary.skipped)} already done, "
+                       f"{len(summary.failed)} unreadable; output: {args.output_dir}")
     jobs = shard_jobs(jobs, rank, world_size)
     try:
         with dist_util.shared_fate() as check_peers:
             if args.max_batch_frames == "auto" and jobs:
                 refiner.auto_max_batch_frames(max(job.width for job in jobs))
             refine_files(refiner, jobs, summary, seed=args.seed, keep_sample_rate=args.keep_sample_rate,
-                         progress=not args.no_progress and rank == 0, loaders=args.loaders, check_peers=check_peers)
+                         progress=show_progress(args) and rank == 0, loaders=args.loaders, record=record,
+                         check_peers=check_peers)
     except KeyboardInterrupt:
+        if rank == 0:
+            OutputRecord.read(args.output_dir, REFINE_WRITER).save()
         print(f"\ninterrupted: {len(summary.refined)} file(s) written; rerun to finish the rest", file=sys.stderr)
         return EXIT_INTERRUPTED
     if world_size > 1:
-        print(f"rank {rank}: refined {len(summary.refined)} file(s), {summary.audio_seconds:.1f} s of audio")
+        note(args, f"rank {rank}: refined {len(summary.refined)} file(s), {summary.audio_seconds:.1f} s of audio")
     total = RunSummary.merge(dist_util.all_gather_objects(summary), time.time() - start)
     if rank == 0:
+        # Every process has added its files to the record's log: folded into the record whole.
+        OutputRecord.read(args.output_dir, REFINE_WRITER).save()
         report(total, args.output_dir, world_size)
     dist_util.cleanup()
     return EXIT_FAILED if total.failed else EXIT_OK

@@ -10,9 +10,9 @@ from typing import Optional, Sequence
 
 from ..audio.folders import FolderResult, convert_folder
 from ..audio.io import MODEL_SAMPLE_RATE, resample
-from ..flags import NO_PROGRESS_FLAG, OVERWRITE_FLAG, Flag, command_parser
+from ..flags import CONSOLE_FLAGS, OVERWRITE_FLAG, Flag, command_parser
 from ..errors import usage_errors
-from .common import check_number, report_folder, run_command, setup_logging
+from .common import check_number, report_folder, run_command, setup_logging, show_progress
 
 
 WRITER = "diffiner-resample"  # in output folders' lock files
@@ -26,16 +26,18 @@ def resample_folder(in_root: str, out_root: str, rate: int = MODEL_SAMPLE_RATE,
     sox wrote in the original script.
     """
     return convert_folder(in_root, out_root, lambda rel, audio, sr: (resample(audio, sr, rate), rate), overwrite,
-                          progress=progress, desc=f"resampling to {rate} Hz", writer=WRITER)
+                          progress=progress, desc=f"resampling to {rate} Hz", writer=WRITER,
+                          settings={"rate": rate})
 
 
 def build_parser():
     parser = command_parser(
-        "Resample every .wav/.flac file under IN to OUT, keeping relative paths; existing outputs are skipped.",
+        "Resample every .wav/.flac file under IN to OUT, keeping relative paths; outputs already done are skipped, "
+        "another --rate into OUT is refused unless --overwrite.",
         {"settings": [
             Flag("rate", MODEL_SAMPLE_RATE, "target sample rate in Hz"),
             OVERWRITE_FLAG,
-            NO_PROGRESS_FLAG,
+            *CONSOLE_FLAGS,
         ]}, prog="diffiner-resample")
     parser.add_argument("input", metavar="IN", help="folder searched recursively (OUT inside it is ignored)")
     parser.add_argument("output", metavar="OUT", help="output folder (not IN, nor a folder containing it; inside "
@@ -49,10 +51,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        setup_logging(args.debug)
+        setup_logging(args.debug, args.quiet)
         check_number("--rate", args.rate, 1)
         with usage_errors(FileNotFoundError):
-            result = resample_folder(args.input, args.output, args.rate, args.overwrite, not args.no_progress)
+            result = resample_folder(args.input, args.output, args.rate, args.overwrite, show_progress(args))
         return report_folder(result, f"resampled to {args.rate} Hz in {args.output}")
 
     return run_command(body, args.debug)

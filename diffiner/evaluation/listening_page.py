@@ -103,8 +103,9 @@ def _audio_links(output_dir: str, data: PageData, copy_audio: bool) -> Dict[Tupl
     return links
 
 
-def _draw_images(output_dir: str, data: PageData, workers: int) -> List[RowImages]:
-    """Every file's spectrogram PNGs, in worker processes when `workers` > 1."""
+def _draw_images(output_dir: str, data: PageData, workers: int, show_progress: bool = True) -> List[RowImages]:
+    """Every file's spectrogram PNGs, in worker processes when `workers` > 1; a progress bar
+    with `show_progress`."""
     from tqdm import tqdm
 
     labels = {name: _folder_label(index, name) for index, name in enumerate(data.sources)}
@@ -115,7 +116,7 @@ def _draw_images(output_dir: str, data: PageData, workers: int) -> List[RowImage
             name: os.path.join(output_dir, MEDIA_FOLDER, "spectrograms", labels[name], relative_path + ".png")
             for name in data.sources
         })
-    progress = dict(total=len(data.files), desc="spectrograms", unit="file")
+    progress = dict(total=len(data.files), desc="spectrograms", unit="file", disable=not show_progress)
     if workers == 1:
         drawn = [write_row_images(*job) for job in tqdm(zip(audio, images), **progress)]
     else:
@@ -342,10 +343,11 @@ aria-label="colour scale from dark ({-SPECTROGRAM_RANGE_DB:g} dB) to bright (0 d
 """
 
 
-def write_listening_page(output_dir: str, data: PageData, workers: int = 1, copy_audio: bool = False) -> str:
+def write_listening_page(output_dir: str, data: PageData, workers: int = 1, copy_audio: bool = False,
+                         progress: bool = True) -> str:
     """Draw the spectrograms, copy the audio if asked, write report.html; returns its path."""
     audio = _audio_links(output_dir, data, copy_audio)
-    images = _draw_images(output_dir, data, max(1, min(workers, len(data.files))))
+    images = _draw_images(output_dir, data, max(1, min(workers, len(data.files))), progress)
     path = os.path.join(output_dir, PAGE_NAME)
     formats = {name: _audio_format(root, data.files) for name, root in data.sources.items()}
     text = render_page(data, audio, images, formats)

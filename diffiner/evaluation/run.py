@@ -47,6 +47,7 @@ class EvaluationSetup:
     num_plot_files: int = 2
     nisqa_weights: Optional[str] = None
     report_copy_audio: bool = False
+    progress: bool = True  # progress bars while scoring and drawing
 
     def scored_systems(self) -> Dict[str, str]:
         """Every scored folder by name: noisy first (when given), then the systems."""
@@ -146,7 +147,7 @@ def evaluate(setup: EvaluationSetup) -> EvaluationResult:
 
     level_from = NOISY if setup.noisy else None
     tasks = [FileTask(f, setup.clean, tuple(systems.items()), metric_names, level_from) for f in files]
-    rows = score_all(tasks, max(1, min(setup.workers, len(tasks))), nisqa_weights)
+    rows = score_all(tasks, max(1, min(setup.workers, len(tasks))), nisqa_weights, setup.progress)
     order = {name: index for index, name in enumerate(systems)}
     rows.sort(key=lambda r: (r["file"], order[r["system"]]))
 
@@ -158,7 +159,8 @@ def evaluate(setup: EvaluationSetup) -> EvaluationResult:
     write_outputs(setup.output_dir, rows, columns, summary, markdown)
     page = PageData(files, sources, CLEAN if setup.clean else None, rows, metric_names, columns, summary, floored,
                     unlisted)
-    report_path = write_listening_page(setup.output_dir, page, setup.workers, setup.report_copy_audio)
+    report_path = write_listening_page(setup.output_dir, page, setup.workers, setup.report_copy_audio,
+                                       setup.progress)
 
     plotted = choose_plot_files(rows, files, setup)
     if plotted:

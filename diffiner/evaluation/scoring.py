@@ -321,9 +321,10 @@ def _start_worker(nisqa_weights: str) -> None:
 
 
 def score_all(
-    tasks: Sequence[FileTask], workers: int, nisqa_weights: Optional[str] = None
+    tasks: Sequence[FileTask], workers: int, nisqa_weights: Optional[str] = None, show_progress: bool = True
 ) -> List[Dict[str, object]]:
-    """Score every task with a progress bar; workers == 1 stays in-process (easy to debug).
+    """Score every task, with a progress bar unless not `show_progress`; workers == 1 stays
+    in-process (easy to debug).
 
     `nisqa_weights` (required when a task scores NISQA) are loaded once per process: here for
     one worker (a no-op when the caller already loaded them), else by each worker as it starts.
@@ -331,7 +332,7 @@ def score_all(
     from tqdm import tqdm
 
     rows = []
-    with tqdm(total=len(tasks), desc="scoring", unit="file") as progress:
+    with tqdm(total=len(tasks), desc="scoring", unit="file", disable=not show_progress) as progress:
         if workers == 1:
             if nisqa_weights is not None:
                 nisqa.load_weights(nisqa_weights)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 from tqdm.auto import tqdm
 
-from .audio.folders import describe_failure, file_errors, output_path, pair_folders
+from .audio.folders import REFINE_WRITER, describe_failure, file_errors, output_path, pair_folders
 from .audio.records import CHANGED, DONE, UNLISTED, OutputRecord, fingerprint
 from .audio.io import (MODEL_SAMPLE_RATE, AudioError, BlockWriter, audio_info, check_input_rate, fit_length,
                        fit_stream, load_audio, read_blocks, resample, resample_stream, resampled_length)
@@ -87,10 +87,10 @@ class RunSummary:
 
 
 def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner, overwrite: bool,
-              summary: RunSummary, record: OutputRecord) -> List[FileJob]:
+              summary: RunSummary, record: Optional[OutputRecord] = None) -> List[FileJob]:
     """Pair the files, drop those already refined, and sort the rest by padded width.
 
-    Already refined: `record` lists the output, made from the same noisy and processed files,
+    Already refined: `record` (by default the output folder's, as it is on disk) lists the output, made from the same noisy and processed files,
     unchanged since (`records.OutputRecord.state`); one whose input changed is planned again and
     named in `summary.redone`. With `overwrite` every pair is planned. Without it, files at output
     paths that `record` does not list are refused (SettingsError): they are not ours to replace.
@@ -101,6 +101,8 @@ def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner
     `<output_dir>/<processed file's name>`. Folders that cannot be listed and files whose header
     cannot be read go into `summary.failed`. Raises FileNotFoundError when no file pairs.
     """
+    if record is None:
+        record = OutputRecord.read(output_dir, REFINE_WRITER)
     if os.path.isfile(root_noisy):
         processed = root_proc if os.path.isfile(root_proc) else os.path.join(root_proc, os.path.basename(root_noisy))
         if not os.path.isfile(processed):

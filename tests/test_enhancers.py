@@ -176,25 +176,24 @@ def test_command_line(noisy_dir, tmp_path, capsys):
 
 
 def test_outputs_of_another_maker_are_never_taken_for_this_enhancers(noisy_dir, tmp_path):
-    """Skipping an existing output takes it for the enhancer's: only where a run of that enhancer
-    made the folder. The user's own files (no record) are refused, with --overwrite too (it
-    would replace files no run wrote); another enhancer's outputs are refused unless --overwrite."""
+    """Skipping an existing output takes it for the enhancer's: only where the folder's record says
+    a run of that enhancer wrote it. The user's own files (recorded by no run) and another
+    enhancer's outputs are refused in one line, leaving the folder as it was, unless --overwrite."""
     needs("noisereduce")
-    from diffiner.audio.folders import FolderError
+    from diffiner.audio.records import SettingsError
 
     mine = tmp_path / "mine"
     write_wav(str(mine / "a.wav"), speech_like(0.5), 16000)
     before = output_digest(str(mine))
-    for overwrite in (False, True):
-        with pytest.raises(FolderError) as refused:
-            enhance_folder("noisereduce", noisy_dir, str(mine), overwrite=overwrite)
-        text = str(refused.value)
-        assert str(mine) in text and "a.wav" in text and "no diffiner-enhance run" in text and "\n" not in text
-        assert output_digest(str(mine)) == before
+    with pytest.raises(SettingsError) as refused:
+        enhance_folder("noisereduce", noisy_dir, str(mine))
+    text = str(refused.value)
+    assert str(mine) in text and "a.wav" in text and "no diffiner-enhance run" in text and "\n" not in text
+    assert output_digest(str(mine)) == before
 
     other = str(tmp_path / "other")
     enhance_folder("none", noisy_dir, other)
-    with pytest.raises(FolderError, match="made by none, not noisereduce"):
+    with pytest.raises(SettingsError, match="none -> noisereduce"):
         enhance_folder("noisereduce", noisy_dir, other)
     replaced = enhance_folder("noisereduce", noisy_dir, other, overwrite=True)
     assert sorted(replaced.written) == ["a.wav", "stereo.flac", os.path.join("sub", "b.wav")]

@@ -16,7 +16,7 @@ import soundfile as sf
 
 from diffiner import __version__, commands
 from diffiner.audio.folders import LOCK_FILE
-from diffiner.commands import enhance, evaluate, make_noisy_set, refine, resample_audio, sample_prior, train
+from diffiner.commands import enhance, evaluate, make_noisy_set, pretrained, refine, resample_audio, sample_prior, train
 from diffiner.errors import UsageError
 
 from conftest import speech_like, tiny_cli_flags, write_wav
@@ -192,6 +192,7 @@ def failing_invocations(tmp):
         "enhance": (enhance, [nowhere, os.path.join(tmp, "out"), "--enhancer", "none"], "nowhere"),
         "resample_audio": (resample_audio, [nowhere, os.path.join(tmp, "out")], "nowhere"),
         "make_noisy_set": (make_noisy_set, [nowhere, os.path.join(tmp, "out")], "nowhere"),
+        "pretrained": (pretrained, [missing], "missing.pt"),
     }
 
 

@@ -13,9 +13,9 @@ from typing import Optional, Sequence
 
 from ..download import as_url
 from ..errors import usage_errors
-from ..flags import NO_PROGRESS_FLAG, Flag, command_parser
+from ..flags import CONSOLE_FLAGS, Flag, command_parser
 from ..pretrained import FILE_NAME, PUBLISHED_NAME, URL_ENV, check_published_layout, fetch_published, published_path
-from .common import run_command, setup_logging
+from .common import run_command, setup_logging, show_progress
 
 
 def build_parser():
@@ -25,7 +25,7 @@ def build_parser():
         {"settings": [
             Flag("url", None, f"where to download the published weights from when they are not cached: a URL or a local "
                             f"file, checked and copied in (default: ${URL_ENV}, else Zenodo)", metavar="URL|FILE"),
-            NO_PROGRESS_FLAG,
+            *CONSOLE_FLAGS,
         ]}, prog="python -m diffiner.commands.pretrained")
     parser.add_argument("weights", nargs="?", default=PUBLISHED_NAME, metavar="published|FILE",
                         help="the cached published weights (default), or a file that must hold them")
@@ -38,10 +38,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> int:
-        setup_logging(args.debug)
+        setup_logging(args.debug, args.quiet)
         path = args.weights
         if path == PUBLISHED_NAME:
-            path = fetch_published(as_url(args.url) if args.url else "", progress=not args.no_progress)
+            path = fetch_published(as_url(args.url) if args.url else "", progress=show_progress(args))
         with usage_errors(ValueError, FileNotFoundError):
             try:
                 check_published_layout(path)

@@ -31,6 +31,7 @@ import torch
 
 from .acceleration import (ExecutionSettings, build_runner, estimate_max_batch_frames, is_out_of_memory,
                            release_cached_memory)
+from .audio import crossover
 from .audio.folders import check_output_file
 from .audio.io import MODEL_SAMPLE_RATE, fit_length, resample, resampled_length, save_audio
 from .checkpoints import ModelSettings, load_model
@@ -106,6 +107,21 @@ class BatchSettings:
 
 
 @dataclass(frozen=True)
+class OutputSettings:
+    """What the output holds above the model's band, when it is written at a higher rate."""
+
+    high_band: str = setting("processed", "above the model's band, when the output rate and the processed input's "
+                                          "are higher than the model's: the processed file's content, joined by "
+                                          "a linear-phase crossover (processed), or nothing (none)",
+                             choices=crossover.HIGH_BAND_CHOICES)
+
+    def __post_init__(self):
+        if self.high_band not in crossover.HIGH_BAND_CHOICES:
+            raise ValueError(f"high_band must be one of {', '.join(crossover.HIGH_BAND_CHOICES)}, "
+                             f"got {self.high_band!r}")
+
+
+@dataclass(frozen=True)
 class RefinerSettings:
     """Everything that shapes a Refiner's work, one group per concern."""
 
@@ -113,11 +129,13 @@ class RefinerSettings:
     segmenting: SegmentSettings = SegmentSettings()
     batching: BatchSettings = BatchSettings()
     execution: ExecutionSettings = ExecutionSettings()
+    output: OutputSettings = OutputSettings()
 
     def describe(self, width_bucket: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         """(what shapes the output, how the run executes) as config.yml records them; the
         width bucket is the one in effect (`Refiner.width_bucket`)."""
-        shaping = {**self.method.describe(), **dataclasses.asdict(self.segmenting), "width_bucket": width_bucket}
+        shaping = {**self.method.describe(), **dataclasses.asdict(self.segmenting), "width_bucket": width_bucket,
+                   **dataclasses.asdict(self.output)}
         execution = {}
         for group in (self.batching, self.execution):
             for name, value in dataclasses.asdict(group).items():
@@ -167,6 +185,7 @@ class Prepared:
     samples: int  # length at 16 kHz (the windows cover max(samples, MIN_SAMPLES): short ones are padded)
     sample_rate: int  # the caller's sample rate
     input_samples: int  # length at the caller's sample rate
+    processed: np.ndarray  # (channels or 1, input_samples) at the caller's rate: the source of the high band
 
 
 def segment_seed(seed: int, key: str, channel: int, index: int) -> int:
@@ -349,7 +368,7 @@ class Refiner:
                 sigma = noise_map(y_spec, wave_to_spec(torch.nn.functional.pad(p_wave[start:end], pad)))
                 segments.append(Segment(noisy=y_spec, noise_map=sigma, samples=end - start,
                                         seed=segment_seed(seed, key, channel, index)))
-        return Prepared(segments, bounds, channels, samples, sample_rate, input_samples)
+        return Prepared(segments, bounds, channels, samples, sample_rate, input_samples, processed2d)
 
     def run_segments(self, segments: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:
         """Refine segments (any widths) and return their waveforms at 16 kHz, in order.
@@ -481,7 +500,9 @@ class Refiner:
                  output_sample_rate: Optional[int] = None) -> np.ndarray:
         """Join refined windows into (channels, samples) at `output_sample_rate` (16 kHz if None).
 
-        At the caller's own sample rate the output has exactly the input's sample count.
+        At the caller's own sample rate the output has exactly the input's sample count. Above
+        the model's rate, with high_band "processed", the band above the model's comes from the
+        processed input (`audio.crossover`).
         """
         per_channel = len(prepared.bounds)
         covered = prepared.bounds[-1][1]  # more than prepared.samples when a short recording was padded
@@ -499,7 +520,12 @@ class Refiner:
             length = max(1, resampled_length(prepared.samples, MODEL_SAMPLE_RATE, rate))
         # Resampled before trimming: the padding of a short recording gives the resampler its
         # context, and the trim then gives exactly the input's duration.
-        return resample(joined, MODEL_SAMPLE_RATE, rate, length=length)
+        out = resample(joined, MODEL_SAMPLE_RATE, rate, length=length)
+        if self.settings.output.high_band == "processed" and \
+                crossover.applies(rate, prepared.sample_rate, MODEL_SAMPLE_RATE):
+            high = resample(prepared.processed, prepared.sample_rate, rate, length=length)
+            out = crossover.join(out, np.broadcast_to(high, out.shape), rate, MODEL_SAMPLE_RATE)
+        return out
 
     # ----- the Python API -----
     def refine(self, noisy: np.ndarray, processed: np.ndarray, sample_rate: int, *, seed: int = 0,
@@ -516,8 +542,9 @@ class Refiner:
         back in the caller's layout. Integer arrays (int16, int32, ...) are scaled by their type to [-1, 1).
 
         The output is at `output_sample_rate`, by default the input's `sample_rate`, with the
-        same duration (and at least one sample). `key` names the recording in the seed (the CLI
-        uses its relative path).
+        same duration (and at least one sample). Above the model's rate, the band above the
+        model's is the processed input's (high_band "processed", the default) or empty ("none").
+        `key` names the recording in the seed (the CLI uses its relative path).
         """
         channels_last = _channels_last(noisy, processed, layout)
         if channels_last:

@@ -35,7 +35,7 @@ from ..flags import (DEVICE_FLAG, MODEL_GROUP, NO_PROGRESS_FLAG, OVERWRITE_FLAG,
                      precision_from_args, values_of)
 from ..methods import DEFAULT_METHOD, get_method, method_names, resolve_etas
 from ..acceleration import execution_flags
-from ..pipeline import BatchSettings, MethodSettings, Refiner, RefinerSettings, SegmentSettings
+from ..pipeline import BatchSettings, MethodSettings, OutputSettings, Refiner, RefinerSettings, SegmentSettings
 from ..checkpoints import ModelSettings, resolve_model_settings
 from ..script_util import RESPACING_FLAG, carried_setting_flags
 from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, usage_errors
@@ -87,7 +87,8 @@ RUN_FLAGS = (
     DEVICE_FLAG,
     Flag("no_gpu", False, "run on the CPU (same as --device cpu)"),
     *execution_flags(),
-    Flag("keep_sample_rate", False, "write outputs at the processed file's sample rate instead of 16 kHz"),
+    Flag("keep_sample_rate", False, "write outputs at the processed file's sample rate instead of the model's"),
+    *flags_of(OutputSettings),
     OVERWRITE_FLAG.with_help("refine files whose output already exists; into a folder refined with other "
                              "settings: redo every file"),
     Flag("loaders", 2, "threads reading and preparing upcoming files"),

@@ -70,3 +70,19 @@ def test_a_rate_without_room_above_the_model_band_is_refused():
     assert crossover.applies(22050, 48000, MODEL_RATE)
     with pytest.raises(ValueError, match="needs an output rate above"):
         crossover.lowpass_kernel(14000, MODEL_RATE)
+
+
+@pytest.mark.parametrize("chunk", [1000, 97, 48000])
+def test_the_streaming_join_gives_the_whole_join_chunk_by_chunk(chunk):
+    rate = 48000
+    rng = np.random.default_rng(3)
+    refined, processed = rng.standard_normal((2, 2, rate + 333))
+    stream = crossover.StreamingJoin(rate, MODEL_RATE)
+    parts = [stream.push(refined[:, k:k + chunk], processed[:, k:k + chunk])
+             for k in range(0, refined.shape[-1], chunk)]
+    streamed = np.concatenate(parts + [stream.finish()], axis=-1)
+    whole = crossover.join(refined, processed, rate, MODEL_RATE)
+    assert streamed.shape == whole.shape
+    # Float64 convolutions of one kernel (347 taps, |h| summing to about 1.5) in another order,
+    # rounded to float32: the float32 rounding of values of a few units dominates.
+    assert np.abs(streamed - whole).max() < 8 * np.finfo(np.float32).eps * np.abs(whole).max()

@@ -15,6 +15,9 @@ low-pass branch must have died away before that, or the resampler's roll-off wou
 notch: its transition runs from `PASS_EDGE` to `STOP_EDGE` of the model's Nyquist frequency,
 6.6 to 7.3 kHz for a 16 kHz model, 9.9 to 10.95 kHz for a 24 kHz one. Below 6.6 kHz the output is
 the refined audio, above 7.3 kHz the processed file's, and between them a complementary blend.
+
+`join` works on whole arrays; `StreamingJoin` gives the same output for a recording refined and
+written chunk by chunk, holding only a kernel's length of each input between chunks.
 """
 
 import functools
@@ -88,3 +91,46 @@ def applies(output_rate: int, input_rate: int, model_rate: int) -> bool:
     """Whether a high band exists to keep: the output and the processed input both run above the
     model's rate (a processed file at or below it has nothing above the model's band)."""
     return output_rate > model_rate and input_rate > model_rate
+
+
+class StreamingJoin:
+    """`join` over a recording that arrives in consecutive chunks: `push` takes the next chunk of
+    refined and processed audio (..., n) and returns the joined audio known so far, `finish` the
+    rest; together they give `join` of the whole (up to float rounding). The output lags the
+    input by the kernel's half length (its look-ahead), and a chunk's output can be written as
+    soon as it is returned."""
+
+    def __init__(self, sample_rate: int, model_rate: int):
+        lowpass = lowpass_kernel(sample_rate, model_rate)
+        self.kernels = (lowpass, highpass_kernel(sample_rate, model_rate))
+        self.delay = len(lowpass) // 2
+        self.history: Tuple[np.ndarray, ...] = ()
+
+    def push(self, refined: np.ndarray, processed: np.ndarray) -> np.ndarray:
+        """The joined output for every sample whose look-ahead has arrived, as float32."""
+        if np.shape(refined) != np.shape(processed):
+            raise ValueError(f"refined and processed shapes differ: {np.shape(refined)} vs {np.shape(processed)}")
+        chunks = [np.asarray(x, dtype=np.float64) for x in (refined, processed)]
+        if not self.history:
+            # Silence before the start, as `join` takes it: a half kernel of zeros.
+            self.history = tuple(np.zeros(c.shape[:-1] + (self.delay,)) for c in chunks)
+        return self._emit([np.concatenate([h, c], axis=-1) for h, c in zip(self.history, chunks)])
+
+    def finish(self) -> np.ndarray:
+        """The last samples: those whose look-ahead runs past the end (silence there)."""
+        if not self.history:
+            return np.zeros((0,), dtype=np.float32)
+        padded = [np.concatenate([h, np.zeros(h.shape[:-1] + (self.delay,))], axis=-1) for h in self.history]
+        return self._emit(padded)
+
+    def _emit(self, buffers) -> np.ndarray:
+        taps = len(self.kernels[0])
+        count = max(0, buffers[0].shape[-1] - taps + 1)
+        out = np.zeros(buffers[0].shape[:-1] + (count,))
+        for kernel, buffer in zip(self.kernels, buffers):
+            if count:
+                out += signal.oaconvolve(buffer, kernel.reshape((1,) * (buffer.ndim - 1) + (-1,)), mode="valid",
+                                         axes=-1)
+        # What the next output sample's window still needs: the last taps - 1 (or all, if fewer).
+        self.history = tuple(b[..., max(0, b.shape[-1] - (taps - 1)):] for b in buffers)
+        return out.astype(np.float32)

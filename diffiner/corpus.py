@@ -25,8 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .audio.folders import describe_failure, file_errors, output_path, pair_folders
-from .audio.io import (MODEL_SAMPLE_RATE, AudioError, audio_info, fit_length, load_audio, resample, resampled_length,
-                       save_audio)
+from .audio.io import AudioError, audio_info, fit_length, load_audio, resample, resampled_length, save_audio
 from .pipeline import Prepared, Refiner
 
 logger = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner
             samples, rate, _ = audio_info(job.processed_path)
             audio_info(job.noisy_path)
             job.seconds = samples / rate
-            job.width = refiner.padded_width(resampled_length(samples, rate, MODEL_SAMPLE_RATE))
+            job.width = refiner.padded_width(resampled_length(samples, rate, refiner.sample_rate))
             jobs.append(job)
     jobs.sort(key=lambda j: (j.width, j.rel))
     return jobs
@@ -180,7 +179,7 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
 
     def finish(job: FileJob, prepared: Prepared, waves: List) -> None:
         with file_errors(summary.failed, job.rel, job.processed_path):
-            rate = prepared.sample_rate if keep_sample_rate else MODEL_SAMPLE_RATE
+            rate = prepared.sample_rate if keep_sample_rate else refiner.sample_rate
             audio = refiner.assemble(prepared, waves, rate)
             if not np.all(np.isfinite(audio)):
                 raise ValueError("the refined audio is not finite")

@@ -2,18 +2,20 @@
 
 This is the one code path shared by the Python API, the folder command and the benchmarks:
 
-1. `Refiner.prepare` turns a pair of recordings into segments: per channel, and for long
-   recordings overlapping windows of at most `max_dur` seconds; each window is followed by
-   silence only up to the network's multiple of frames (32 for the published model), keeping at
-   least one frame past the signal (see `padded_width`). Recordings shorter than the STFT allows
-   are zero-padded first (`MIN_SAMPLES`).
+1. `Refiner.prepare` turns a pair of recordings into segments at the model's sample rate (its
+   front-end, `spectrogram.FrontEnd`): per channel, and for long recordings overlapping windows
+   of at most `max_dur` seconds; each window is followed by silence only up to the network's
+   multiple of frames (32 for the published model), keeping at least one frame past the signal
+   (see `padded_width`). Recordings shorter than the STFT allows are zero-padded first
+   (`FrontEnd.min_samples`).
 2. `Refiner.refine_stream`, the one batch runner, groups the segments of recordings that arrive
    one by one (a folder, or `run_segments`' list) into batches of equal width, and
    `Refiner.run_batch` refines one batch. Every segment has its own random generator, seeded
    from the seed and the segment's identity, so its result does not depend on which other
    segments share its batch. A batch that runs out of GPU memory is halved and retried, and the
    smaller size is kept for later batches of that width.
-3. `Refiner.assemble` joins segments with a normalised cross-fade and trims to the input length.
+3. `Refiner.assemble` joins segments with a normalised cross-fade and trims to the input length;
+   above the model's rate it adds the processed input's band above the model's (`--high-band`).
 
 In the diffusers sense, `refiner.refine` is the scheduler-and-sampler, the UNet is the model and
 `Refiner` is the pipeline around them.
@@ -33,7 +35,7 @@ from .acceleration import (ExecutionSettings, build_runner, estimate_max_batch_f
                            release_cached_memory)
 from .audio import crossover
 from .audio.folders import check_output_file
-from .audio.io import MODEL_SAMPLE_RATE, fit_length, resample, resampled_length, save_audio
+from .audio.io import fit_length, resample, resampled_length, save_audio
 from .checkpoints import ModelSettings, load_model
 from .errors import UsageError, first_line
 from .flags import affects_output, setting
@@ -41,7 +43,7 @@ from .methods import DEFAULT_METHOD, get_method, resolve_etas
 from .refiner import refine
 from .script_util import SAMPLING_RESPACING
 from .seeding import derive_seed, torch_generator
-from .spectrogram import HOP_LENGTH, MIN_SAMPLES, noise_map, num_frames, spec_to_wave, wave_to_spec
+from .spectrogram import PUBLISHED, FrontEnd, front_end_of, noise_map, num_frames, spec_to_wave, wave_to_spec
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +167,9 @@ class RefinerSettings:
 class Segment:
     """One mono window of one recording, ready for the network."""
 
-    noisy: torch.Tensor  # (2, 256, width) spectrogram of the noisy window followed by silence
-    noise_map: torch.Tensor  # (1, 256, width)
-    samples: int  # length of the window in samples (16 kHz; at least MIN_SAMPLES)
+    noisy: torch.Tensor  # (2, bins, width) spectrogram of the noisy window followed by silence
+    noise_map: torch.Tensor  # (1, bins, width)
+    samples: int  # length of the window in samples (at the model's rate; at least its min_samples)
     seed: int  # seed of this segment's generator
 
     @property
@@ -182,7 +184,7 @@ class Prepared:
     segments: List[Segment]
     bounds: List[Tuple[int, int]]  # (start, end) sample of each window, the same for every channel
     channels: int
-    samples: int  # length at 16 kHz (the windows cover max(samples, MIN_SAMPLES): short ones are padded)
+    samples: int  # length at the model's rate (the windows cover max(samples, min_samples): short ones are padded)
     sample_rate: int  # the caller's sample rate
     input_samples: int  # length at the caller's sample rate
     processed: np.ndarray  # (channels or 1, input_samples) at the caller's rate: the source of the high band
@@ -209,19 +211,20 @@ def segment_bounds(samples: int, max_samples: int, overlap: int) -> List[Tuple[i
     return [(s, s + max_samples) for s in starts]
 
 
-def padded_width(samples: int, multiple: int, max_samples: int) -> int:
-    """Spectrogram width the network sees for a recording of `samples` (16 kHz).
+def padded_width(samples: int, multiple: int, max_samples: int, front_end: FrontEnd = PUBLISHED) -> int:
+    """Spectrogram width the network sees for a recording of `samples` (at the front-end's rate).
 
     Recordings longer than `max_samples` are cut into windows of exactly `max_samples`, so their
-    width is that of one window; shorter than MIN_SAMPLES, they are padded to it. The width holds
-    at least one frame past the signal's frames, padded up to the network's `multiple`. Why: the
-    signal's last partial hop (up to 255 samples) lies under the last frame's window alone, where
+    width is that of one window; shorter than the front-end's min_samples, they are padded to it.
+    The width holds at least one frame past the signal's frames, padded up to the network's
+    `multiple`. Why: the signal's last partial hop (up to hop - 1 samples) lies under the last
+    frame's window alone, where
     the squared window that normalises the overlap-add falls to zero, so inverting only the
     signal's frames divides any inconsistency of the generated spectrogram by a near-zero weight:
     a click at the end of the file. With the next frame refined and inverted too, every kept
     sample has an overlap-add weight of at least 1/2.
     """
-    frames = num_frames(min(max(samples, MIN_SAMPLES), max_samples)) + 1
+    frames = num_frames(min(max(samples, front_end.min_samples), max_samples), front_end) + 1
     return multiple * math.ceil(frames / multiple)
 
 
@@ -262,6 +265,8 @@ class Refiner:
                  device=None, **flat_settings: Any):
         if flat_settings and settings is not None:
             raise TypeError("give settings as a RefinerSettings or as keywords, not both")
+        self.front_end = front_end_of(model)
+        self.sample_rate = self.front_end.sample_rate
         self.settings = settings or RefinerSettings.from_flat(**flat_settings)
         self.etas = self.settings.method.etas
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -269,8 +274,8 @@ class Refiner:
         self.network = build_runner(self.model, self.settings.execution)
         self.diffusion = diffusion
         segmenting, batching = self.settings.segmenting, self.settings.batching
-        self.max_samples = int(round(segmenting.max_dur * MODEL_SAMPLE_RATE))
-        self.overlap_samples = int(round(segmenting.segment_overlap * MODEL_SAMPLE_RATE))
+        self.max_samples = int(round(segmenting.max_dur * self.sample_rate))
+        self.overlap_samples = int(round(segmenting.segment_overlap * self.sample_rate))
         # The batch sizing can change after construction (auto_max_batch_frames).
         self.batch_size = batching.batch_size
         self.max_batch_frames = batching.max_batch_frames
@@ -309,8 +314,8 @@ class Refiner:
         return cls(model, diffusion, device=device, **settings)
 
     def padded_width(self, samples: int) -> int:
-        """Width of the segments of a recording of `samples` samples at 16 kHz."""
-        return padded_width(samples, self.width_bucket, self.max_samples)
+        """Width of the segments of a recording of `samples` samples at the model's rate."""
+        return padded_width(samples, self.width_bucket, self.max_samples, self.front_end)
 
     def batch_size_for(self, width: int) -> int:
         """Segments per batch at `width`: from the frame budget when set, else `batch_size`, and
@@ -334,7 +339,7 @@ class Refiner:
     # ----- the three stages -----
     def prepare(self, noisy: np.ndarray, processed: np.ndarray, sample_rate: int, seed: int = 0,
                 key: str = "") -> Prepared:
-        """Resample to 16 kHz, split into channels and windows, and compute the spectrograms.
+        """Resample to the model's rate, split into channels and windows, and compute the spectrograms.
 
         `noisy` and `processed` are (samples,) or (channels, samples) at `sample_rate` (integer
         samples are scaled by their type); a mono side is shared with every channel of the other.
@@ -347,31 +352,32 @@ class Refiner:
             if arr.shape[0] not in (1, channels):
                 raise ValueError(f"channel counts differ: noisy {noisy2d.shape[0]}, processed {processed2d.shape[0]}")
         input_samples = noisy2d.shape[-1]
-        noisy16 = resample(noisy2d, sample_rate, MODEL_SAMPLE_RATE)
-        processed16 = resample(processed2d, sample_rate, MODEL_SAMPLE_RATE)
-        samples = noisy16.shape[-1]
-        # The centred STFT reflects 256 samples at each end, which needs more than 256: shorter
-        # recordings are refined as if followed by silence, and `assemble` trims it away.
-        covered = max(samples, MIN_SAMPLES)
-        noisy16, processed16 = fit_length(noisy16, covered), fit_length(processed16, covered)
+        front_end = self.front_end
+        noisy_m = resample(noisy2d, sample_rate, self.sample_rate)
+        processed_m = resample(processed2d, sample_rate, self.sample_rate)
+        samples = noisy_m.shape[-1]
+        # The centred STFT reflects n_fft / 2 samples at each end, which needs more than that:
+        # shorter recordings are refined as if followed by silence, and `assemble` trims it away.
+        covered = max(samples, front_end.min_samples)
+        noisy_m, processed_m = fit_length(noisy_m, covered), fit_length(processed_m, covered)
         bounds = segment_bounds(covered, self.max_samples, self.overlap_samples)
         segments = []
         for channel in range(channels):
-            y_wave = torch.from_numpy(noisy16[min(channel, noisy16.shape[0] - 1)])
-            p_wave = torch.from_numpy(processed16[min(channel, processed16.shape[0] - 1)])
+            y_wave = torch.from_numpy(noisy_m[min(channel, noisy_m.shape[0] - 1)])
+            p_wave = torch.from_numpy(processed_m[min(channel, processed_m.shape[0] - 1)])
             for index, (start, end) in enumerate(bounds):
                 # Silence after the window, up to the shortest length whose STFT has the network's
                 # width: the frames past the signal are those of a signal that ends, so inverting
                 # them all gives the window back (see padded_width).
-                pad = (0, (self.padded_width(end - start) - 1) * HOP_LENGTH - (end - start))
-                y_spec = wave_to_spec(torch.nn.functional.pad(y_wave[start:end], pad))
-                sigma = noise_map(y_spec, wave_to_spec(torch.nn.functional.pad(p_wave[start:end], pad)))
+                pad = (0, (self.padded_width(end - start) - 1) * front_end.hop_length - (end - start))
+                y_spec = wave_to_spec(torch.nn.functional.pad(y_wave[start:end], pad), front_end)
+                sigma = noise_map(y_spec, wave_to_spec(torch.nn.functional.pad(p_wave[start:end], pad), front_end))
                 segments.append(Segment(noisy=y_spec, noise_map=sigma, samples=end - start,
                                         seed=segment_seed(seed, key, channel, index)))
         return Prepared(segments, bounds, channels, samples, sample_rate, input_samples, processed2d)
 
     def run_segments(self, segments: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:
-        """Refine segments (any widths) and return their waveforms at 16 kHz, in order.
+        """Refine segments (any widths) and return their waveforms at the model's rate, in order.
 
         The segments of each width go through `refine_stream` together, so they are batched and
         recovered from running out of GPU memory as a folder's are; raises SegmentTooLarge when a
@@ -420,7 +426,7 @@ class Refiner:
             release_cached_memory(self.device)
             if len(part) == 1:
                 yield part[0], SegmentTooLarge(
-                    f"a segment of {batch[part[0]].samples / MODEL_SAMPLE_RATE:.1f} s ({width} frames) does not "
+                    f"a segment of {batch[part[0]].samples / self.sample_rate:.1f} s ({width} frames) does not "
                     f"fit in {self.device} memory even alone ({failure}); a shorter --max-dur cuts recordings "
                     f"into shorter segments")
                 continue
@@ -434,7 +440,7 @@ class Refiner:
             parts.insert(0, part)  # split by the new size on the next round
 
     def run_batch(self, batch: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:
-        """Refine segments of equal width in one batch; returns 16 kHz waveforms on the CPU.
+        """Refine segments of equal width in one batch; returns waveforms at the model's rate on the CPU.
 
         Every frame is inverted, the padding past the signal included (see `padded_width`), and
         the waveform is then trimmed to the segment's length.
@@ -448,7 +454,7 @@ class Refiner:
             generator=generators, progress=progress, **self.etas,
         )
         spec = spec.float().cpu()
-        return [spec_to_wave(spec[k], seg.samples) for k, seg in enumerate(batch)]
+        return [spec_to_wave(spec[k], seg.samples, self.front_end) for k, seg in enumerate(batch)]
 
     def refine_stream(self, recordings: Iterable[Tuple[Any, Sequence[Segment]]], progress: bool = False
                       ) -> Iterator["Refined"]:
@@ -498,7 +504,7 @@ class Refiner:
 
     def assemble(self, prepared: Prepared, waves: Sequence[torch.Tensor],
                  output_sample_rate: Optional[int] = None) -> np.ndarray:
-        """Join refined windows into (channels, samples) at `output_sample_rate` (16 kHz if None).
+        """Join refined windows into (channels, samples) at `output_sample_rate` (the model's if None).
 
         At the caller's own sample rate the output has exactly the input's sample count. Above
         the model's rate, with high_band "processed", the band above the model's comes from the
@@ -511,20 +517,20 @@ class Refiner:
                            prepared.bounds, covered, self.overlap_samples)
             for c in range(prepared.channels)
         ])
-        rate = output_sample_rate or MODEL_SAMPLE_RATE
+        rate = output_sample_rate or self.sample_rate
         if rate == prepared.sample_rate:
             length = prepared.input_samples
         else:
             # At least one sample: a 1-sample file at 48 kHz is 0 samples long at 16 kHz, and an
             # empty output would pass for a refined file.
-            length = max(1, resampled_length(prepared.samples, MODEL_SAMPLE_RATE, rate))
+            length = max(1, resampled_length(prepared.samples, self.sample_rate, rate))
         # Resampled before trimming: the padding of a short recording gives the resampler its
         # context, and the trim then gives exactly the input's duration.
-        out = resample(joined, MODEL_SAMPLE_RATE, rate, length=length)
+        out = resample(joined, self.sample_rate, rate, length=length)
         if self.settings.output.high_band == "processed" and \
-                crossover.applies(rate, prepared.sample_rate, MODEL_SAMPLE_RATE):
+                crossover.applies(rate, prepared.sample_rate, self.sample_rate):
             high = resample(prepared.processed, prepared.sample_rate, rate, length=length)
-            out = crossover.join(out, np.broadcast_to(high, out.shape), rate, MODEL_SAMPLE_RATE)
+            out = crossover.join(out, np.broadcast_to(high, out.shape), rate, self.sample_rate)
         return out
 
     # ----- the Python API -----
@@ -585,7 +591,7 @@ class SegmentTooLarge(RuntimeError):
 
 @dataclass
 class Refined:
-    """One recording out of `Refiner.refine_stream`: its waves (16 kHz, one per segment), or the
+    """One recording out of `Refiner.refine_stream`: its waves (at the model's rate, one per segment), or the
     error that stopped it (then `waves` is None)."""
 
     item: Any

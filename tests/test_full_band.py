@@ -93,3 +93,54 @@ def test_the_python_api_and_refine_file_keep_the_high_band_of_the_processed_file
 def test_an_unknown_high_band_is_refused():
     with pytest.raises(ValueError, match="high_band must be one of processed, none"):
         Refiner.from_checkpoint(DEMO_MODEL, device="cpu", high_band="noisy")
+
+
+# A full-band prior: the tiny network on the 48 kHz front-end of the issue (n_fft 1536, hop 384:
+# 768 bins, 125 frames per second), 64-frame crops of 0.6 s excerpts, 100 diffusion steps.
+FULL_BAND_FLAGS = ["--sample_rate", "48000", "--n_fft", "1536", "--hop_length", "384"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rate, flags, bins", [(48000, FULL_BAND_FLAGS, 768),
+                                               (24000, ["--sample_rate", "24000", "--n_fft", "768",
+                                                        "--hop_length", "192"], 384)])
+def test_a_full_band_prior_trains_loads_by_its_path_and_refines_at_its_rate(tmp_path, monkeypatch, rate, flags,
+                                                                             bins):
+    from diffiner import pipeline
+    from diffiner.commands.train import main as train
+    from diffiner.spectrogram import FrontEnd
+
+    from conftest import tiny_cli_flags
+
+    corpus = tmp_path / "clean"
+    for k in range(2):
+        full_band_pair(str(corpus / f"s{k}"), rate=rate, seconds=1.0, seed=k)
+    log_dir = str(tmp_path / "log")
+    assert train(["--root", str(corpus / "s0" / "proc"), "--log_dir", log_dir, "--max_steps", "2",
+                  *tiny_cli_flags(None), *flags, "--diffusion_steps", "100", "--seq_dur", "0.6",
+                  "--num_workers", "0", "--batch_size", "2"]) == 0
+    with open(os.path.join(log_dir, "model_config.yml")) as f:
+        carried = yaml.safe_load(f)
+    assert (carried["sample_rate"], carried["n_fft"], carried["hop_length"]) == (rate, 2 * bins, bins // 2)
+
+    refiner = Refiner.from_checkpoint(os.path.join(log_dir, "ema_0.9999_000002.pt"), device="cpu",
+                                      timestep_respacing="ddim2")
+    assert refiner.front_end == FrontEnd(rate, 2 * bins, bins // 2) and refiner.sample_rate == rate
+    # Segment lengths follow the model's rate: 10 s of audio at 48 kHz.
+    assert refiner.max_samples == 10 * rate
+    seen = []
+    original = pipeline.refine
+    monkeypatch.setattr(pipeline, "refine", lambda net, diff, noisy, *a, **k: seen.append(noisy.shape) or
+                        original(net, diff, noisy, *a, **k))
+    noisy, proc = full_band_pair(str(tmp_path / "pair"), rate=rate, seconds=0.77, seed=7)
+    noisy_audio, _ = sf.read(os.path.join(noisy, "pair.wav"), dtype="float32")
+    processed, _ = sf.read(os.path.join(proc, "pair.wav"), dtype="float32")
+    refined = refiner.refine(noisy_audio, processed, rate)
+    assert refined.shape == processed.shape and np.all(np.isfinite(refined))
+    # 0.77 s: 1 + samples // hop frames, one more past the signal, up to the network's multiple of 8.
+    frames = 1 + processed.size // (bins // 2) + 1
+    assert seen == [(1, 2, bins, 8 * -(-frames // 8))]
+    # The prior refines its whole band itself: no crossover at its own rate (high_band changes nothing).
+    narrow = Refiner.from_checkpoint(os.path.join(log_dir, "ema_0.9999_000002.pt"), device="cpu",
+                                     timestep_respacing="ddim2", high_band="none")
+    assert np.array_equal(narrow.refine(noisy_audio, processed, rate), refined)

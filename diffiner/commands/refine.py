@@ -24,12 +24,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 
-from .. import __version__, dist_util, spectrogram
+from .. import __version__, dist_util
 from ..audio.enhancers import ENHANCERS, check_available, enhance_folder
 from ..audio.enhancers import WRITER as ENHANCE_WRITER
 from ..audio.folders import (REFINE_WRITER, RUN_RECORD, check_write_rules, read_run_record,
                              remove_audio_files, scan_audio_files)
-from ..audio.io import MODEL_SAMPLE_RATE, write_text_atomic
+from ..audio.io import write_text_atomic
 from ..corpus import RunSummary, plan_jobs, refine_files, shard_jobs
 from ..flags import (DEVICE_FLAG, MODEL_GROUP, NO_PROGRESS_FLAG, OVERWRITE_FLAG, Flag, command_parser, flags_of,
                      precision_from_args, values_of)
@@ -231,13 +231,11 @@ def describe_settings(args: argparse.Namespace, refiner: Refiner, model_settings
         "model_settings_from": model_settings.source,
         "data": {"root_noisy": os.path.abspath(args.root_noisy), "root_proc": os.path.abspath(args.root_proc),
                  "output_dir": os.path.abspath(args.output_dir)},
-        "stft": {"sample_rate": MODEL_SAMPLE_RATE, "n_fft": spectrogram.N_FFT, "win_length": spectrogram.WIN_LENGTH,
-                 "hop_length": spectrogram.HOP_LENGTH, "window": "hann (periodic)", "center": True,
-                 "pad_mode": "reflect", "dc_bin": "dropped"},
+        "stft": refiner.front_end.describe(),
         "refiner": {**shaping, "timestep_respacing": args.timestep_respacing},
         "seed": args.seed,
         "dtype": refiner.precision,
-        "output_sample_rate": "input" if args.keep_sample_rate else MODEL_SAMPLE_RATE,
+        "output_sample_rate": "input" if args.keep_sample_rate else refiner.sample_rate,
         "device": device,
         "processes": processes,
         # The result for a file does not depend on its batch (up to float rounding).

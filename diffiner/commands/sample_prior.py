@@ -22,6 +22,7 @@ from ..errors import UsageError, usage_errors
 from ..flags import (DEVICE_FLAG, MODEL_GROUP, Flag, command_parser, flags_of, precision_from_args, settings_of,
                      values_of)
 from ..sampling import SamplingSettings, sample_waves, write_samples
+from ..spectrogram import front_end_of
 from ..script_util import RESPACING_FLAG, carried_setting_flags
 from .common import check_number, check_respacing, resolve_device, run_command, setup_logging
 
@@ -74,7 +75,8 @@ def sample(args: argparse.Namespace) -> int:
             mine = list(range(info.rank, args.num_samples, info.world_size))
             write_samples(args.output_dir, sample_waves(
                 model, diffusion, mine, settings_of(SamplingSettings, args), device=device,
-                precision=args.precision, channels_last=args.channels_last, progress=dist_util.is_main()))
+                precision=args.precision, channels_last=args.channels_last, progress=dist_util.is_main()),
+                front_end_of(model).sample_rate)
             dist_util.barrier()
         if dist_util.is_main():
             print(f"wrote {args.num_samples} sample(s) of {args.seconds} s to {args.output_dir}")

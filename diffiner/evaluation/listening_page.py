@@ -190,7 +190,7 @@ def _summary_section(data: PageData, formats: Dict[str, str]) -> str:
         _table(["system", *map(esc, data.columns), "floored"], body),
         notes,
         "<h3>Metrics</h3>",
-        f"<p class=\"note\">Every metric scored each file mixed to mono and resampled to {rate}; "
+        "<p class=\"note\">Every metric scored each file mixed to mono, at the rate its row names; "
         "the players below play the files as they are.</p>",
         _table(["metric", "columns", "what it is", "scored at", "needs the clean reference", "floor"],
                metric_rows, numeric_from=5),

@@ -450,3 +450,19 @@ def test_lsd_measures_the_band_above_8_khz_at_the_clean_files_rate(tmp_path):
     assert float(rows[("a.wav", "kept")]["lsd"]) < 0.2 < 2.0 < float(rows[("a.wav", "narrow")]["lsd"])
     assert rows[("b.wav", "kept")]["not_scored"] == "lsd"
     assert "the file's rate, mono" in (output / "report.html").read_text()
+
+
+def test_nisqa_gets_the_file_at_its_own_rate_and_the_wide_band_metrics_16_khz(monkeypatch, tmp_path):
+    from diffiner.evaluation import nisqa, scoring
+
+    seen = {}
+    monkeypatch.setattr(nisqa, "scores", lambda signal, rate: seen.update(nisqa=(signal.size, rate)) or
+                        dict.fromkeys(nisqa.COLUMNS, 3.0))
+    monkeypatch.setattr(scoring.metrics, "dnsmos", lambda signal: seen.update(dnsmos=signal.size) or
+                        {"SIG": 3.0, "BAK": 3.0, "OVRL": 3.0, "P808": 3.0})
+    path = str(tmp_path / "a.wav")
+    save_audio(path, resample(speech_like(SECONDS, seed=2), SR, 44100), 44100, "FLOAT")
+    signal, _ = scoring.read_signal(path)
+    scoring.score_signal(signal, None, ["dnsmos", "nisqa"])
+    assert seen == {"nisqa": (signal.native.size, 44100), "dnsmos": signal.at_16k.size}
+    assert signal.at_16k.size == round(signal.native.size * SR / 44100)

@@ -22,7 +22,9 @@ from diffiner.audio.io import load_audio
 from diffiner.checkpoints import load_model
 from diffiner.pipeline import Refiner
 from diffiner.seeding import numpy_rng
-from diffiner.spectrogram import HOP_LENGTH, num_frames
+from diffiner.spectrogram import PUBLISHED, num_frames
+
+HOP_LENGTH = PUBLISHED.hop_length
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_MODEL = os.path.join(REPO, "demo", "model", "diffiner_demo.pt")

@@ -97,12 +97,12 @@ def peak_tflops(override: float) -> Tuple[float, str]:
 
 
 def network_flops(refiner: Refiner, batch: int, width: int, cache: Dict) -> float:
-    """FLOPs of one network call on a (batch, 2, 256, width) input, counted by torch; NaN where
+    """FLOPs of one network call on a (batch, 2, bins, width) input, counted by torch; NaN where
     this torch cannot count them."""
     if FlopCounterMode is None:
         return float("nan")
     if (batch, width) not in cache:
-        x = torch.zeros(batch, 2, 256, width, device=refiner.device)
+        x = torch.zeros(batch, 2, refiner.front_end.num_bins, width, device=refiner.device)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             refiner.model(x, torch.zeros(batch, dtype=torch.long, device=refiner.device))
         cache[(batch, width)] = float(counter.get_total_flops())
@@ -144,7 +144,7 @@ def run_config(name: str, settings: Dict, model, diffusion, recordings: List[np.
     batches = batch_shapes(refiner, segments)
     with torch.no_grad():  # warm-up: one call per batch shape (compilation happens here)
         for shape in sorted(set(batches)):
-            x = torch.zeros(shape[0], 2, 256, shape[1], device=refiner.device)
+            x = torch.zeros(shape[0], 2, refiner.front_end.num_bins, shape[1], device=refiner.device)
             refiner.network(x, torch.zeros(shape[0], dtype=torch.long, device=refiner.device))
     synchronize(refiner.device)
     start = time.perf_counter()

@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from .flags import PRECISION_FLAGS, Flag, flags_of, setting
-from .spectrogram import NUM_BINS
+from .spectrogram import front_end_of
 from .unet import QKVAttention
 
 logger = logging.getLogger(__name__)
@@ -181,12 +181,12 @@ def measurement_batches(width: int) -> Tuple[int, int]:
 
 
 def _network_input(model: torch.nn.Module, device: torch.device, batch: int, width: int):
-    return (torch.zeros(batch, model.in_channels, NUM_BINS, width, device=device),
+    return (torch.zeros(batch, model.in_channels, front_end_of(model).num_bins, width, device=device),
             torch.zeros(batch, dtype=torch.long, device=device))
 
 
 def _peak_memory_of_call(runner, model: torch.nn.Module, device: torch.device, batch: int, width: int) -> int:
-    """Bytes allocated at the peak of one network call on (batch, C, 256, width), beyond what was
+    """Bytes allocated at the peak of one network call on (batch, C, bins, width), beyond what was
     allocated before it."""
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
@@ -210,7 +210,7 @@ def largest_tensor_per_frame(model: torch.nn.Module, width: int) -> int:
     """An upper bound on the elements, per frame of a batch of `width`-frame segments, of the
     largest tensor a call of the UNet makes.
 
-    At level l (downsampled 2**l times) a frame covers NUM_BINS / 4**l positions. The widest
+    At level l (downsampled 2**l times) a frame covers bins / 4**l positions (bins: the front-end's). The widest
     tensor there is a decoder block's input: the block's own or the upsampled lower level's
     channels concatenated with a skip of its own or the upper level's channels, so at most twice
     the widest of the three levels' channel counts; attention levels add the packed q, k, v
@@ -222,7 +222,7 @@ def largest_tensor_per_frame(model: torch.nn.Module, width: int) -> int:
     largest = 0
     for level, ch in enumerate(channels):
         ds = 2 ** level
-        rows = NUM_BINS // ds
+        rows = front_end_of(model).num_bins // ds
         widest = 2 * max(channels[max(level - 1, 0):level + 2])
         # The middle block attends at the lowest level whatever attention_resolutions says.
         attends = ds in model.attention_resolutions or level == len(channels) - 1

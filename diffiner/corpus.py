@@ -25,14 +25,15 @@ import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .audio.folders import REFINE_WRITER, describe_failure, file_errors, output_path, pair_folders
 from .audio.records import CHANGED, DONE, UNLISTED, OutputRecord, fingerprint
-from .audio.io import (MODEL_SAMPLE_RATE, AudioError, BlockWriter, audio_info, check_input_rate, fit_length,
+from .audio import crossover
+from .audio.io import (AudioError, BlockWriter, audio_info, check_input_rate, fit_length,
                        fit_stream, load_audio, read_blocks, resample, resample_stream, resampled_length)
 from .pipeline import Layout, Refiner, Segment, SegmentDone
 
@@ -135,7 +136,7 @@ def plan_jobs(root_noisy: str, root_proc: str, output_dir: str, refiner: Refiner
             check_input_rate(job.processed_path, rate)
             check_input_rate(job.noisy_path, noisy_rate)
             job.seconds = samples / rate
-            samples16 = resampled_length(samples, rate, MODEL_SAMPLE_RATE)
+            samples16 = resampled_length(samples, rate, refiner.sample_rate)
             job.width = refiner.padded_width(samples16)
             job.segments = refiner.layout(samples16, max(channels, noisy_channels), rate, samples).segments_count
             jobs.append(job)
@@ -189,7 +190,7 @@ def check_pair_lengths(noisy_path: str, processed_path: str, noisy_samples: int,
 def stream_pair(refiner: Refiner, noisy_path: str, processed_path: str) -> Tuple[Layout, Iterator[np.ndarray],
                                                                                   Iterator[np.ndarray]]:
     """A pair as `load_pair` and `Refiner.prepare` make it, streamed: (its layout, the noisy and
-    the processed blocks at 16 kHz covering the layout's windows). The headers are checked here
+    the processed blocks at the model's rate covering the layout's windows). The headers are checked here
     (rates, lengths, channels), before a sample is read; the blocks hold the same samples as the
     whole-file path, block for block."""
     noisy_samples, noisy_rate, noisy_channels = audio_info(noisy_path)
@@ -201,13 +202,32 @@ def stream_pair(refiner: Refiner, noisy_path: str, processed_path: str) -> Tuple
     channels = max(noisy_channels, channels_processed)
     if {noisy_channels, channels_processed} - {1, channels}:
         raise ValueError(f"channel counts differ: noisy {noisy_channels}, processed {channels_processed}")
-    samples16 = resampled_length(samples, rate, MODEL_SAMPLE_RATE)
+    samples16 = resampled_length(samples, rate, refiner.sample_rate)
     layout = refiner.layout(samples16, channels, rate, samples)
     covered = layout.bounds[-1][1]
     noisy = fit_stream(resample_stream(read_blocks(noisy_path), noisy_rate, rate, at_rate), samples)
-    noisy16 = fit_stream(resample_stream(noisy, rate, MODEL_SAMPLE_RATE, samples16), covered)
-    processed16 = fit_stream(resample_stream(read_blocks(processed_path), rate, MODEL_SAMPLE_RATE, samples16), covered)
+    noisy16 = fit_stream(resample_stream(noisy, rate, refiner.sample_rate, samples16), covered)
+    processed16 = fit_stream(resample_stream(read_blocks(processed_path), rate, refiner.sample_rate, samples16),
+                             covered)
     return layout, noisy16, processed16
+
+
+def with_high_band(blocks: Iterable[np.ndarray], processed_path: str, layout: Layout, rate: int,
+                   model_rate: int) -> Iterator[np.ndarray]:
+    """The refined `blocks` at `rate` (the processed file's own) joined to the processed file's
+    band above the model's, read block by block beside them: `Refiner.assemble`'s crossover
+    (`crossover.StreamingJoin`, which holds back half a kernel until the next block or the end)."""
+    join = crossover.StreamingJoin(rate, model_rate)
+    processed = fit_stream(read_blocks(processed_path), layout.output_length(rate))
+    buffer = np.zeros((1, 0), dtype=np.float32)
+    for block in blocks:
+        while buffer.shape[-1] < block.shape[-1]:
+            buffer = np.concatenate([buffer, next(processed)], axis=-1) if buffer.size else next(processed)
+        high, buffer = buffer[:, :block.shape[-1]], buffer[:, block.shape[-1]:]
+        joined = join.push(block, np.broadcast_to(high, block.shape))
+        if joined.shape[-1]:
+            yield joined
+    yield join.finish()
 
 
 def started_ahead(items: Sequence, start: Callable, lookahead: int) -> Iterator[Tuple]:
@@ -349,11 +369,14 @@ def refine_files(refiner: Refiner, jobs: Sequence[FileJob], summary: RunSummary,
         """The one place where a recording's refined blocks are written; a per-block step at the
         output rate (one with a lookahead holds back that many samples until the next block or
         the end) goes between `stream_output` and the writer."""
-        rate = layout.sample_rate if keep_sample_rate else MODEL_SAMPLE_RATE
+        rate = layout.sample_rate if keep_sample_rate else refiner.sample_rate
         with file_errors(summary.failed, job.rel, job.processed_path):
             try:
                 with BlockWriter(job.output_path, rate, layout.channels) as writer:
-                    for block in refiner.stream_output(layout, output.taken(), rate):
+                    blocks = refiner.stream_output(layout, output.taken(), rate)
+                    if refiner.high_band_applies(rate, layout.sample_rate):
+                        blocks = with_high_band(blocks, job.processed_path, layout, rate, refiner.sample_rate)
+                    for block in blocks:
                         writer.write(block)
             except _Abandoned:
                 return

@@ -2,11 +2,12 @@
 
 This is the one code path shared by the Python API, the folder command and the benchmarks:
 
-1. `Refiner.prepare` turns a pair of recordings into segments: per channel, and for long
-   recordings overlapping windows of at most `max_dur` seconds; each window is followed by
-   silence only up to the network's multiple of frames (32 for the published model), keeping at
-   least one frame past the signal (see `padded_width`). Recordings shorter than the STFT allows
-   are zero-padded first (`MIN_SAMPLES`).
+1. `Refiner.prepare` turns a pair of recordings into segments at the model's sample rate (its
+   front-end, `spectrogram.FrontEnd`): per channel, and for long recordings overlapping windows
+   of at most `max_dur` seconds; each window is followed by silence only up to the network's
+   multiple of frames (32 for the published model), keeping at least one frame past the signal
+   (see `padded_width`). Recordings shorter than the STFT allows are zero-padded first
+   (`FrontEnd.min_samples`).
 2. `Refiner.refine_segments`, the one batch runner, groups the segments of recordings that
    arrive one by one (a folder, or `run_segments`' list) into batches of equal width, taking
    each recording's segments only as batches need them, and `Refiner.run_batch` refines one
@@ -16,7 +17,8 @@ This is the one code path shared by the Python API, the folder command and the b
    kept for later batches of that width. A batch that meets another error of the GPU (a failed
    kernel, cuDNN, cuBLAS) is retried one segment at a time, and a segment that fails alone too
    fails its recording only. `refine_stream` gathers each recording's results.
-3. `Refiner.assemble` joins segments with a normalised cross-fade and trims to the input length.
+3. `Refiner.assemble` joins segments with a normalised cross-fade and trims to the input length;
+   above the model's rate it adds the processed input's band above the model's (`--high-band`).
 
 A recording of any length can also go through as a stream, with the same samples
 (`stream_segments` cuts segments from blocks of 16 kHz audio, `stream_output` joins refined
@@ -39,8 +41,9 @@ import torch
 
 from .acceleration import (ExecutionSettings, build_runner, estimate_max_batch_frames, is_device_error,
                            is_out_of_memory, release_cached_memory)
+from .audio import crossover
 from .audio.folders import check_output_file
-from .audio.io import MODEL_SAMPLE_RATE, fit_length, resample, resample_stream, resampled_length, save_audio
+from .audio.io import fit_length, resample, resample_stream, resampled_length, save_audio
 from .checkpoints import ModelSettings, load_model
 from .errors import UsageError, first_line
 from .flags import affects_output, setting
@@ -49,7 +52,7 @@ from .pretrained import PUBLISHED_NAME, fetch_published
 from .refiner import refine
 from .script_util import SAMPLING_RESPACING
 from .seeding import derive_seed, torch_generator
-from .spectrogram import HOP_LENGTH, MIN_SAMPLES, noise_map, num_frames, spec_to_wave, wave_to_spec
+from .spectrogram import PUBLISHED, FrontEnd, front_end_of, noise_map, num_frames, spec_to_wave, wave_to_spec
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +122,21 @@ class BatchSettings:
 
 
 @dataclass(frozen=True)
+class OutputSettings:
+    """What the output holds above the model's band, when it is written at a higher rate."""
+
+    high_band: str = setting("processed", "above the model's band, when the output rate and the processed input's "
+                                          "are higher than the model's: the processed file's content, joined by "
+                                          "a linear-phase crossover (processed), or nothing (none)",
+                             choices=crossover.HIGH_BAND_CHOICES)
+
+    def __post_init__(self):
+        if self.high_band not in crossover.HIGH_BAND_CHOICES:
+            raise ValueError(f"high_band must be one of {', '.join(crossover.HIGH_BAND_CHOICES)}, "
+                             f"got {self.high_band!r}")
+
+
+@dataclass(frozen=True)
 class RefinerSettings:
     """Everything that shapes a Refiner's work, one group per concern."""
 
@@ -126,11 +144,13 @@ class RefinerSettings:
     segmenting: SegmentSettings = SegmentSettings()
     batching: BatchSettings = BatchSettings()
     execution: ExecutionSettings = ExecutionSettings()
+    output: OutputSettings = OutputSettings()
 
     def describe(self, width_bucket: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         """(what shapes the output, how the run executes) as config.yml records them; the
         width bucket is the one in effect (`Refiner.width_bucket`)."""
-        shaping = {**self.method.describe(), **dataclasses.asdict(self.segmenting), "width_bucket": width_bucket}
+        shaping = {**self.method.describe(), **dataclasses.asdict(self.segmenting), "width_bucket": width_bucket,
+                   **dataclasses.asdict(self.output)}
         execution = {}
         for group in (self.batching, self.execution):
             for name, value in dataclasses.asdict(group).items():
@@ -160,9 +180,9 @@ class RefinerSettings:
 class Segment:
     """One mono window of one recording, ready for the network."""
 
-    noisy: torch.Tensor  # (2, 256, width) spectrogram of the noisy window followed by silence
-    noise_map: torch.Tensor  # (1, 256, width)
-    samples: int  # length of the window in samples (16 kHz; at least MIN_SAMPLES)
+    noisy: torch.Tensor  # (2, bins, width) spectrogram of the noisy window followed by silence
+    noise_map: torch.Tensor  # (1, bins, width)
+    samples: int  # length of the window in samples (at the model's rate; at least its min_samples)
     seed: int  # seed of this segment's generator
 
     @property
@@ -176,9 +196,10 @@ class Layout:
 
     bounds: List[Tuple[int, int]]  # (start, end) sample of each window, the same for every channel
     channels: int
-    samples: int  # length at 16 kHz (the windows cover max(samples, MIN_SAMPLES): short ones are padded)
+    samples: int  # length at the model's rate (the windows cover max(samples, min_samples): short ones are padded)
     sample_rate: int  # the caller's sample rate
     input_samples: int  # length at the caller's sample rate
+    model_rate: int  # the model's sample rate, that of `samples` and `bounds`
 
     @property
     def segments_count(self) -> int:
@@ -191,16 +212,16 @@ class Layout:
         keep the order in which segments were always batched, since a batch's other segments
         change a result in its last bits; longer ones go window by window, so that the memory
         held does not grow with their length."""
-        return self.samples <= CHANNEL_MAJOR_MAX_SECONDS * MODEL_SAMPLE_RATE
+        return self.samples <= CHANNEL_MAJOR_MAX_SECONDS * self.model_rate
 
     def output_length(self, rate: int) -> int:
         """Samples of the refined recording at `rate`: at the caller's own rate exactly the
-        input's count; at another, the 16 kHz length resampled, and at least one sample (a
+        input's count; at another, the length at the model's rate resampled, and at least one sample (a
         1-sample file at 48 kHz is 0 samples long at 16 kHz, and an empty output would pass for a
         refined file)."""
         if rate == self.sample_rate:
             return self.input_samples
-        return max(1, resampled_length(self.samples, MODEL_SAMPLE_RATE, rate))
+        return max(1, resampled_length(self.samples, self.model_rate, rate))
 
 
 @dataclass
@@ -209,6 +230,7 @@ class Prepared(Layout):
     needed to put it back together."""
 
     segments: List[Segment] = dataclasses.field(default_factory=list)
+    processed: Optional[np.ndarray] = None  # (channels or 1, input_samples) at the caller's rate: the high band's source
 
 
 def segment_seed(seed: int, key: str, channel: int, index: int) -> int:
@@ -232,19 +254,20 @@ def segment_bounds(samples: int, max_samples: int, overlap: int) -> List[Tuple[i
     return [(s, s + max_samples) for s in starts]
 
 
-def padded_width(samples: int, multiple: int, max_samples: int) -> int:
-    """Spectrogram width the network sees for a recording of `samples` (16 kHz).
+def padded_width(samples: int, multiple: int, max_samples: int, front_end: FrontEnd = PUBLISHED) -> int:
+    """Spectrogram width the network sees for a recording of `samples` (at the front-end's rate).
 
     Recordings longer than `max_samples` are cut into windows of exactly `max_samples`, so their
-    width is that of one window; shorter than MIN_SAMPLES, they are padded to it. The width holds
-    at least one frame past the signal's frames, padded up to the network's `multiple`. Why: the
-    signal's last partial hop (up to 255 samples) lies under the last frame's window alone, where
+    width is that of one window; shorter than the front-end's min_samples, they are padded to it.
+    The width holds at least one frame past the signal's frames, padded up to the network's
+    `multiple`. Why: the signal's last partial hop (up to hop - 1 samples) lies under the last
+    frame's window alone, where
     the squared window that normalises the overlap-add falls to zero, so inverting only the
     signal's frames divides any inconsistency of the generated spectrogram by a near-zero weight:
     a click at the end of the file. With the next frame refined and inverted too, every kept
     sample has an overlap-add weight of at least 1/2.
     """
-    frames = num_frames(min(max(samples, MIN_SAMPLES), max_samples)) + 1
+    frames = num_frames(min(max(samples, front_end.min_samples), max_samples), front_end) + 1
     return multiple * math.ceil(frames / multiple)
 
 
@@ -336,6 +359,8 @@ class Refiner:
                  device=None, **flat_settings: Any):
         if flat_settings and settings is not None:
             raise TypeError("give settings as a RefinerSettings or as keywords, not both")
+        self.front_end = front_end_of(model)
+        self.sample_rate = self.front_end.sample_rate
         self.settings = settings or RefinerSettings.from_flat(**flat_settings)
         self.etas = self.settings.method.etas
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -343,8 +368,8 @@ class Refiner:
         self.network = build_runner(self.model, self.settings.execution)
         self.diffusion = diffusion
         segmenting, batching = self.settings.segmenting, self.settings.batching
-        self.max_samples = int(round(segmenting.max_dur * MODEL_SAMPLE_RATE))
-        self.overlap_samples = int(round(segmenting.segment_overlap * MODEL_SAMPLE_RATE))
+        self.max_samples = int(round(segmenting.max_dur * self.sample_rate))
+        self.overlap_samples = int(round(segmenting.segment_overlap * self.sample_rate))
         # The batch sizing can change after construction (auto_max_batch_frames).
         self.batch_size = batching.batch_size
         self.max_batch_frames = batching.max_batch_frames
@@ -398,8 +423,8 @@ class Refiner:
         return cls.from_checkpoint(fetch_published(progress=progress), **kwargs)
 
     def padded_width(self, samples: int) -> int:
-        """Width of the segments of a recording of `samples` samples at 16 kHz."""
-        return padded_width(samples, self.width_bucket, self.max_samples)
+        """Width of the segments of a recording of `samples` samples at the model's rate."""
+        return padded_width(samples, self.width_bucket, self.max_samples, self.front_end)
 
     def batch_size_for(self, width: int) -> int:
         """Segments per batch at `width`: from the frame budget when set, else `batch_size`, and
@@ -423,7 +448,7 @@ class Refiner:
     # ----- the three stages -----
     def prepare(self, noisy: np.ndarray, processed: np.ndarray, sample_rate: int, seed: int = 0,
                 key: str = "") -> Prepared:
-        """Resample to 16 kHz, split into channels and windows, and compute the spectrograms.
+        """Resample to the model's rate, split into channels and windows, and compute the spectrograms.
 
         `noisy` and `processed` are (samples,) or (channels, samples) at `sample_rate` (integer
         samples are scaled by their type); a mono side is shared with every channel of the other.
@@ -436,12 +461,12 @@ class Refiner:
             if arr.shape[0] not in (1, channels):
                 raise ValueError(f"channel counts differ: noisy {noisy2d.shape[0]}, processed {processed2d.shape[0]}")
         input_samples = noisy2d.shape[-1]
-        noisy16 = resample(noisy2d, sample_rate, MODEL_SAMPLE_RATE)
-        processed16 = resample(processed2d, sample_rate, MODEL_SAMPLE_RATE)
+        noisy16 = resample(noisy2d, sample_rate, self.sample_rate)
+        processed16 = resample(processed2d, sample_rate, self.sample_rate)
         samples = noisy16.shape[-1]
-        # The centred STFT reflects 256 samples at each end, which needs more than 256: shorter
-        # recordings are refined as if followed by silence, and `assemble` trims it away.
-        covered = max(samples, MIN_SAMPLES)
+        # The centred STFT reflects n_fft / 2 samples at each end, which needs more than that:
+        # shorter recordings are refined as if followed by silence, and `assemble` trims it away.
+        covered = max(samples, self.front_end.min_samples)
         noisy16, processed16 = fit_length(noisy16, covered), fit_length(processed16, covered)
         layout = self.layout(samples, channels, sample_rate, input_samples)
         segments = []
@@ -451,30 +476,30 @@ class Refiner:
             for index, (start, end) in enumerate(layout.bounds):
                 segments.append(self._segment(y_wave[start:end], p_wave[start:end],
                                               segment_seed(seed, key, channel, index)))
-        return Prepared(**dataclasses.asdict(layout), segments=segments)
+        return Prepared(**vars(layout), segments=segments, processed=processed2d)
 
     def layout(self, samples: int, channels: int, sample_rate: int, input_samples: int) -> Layout:
-        """The windows of a recording of `samples` at 16 kHz (`input_samples` at `sample_rate`)."""
-        # The centred STFT reflects 256 samples at each end, which needs more than 256: shorter
-        # recordings are refined as if followed by silence, and the output is trimmed.
-        bounds = segment_bounds(max(samples, MIN_SAMPLES), self.max_samples, self.overlap_samples)
-        return Layout(bounds, channels, samples, sample_rate, input_samples)
+        """The windows of a recording of `samples` at the model's rate (`input_samples` at `sample_rate`)."""
+        # The centred STFT reflects n_fft / 2 samples at each end, which needs more than that:
+        # shorter recordings are refined as if followed by silence, and the output is trimmed.
+        bounds = segment_bounds(max(samples, self.front_end.min_samples), self.max_samples, self.overlap_samples)
+        return Layout(bounds, channels, samples, sample_rate, input_samples, self.sample_rate)
 
     def _segment(self, noisy: torch.Tensor, processed: torch.Tensor, seed: int) -> Segment:
-        """The segment of one mono window of the noisy and processed signals (16 kHz)."""
+        """The segment of one mono window of the noisy and processed signals (at the model's rate)."""
         samples = noisy.shape[-1]
         # Silence after the window, up to the shortest length whose STFT has the network's
         # width: the frames past the signal are those of a signal that ends, so inverting
         # them all gives the window back (see padded_width).
-        pad = (0, (self.padded_width(samples) - 1) * HOP_LENGTH - samples)
-        y_spec = wave_to_spec(torch.nn.functional.pad(noisy, pad))
-        sigma = noise_map(y_spec, wave_to_spec(torch.nn.functional.pad(processed, pad)))
+        pad = (0, (self.padded_width(samples) - 1) * self.front_end.hop_length - samples)
+        y_spec = wave_to_spec(torch.nn.functional.pad(noisy, pad), self.front_end)
+        sigma = noise_map(y_spec, wave_to_spec(torch.nn.functional.pad(processed, pad), self.front_end))
         return Segment(noisy=y_spec, noise_map=sigma, samples=samples, seed=seed)
 
     # ----- streams: a recording of any length in the memory of a few windows -----
     def stream_segments(self, layout: Layout, noisy: Iterable[np.ndarray], processed: Iterable[np.ndarray], *,
                         seed: int = 0, key: str = "") -> Iterator[Segment]:
-        """The segments of a recording given as 16 kHz blocks (channels, n) that make up exactly
+        """The segments of a recording given as blocks at the model's rate (channels, n) that make up exactly
         `layout.bounds[-1][1]` samples (noisy or processed may be mono, shared by every channel),
         each made as `prepare` makes it, in `prepare`'s order (channel by channel) where
         `layout.channel_major`, else window by window. Only the windows being cut are held (all
@@ -503,10 +528,10 @@ class Refiner:
         `layout.output_length(rate)` of them, each block as soon as no later segment changes it."""
         joiner = CrossfadeJoiner(layout.bounds, self.overlap_samples)
         joined = (joiner.add(window) for window in _windows_of(layout, waves))
-        return resample_stream(joined, MODEL_SAMPLE_RATE, rate, layout.output_length(rate))
+        return resample_stream(joined, self.sample_rate, rate, layout.output_length(rate))
 
     def run_segments(self, segments: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:
-        """Refine segments (any widths) and return their waveforms at 16 kHz, in order.
+        """Refine segments (any widths) and return their waveforms at the model's rate, in order.
 
         The segments of each width go through `refine_stream` together, so they are batched and
         recovered from running out of GPU memory as a folder's are; raises SegmentFailed (a
@@ -558,7 +583,7 @@ class Refiner:
             # Outside the except clause: the error's traceback, and with it the failed attempt's
             # tensors, is gone before the cached memory is released and the retry allocates.
             release_cached_memory(self.device)
-            seconds = batch[part[0]].samples / MODEL_SAMPLE_RATE
+            seconds = batch[part[0]].samples / self.sample_rate
             if not out_of_memory:
                 if len(part) == 1 and part[0] in retried:
                     yield part[0], SegmentFailed(
@@ -588,7 +613,7 @@ class Refiner:
             parts.insert(0, part)  # split by the new size on the next round
 
     def run_batch(self, batch: Sequence[Segment], progress: bool = False) -> List[torch.Tensor]:
-        """Refine segments of equal width in one batch; returns 16 kHz waveforms on the CPU.
+        """Refine segments of equal width in one batch; returns waveforms at the model's rate on the CPU.
 
         Every frame is inverted, the padding past the signal included (see `padded_width`), and
         the waveform is then trimmed to the segment's length.
@@ -602,7 +627,7 @@ class Refiner:
             generator=generators, progress=progress, **self.etas,
         )
         spec = spec.float().cpu()
-        return [spec_to_wave(spec[k], seg.samples) for k, seg in enumerate(batch)]
+        return [spec_to_wave(spec[k], seg.samples, self.front_end) for k, seg in enumerate(batch)]
 
     def refine_stream(self, recordings: Iterable[Tuple[Any, Iterable[Segment]]], progress: bool = False
                       ) -> Iterator["Refined"]:
@@ -693,19 +718,32 @@ class Refiner:
 
     def assemble(self, prepared: Prepared, waves: Sequence[torch.Tensor],
                  output_sample_rate: Optional[int] = None) -> np.ndarray:
-        """Join refined windows into (channels, samples) at `output_sample_rate` (16 kHz if None).
+        """Join refined windows into (channels, samples) at `output_sample_rate` (the model's if None).
 
-        At the caller's own sample rate the output has exactly the input's sample count.
+        At the caller's own sample rate the output has exactly the input's sample count. Above
+        the model's rate, with high_band "processed", the band above the model's comes from the
+        processed input (`audio.crossover`).
         """
         per_channel = len(prepared.bounds)
         joiner = CrossfadeJoiner(prepared.bounds, self.overlap_samples)
         joined = np.concatenate([
             joiner.add(np.stack([waves[c * per_channel + k].numpy() for c in range(prepared.channels)]))
             for k in range(per_channel)], axis=1)
-        rate = output_sample_rate or MODEL_SAMPLE_RATE
+        rate = output_sample_rate or self.sample_rate
+        length = prepared.output_length(rate)
         # Resampled before trimming: the padding of a short recording gives the resampler its
         # context, and the trim then gives exactly the input's duration.
-        return resample(joined, MODEL_SAMPLE_RATE, rate, length=prepared.output_length(rate))
+        out = resample(joined, self.sample_rate, rate, length=length)
+        if self.high_band_applies(rate, prepared.sample_rate):
+            high = resample(prepared.processed, prepared.sample_rate, rate, length=length)
+            out = crossover.join(out, np.broadcast_to(high, out.shape), rate, self.sample_rate)
+        return out
+
+    def high_band_applies(self, output_rate: int, input_rate: int) -> bool:
+        """Whether an output at `output_rate` of a recording at `input_rate` takes the processed
+        input's band above the model's (`--high-band processed` and a band there to take)."""
+        return self.settings.output.high_band == "processed" and \
+            crossover.applies(output_rate, input_rate, self.sample_rate)
 
     # ----- the Python API -----
     def refine(self, noisy: np.ndarray, processed: np.ndarray, sample_rate: int, *, seed: int = 0,
@@ -722,8 +760,9 @@ class Refiner:
         back in the caller's layout. Integer arrays (int16, int32, ...) are scaled by their type to [-1, 1).
 
         The output is at `output_sample_rate`, by default the input's `sample_rate`, with the
-        same duration (and at least one sample). `key` names the recording in the seed (the CLI
-        uses its relative path).
+        same duration (and at least one sample). Above the model's rate, the band above the
+        model's is the processed input's (high_band "processed", the default) or empty ("none").
+        `key` names the recording in the seed (the CLI uses its relative path).
         """
         channels_last = _channels_last(noisy, processed, layout)
         if channels_last:
@@ -769,7 +808,7 @@ class SegmentTooLarge(SegmentFailed):
 
 @dataclass
 class Refined:
-    """One recording out of `Refiner.refine_stream`: its waves (16 kHz, one per segment), or the
+    """One recording out of `Refiner.refine_stream`: its waves (at the model's rate, one per segment), or the
     error that stopped it (then `waves` is None)."""
 
     item: Any

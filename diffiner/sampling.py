@@ -15,12 +15,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .acceleration import NetworkRunner
-from .audio.io import MODEL_SAMPLE_RATE, save_audio
+from .audio.io import save_audio
 from .audio.records import OutputRecord
 from .flags import setting
 from .pipeline import padded_width
 from .seeding import STREAM_SAMPLING, stream_generator
-from .spectrogram import NUM_BINS, spec_to_wave
+from .spectrogram import front_end_of, spec_to_wave
 
 
 @dataclass(frozen=True)
@@ -51,26 +51,29 @@ def sample_spectrograms(network, diffusion, indices: Sequence[int], shape: Seque
 def sample_waves(model: torch.nn.Module, diffusion, indices: Sequence[int], settings: SamplingSettings, *,
                  device: torch.device, precision: str = "fp32", channels_last: bool = False,
                  progress: bool = False) -> Iterator[tuple]:
-    """(index, 16 kHz waveform) of each sample numbered in `indices`, `settings.batch_size` at a
-    time."""
+    """(index, waveform at the model's rate) of each sample numbered in `indices`,
+    `settings.batch_size` at a time."""
     network = NetworkRunner(model.to(device).eval(), precision, channels_last)
-    samples = int(round(settings.seconds * MODEL_SAMPLE_RATE))
-    shape = (model.in_channels, NUM_BINS, padded_width(samples, model.downsample_factor, samples))
+    front_end = front_end_of(model)
+    samples = int(round(settings.seconds * front_end.sample_rate))
+    shape = (model.in_channels, front_end.num_bins,
+             padded_width(samples, model.downsample_factor, samples, front_end))
     size = settings.batch_size
     batches = [list(indices[lo:lo + size]) for lo in range(0, len(indices), size)]
     for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
         spec = sample_spectrograms(network, diffusion, batch, shape, seed=settings.seed, use_ddim=settings.use_ddim,
                                    device=device)
-        waves = spec_to_wave(spec.float().cpu(), samples)  # every frame, then trim: no end click
+        waves = spec_to_wave(spec.float().cpu(), samples, front_end)  # every frame, then trim: no end click
         yield from zip(batch, (wave.numpy() for wave in waves))
 
 
-def write_samples(output_dir: str, samples: Iterator[tuple], record: Optional[OutputRecord] = None) -> int:
-    """Write each (index, waveform) as `output_dir`/sample_NNN.wav, atomically, adding it to
-    `record`; returns the count."""
+def write_samples(output_dir: str, samples: Iterator[tuple], sample_rate: int,
+                  record: Optional[OutputRecord] = None) -> int:
+    """Write each (index, waveform at `sample_rate`) as `output_dir`/sample_NNN.wav, atomically,
+    adding it to `record`; returns the count."""
     count = 0
     for index, wave in samples:
-        save_audio(os.path.join(output_dir, sample_name(index)), np.asarray(wave), MODEL_SAMPLE_RATE)
+        save_audio(os.path.join(output_dir, sample_name(index)), np.asarray(wave), sample_rate)
         if record is not None:
             record.add(sample_name(index), {})  # made from the checkpoint alone: in the record's settings
         count += 1

@@ -9,6 +9,7 @@ from typing import Any, Dict, Tuple
 from . import gaussian_diffusion as gd
 from .flags import Flag, flag_defaults
 from .respace import SpacedDiffusion, space_timesteps
+from .spectrogram import PUBLISHED, WINDOWS, FrontEnd
 from .unet import UNetModel
 
 # channel_mult per image_size when the user leaves it empty (docs/method.md, "The network").
@@ -51,11 +52,21 @@ DIFFUSION_FLAGS = (
     Flag("rescale_learned_sigmas", False, "with learn_sigma: scale the variational term as in Improved DDPM"),
 )
 
-MODEL_AND_DIFFUSION_FLAGS = MODEL_FLAGS + DIFFUSION_FLAGS
+# The signal front-end the prior works in (spectrogram.FrontEnd). The network's frequency size
+# follows from it (n_fft / 2 bins), and a prior knows only the spectra of its own front-end.
+FRONT_END_FLAGS = (
+    Flag("sample_rate", PUBLISHED.sample_rate, "the model's sample rate in Hz: audio is resampled to it"),
+    Flag("n_fft", PUBLISHED.n_fft, "STFT size (and window length); the network sees n_fft / 2 frequency bins, "
+         "which must be a multiple of its downsampling"),
+    Flag("hop_length", PUBLISHED.hop_length, "STFT hop in samples"),
+    Flag("window", PUBLISHED.window, "STFT window (periodic)", choices=tuple(WINDOWS)),
+)
 
-# Settings that decide the network's shape: a checkpoint's weights fit only the values it was
-# trained with (learn_sigma doubles the output channels).
-ARCHITECTURE_KEYS = tuple(f.name for f in MODEL_FLAGS) + ("learn_sigma",)
+MODEL_AND_DIFFUSION_FLAGS = MODEL_FLAGS + FRONT_END_FLAGS + DIFFUSION_FLAGS
+
+# Settings that decide the network's shape or what its input means: a checkpoint's weights fit
+# only the values it was trained with (learn_sigma doubles the output channels).
+ARCHITECTURE_KEYS = tuple(f.name for f in MODEL_FLAGS + FRONT_END_FLAGS) + ("learn_sigma",)
 
 # The published sampler: DDIM over 200 of the 4000 steps (refining and sampling default to it).
 # Respacing is a sampler setting (as diffusers' set_timesteps), chosen at inference: never a
@@ -86,17 +97,24 @@ def carried_setting_flags() -> Tuple[Flag, ...]:
 
 def create_model_and_diffusion(timestep_respacing="", **kwargs) -> Tuple[UNetModel, SpacedDiffusion]:
     """Build (model, diffusion) from the settings of `model_and_diffusion_defaults()`, the
-    diffusion respaced by `timestep_respacing` (guided-diffusion's signature).
+    diffusion respaced by `timestep_respacing` (guided-diffusion's signature). The model's
+    `front_end` is the spectrogram.FrontEnd of the settings.
 
-    Unknown keywords raise TypeError; missing ones take the defaults.
+    Unknown keywords raise TypeError; missing ones take the defaults. ValueError when the
+    front-end's bins are no multiple of the network's downsampling.
     """
     settings = model_and_diffusion_defaults()
     unknown = set(kwargs) - set(settings)
     if unknown:
         raise TypeError(f"unknown model/diffusion settings: {sorted(unknown)}")
     settings.update(kwargs)
-    diffusion_keys = diffusion_defaults().keys()
-    model = create_model(**{k: v for k, v in settings.items() if k not in diffusion_keys or k == "learn_sigma"})
+    other_keys = set(diffusion_defaults()) | {f.name for f in FRONT_END_FLAGS}
+    model = create_model(**{k: v for k, v in settings.items() if k not in other_keys or k == "learn_sigma"})
+    model.front_end = FrontEnd.from_settings(settings)
+    if model.front_end.num_bins % model.downsample_factor:
+        raise ValueError(f"n_fft {model.front_end.n_fft} gives {model.front_end.num_bins} frequency bins, not a "
+                         f"multiple of {model.downsample_factor}, the downsampling of {len(model.channel_mult)} "
+                         "resolution levels")
     diffusion = create_gaussian_diffusion(
         steps=settings["diffusion_steps"],
         learn_sigma=settings["learn_sigma"],

@@ -3,8 +3,9 @@
 
 Every .wav/.flac under a folder is indexed once (headers only). A training example is a
 random `seq_dur`-second excerpt of one file, read from disk alone (not the whole file),
-downmixed to mono, resampled to 16 kHz when the file has another rate, and turned into a
-(2, 256, image_size) spectrogram: cut, or zero-padded, to exactly image_size frames.
+downmixed to mono, resampled to the model's rate (its front-end's: 16 kHz for the published one)
+when the file has another rate, and turned into a (2, bins, image_size) spectrogram (bins =
+n_fft / 2: 256 for the published front-end): cut, or zero-padded, to exactly image_size frames.
 
 The stream of examples is a pure function of the seed: example number `position` (counted
 over the whole job, all ranks together) takes its file and its excerpt from random generators
@@ -40,9 +41,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.dataloader import default_collate
 
 from .audio.folders import list_audio_files
-from .audio.io import MODEL_SAMPLE_RATE, AudioError, audio_info, resample, soundfile_path, to_mono
+from .audio.io import AudioError, audio_info, resample, soundfile_path, to_mono
 from .seeding import STREAM_EXCERPT, STREAM_FILE_ORDER, stream_rng
-from .spectrogram import wave_to_spec
+from .spectrogram import PUBLISHED, FrontEnd, wave_to_spec
 
 logger = logging.getLogger(__name__)
 
@@ -59,17 +60,17 @@ class AudioFile:
         return self.samples / self.sample_rate
 
 
-def excerpt_samples(seq_dur: float) -> int:
-    """Length of an excerpt at 16 kHz."""
-    return int(round(seq_dur * MODEL_SAMPLE_RATE))
+def excerpt_samples(seq_dur: float, front_end: FrontEnd = PUBLISHED) -> int:
+    """Length of an excerpt at the front-end's rate."""
+    return int(round(seq_dur * front_end.sample_rate))
 
 
-def source_samples(seq_dur: float, sample_rate: int) -> int:
+def source_samples(seq_dur: float, sample_rate: int, front_end: FrontEnd = PUBLISHED) -> int:
     """Samples to read from a file at `sample_rate` to obtain one excerpt after resampling."""
-    return int(math.ceil(excerpt_samples(seq_dur) * sample_rate / MODEL_SAMPLE_RATE))
+    return int(math.ceil(excerpt_samples(seq_dur, front_end) * sample_rate / front_end.sample_rate))
 
 
-def build_index(root: str, seq_dur: float) -> List[AudioFile]:
+def build_index(root: str, seq_dur: float, front_end: FrontEnd = PUBLISHED) -> List[AudioFile]:
     """Index the audio files under `root` that are at least `seq_dur` seconds long.
 
     Reads headers only. Raises FileNotFoundError naming `root` when it is not a folder or
@@ -86,7 +87,7 @@ def build_index(root: str, seq_dur: float) -> List[AudioFile]:
         path = os.path.join(root, rel)
         samples, rate, _ = audio_info(path)
         entry = AudioFile(path, samples, rate)
-        if samples < source_samples(seq_dur, rate):
+        if samples < source_samples(seq_dur, rate, front_end):
             short_count += 1
             short_seconds += entry.seconds
         else:
@@ -101,12 +102,13 @@ def build_index(root: str, seq_dur: float) -> List[AudioFile]:
     return kept
 
 
-def read_excerpt(entry: AudioFile, start: int, seq_dur: float) -> np.ndarray:
-    """Mono 16 kHz float32 excerpt of `seq_dur` seconds beginning at sample `start` of the file.
+def read_excerpt(entry: AudioFile, start: int, seq_dur: float, front_end: FrontEnd = PUBLISHED) -> np.ndarray:
+    """Mono float32 excerpt of `seq_dur` seconds at the front-end's rate, beginning at sample
+    `start` of the file.
 
     Only the excerpt is read from disk; `start` counts samples at the file's own rate.
     """
-    stop = start + source_samples(seq_dur, entry.sample_rate)
+    stop = start + source_samples(seq_dur, entry.sample_rate, front_end)
     try:
         data, _ = sf.read(soundfile_path(entry.path), start=start, stop=stop, dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several types for damaged files
@@ -114,7 +116,7 @@ def read_excerpt(entry: AudioFile, start: int, seq_dur: float) -> np.ndarray:
     if not np.all(np.isfinite(data)):
         raise AudioError(f"{entry.path}: NaN or infinite samples between {start} and {stop}")
     mono = to_mono(data.T)
-    return resample(mono, entry.sample_rate, MODEL_SAMPLE_RATE, length=excerpt_samples(seq_dur))
+    return resample(mono, entry.sample_rate, front_end.sample_rate, length=excerpt_samples(seq_dur, front_end))
 
 
 def fit_frames(spec: torch.Tensor, frames: int) -> torch.Tensor:
@@ -126,15 +128,17 @@ def fit_frames(spec: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 class ExcerptDataset(Dataset):
-    """Example `position` of the stream: a (2, 256, image_size) spectrogram of a random excerpt."""
+    """Example `position` of the stream: a (2, bins, image_size) spectrogram of a random excerpt."""
 
-    def __init__(self, files: List[AudioFile], seq_dur: float, image_size: int, seed: int):
+    def __init__(self, files: List[AudioFile], seq_dur: float, image_size: int, seed: int,
+                 front_end: FrontEnd = PUBLISHED):
         if not files:
             raise ValueError("no training files")
         self.files = files
         self.seq_dur = seq_dur
         self.image_size = image_size
         self.seed = seed
+        self.front_end = front_end
         self._order_epoch = -1
         self._order: Optional[np.ndarray] = None
 
@@ -145,7 +149,7 @@ class ExcerptDataset(Dataset):
             rng = stream_rng(self.seed, STREAM_FILE_ORDER, epoch)
             self._order, self._order_epoch = rng.permutation(len(self.files)), epoch
         entry = self.files[int(self._order[index])]
-        latest_start = entry.samples - source_samples(self.seq_dur, entry.sample_rate)
+        latest_start = entry.samples - source_samples(self.seq_dur, entry.sample_rate, self.front_end)
         start = int(stream_rng(self.seed, STREAM_EXCERPT, position).integers(0, latest_start + 1))
         return entry, start
 
@@ -154,10 +158,10 @@ class ExcerptDataset(Dataset):
         excerpt cannot be read (see `collate_examples`)."""
         entry, start = self.choose(position)
         try:
-            wave = torch.from_numpy(read_excerpt(entry, start, self.seq_dur))
+            wave = torch.from_numpy(read_excerpt(entry, start, self.seq_dur, self.front_end))
         except AudioError as exc:
             return {"error": str(exc), "position": position}
-        return {"spec": fit_frames(wave_to_spec(wave), self.image_size), "position": position}
+        return {"spec": fit_frames(wave_to_spec(wave, self.front_end), self.image_size), "position": position}
 
 
 def collate_examples(examples: List[Dict]) -> Dict:
@@ -220,14 +224,14 @@ class StreamSampler(Sampler):
 
 def load_data(files: List[AudioFile], *, batch_size: int, image_size: int, seq_dur: float, seed: int,
               start_position: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-              pin_memory: bool = False) -> Iterator[Dict[str, torch.Tensor]]:
-    """An endless iterator of this rank's batches: {"spec": (B, 2, 256, image_size), "position": (B,)}.
+              pin_memory: bool = False, front_end: FrontEnd = PUBLISHED) -> Iterator[Dict[str, torch.Tensor]]:
+    """An endless iterator of this rank's batches: {"spec": (B, 2, bins, image_size), "position": (B,)}.
 
     `start_position` is the number of examples the whole job has consumed so far (0 for a
     fresh run); `batch_size` is per rank. Raises AudioError naming the file when an excerpt
     cannot be read.
     """
-    dataset = ExcerptDataset(files, seq_dur, image_size, seed)
+    dataset = ExcerptDataset(files, seq_dur, image_size, seed, front_end)
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=StreamSampler(start_position, batch_size, rank, world_size),
         num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_examples,

@@ -31,6 +31,7 @@ from .flags import setting, settings_of, values_of
 from .schedule_sampler import SAMPLER_NAMES, create_named_schedule_sampler
 from .script_util import carried_setting_flags, create_model_and_diffusion, model_and_diffusion_defaults
 from .seeding import seed_globals
+from .spectrogram import FrontEnd
 from .speech_datasets import build_index, load_data
 from .train_util import TrainLoop, parse_ema_rates
 
@@ -197,12 +198,20 @@ def prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> Tuple[Train
     info = dist_util.setup_dist()
     if info.rank != 0:
         logging.getLogger("diffiner").setLevel(logging.WARNING)
-    files = build_index(args.root, args.seq_dur)
+    # Indexed with the front-end of the flags (a resumed run's carried one may differ: then the
+    # index is made again below, for the excerpt lengths at its rate).
+    given_front_end = FrontEnd.from_settings(dict(model_and_diffusion_defaults(),
+                                                  **{k: v for k, v in values_of(args, MODEL_FLAGS).items()
+                                                     if v is not None}))
+    files = build_index(args.root, args.seq_dur, given_front_end)
     log_dir = resolve_log_dir(args)
     held.enter_context(dist_util.job_output_lock(log_dir, TRAIN_WRITER))
     resume = resolve_resume(args, log_dir)
     args.model_settings = resolve_training_settings(args, resume)
     settings = args.model_settings.values
+    front_end = FrontEnd.from_settings(settings)
+    if front_end != given_front_end:
+        files = build_index(args.root, args.seq_dur, front_end)
     logger.info("%d process(es), global batch %d, logging to %s",
                 info.world_size, args.batch_size * info.world_size, log_dir)
 
@@ -229,7 +238,7 @@ def prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> Tuple[Train
     data = load_data(
         files, batch_size=args.batch_size, image_size=settings["image_size"], seq_dur=args.seq_dur, seed=args.seed,
         start_position=loop.data_position, rank=info.rank, world_size=info.world_size,
-        num_workers=args.num_workers, pin_memory=info.device.type == "cuda",
+        num_workers=args.num_workers, pin_memory=info.device.type == "cuda", front_end=front_end,
     )
     return loop, data
 

@@ -30,7 +30,7 @@ from diffiner.logger import MetricsLogger
 from diffiner.pipeline import Refiner, padded_width
 from diffiner.refiner import refine
 from diffiner.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from diffiner.spectrogram import HOP_LENGTH, wave_to_spec
+from diffiner.spectrogram import PUBLISHED, wave_to_spec
 from diffiner.train_util import TrainLoop
 
 from conftest import requires_cuda, speech_like, tiny_model_and_diffusion, with_noise
@@ -139,7 +139,7 @@ def published_refiner(**settings) -> Refiner:
 
 def segments_of_width(refiner: Refiner, width: int, count: int):
     """`count` segments whose padded width is `width` (a recording one frame plus one hop short)."""
-    samples = (width - 2) * HOP_LENGTH
+    samples = (width - 2) * PUBLISHED.hop_length
     assert refiner.padded_width(samples) == width
     noisy = with_noise(speech_like(samples / 16000, 16000, width), 5.0, width)
     segment = refiner.prepare(noisy, 0.9 * noisy, 16000).segments[0]

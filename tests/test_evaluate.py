@@ -397,7 +397,8 @@ def test_workers_without_nisqa_start_without_torch_setup(corpus, tmp_path, monke
 
 
 def test_default_metrics_depend_on_clean_reference():
-    assert resolve_metrics(None, has_clean=True) == ALL_METRICS
+    # lsd is scored on request only (ON_REQUEST): most corpora have no band above 8 kHz.
+    assert resolve_metrics(None, has_clean=True) == tuple(m for m in ALL_METRICS if m != "lsd")
     assert resolve_metrics(None, has_clean=False) == ("dnsmos", "nisqa")
 
 
@@ -425,3 +426,43 @@ def test_default_plot_files_without_dnsmos_are_the_first_files():
     rows = [{"file": f, "system": "sysA", "sisdr": 1.0} for f in ("f1", "f2", "f3")]
     setup = EvaluationSetup(systems={"sysA": "a"}, num_plot_files=2)
     assert choose_plot_files(rows, ["f1", "f2", "f3"], setup) == ["f1", "f2"]
+
+
+def test_lsd_measures_the_band_above_8_khz_at_the_clean_files_rate(tmp_path):
+    """A 48 kHz corpus: the system that kept the high band scores a far lower LSD than the one
+    written at 16 kHz; a 16 kHz clean file is not scored for LSD, with a reason."""
+    from scipy import signal
+
+    rate = 48000
+    rng = np.random.default_rng(7)
+    sos = signal.butter(6, (9000, 20000), btype="bandpass", fs=rate, output="sos")
+    speech = speech_like(SECONDS, rate, seed=1)
+    clean = speech + 0.05 * signal.sosfilt(sos, rng.standard_normal(speech.size)).astype(np.float32)
+    for folder, audio, at in (("clean", clean, rate), ("kept", 0.9 * clean, rate),
+                              ("narrow", resample(clean, rate, SR), SR)):
+        save_audio(str(tmp_path / folder / "a.wav"), audio, at, "FLOAT")
+        save_audio(str(tmp_path / folder / "b.wav"), resample(clean, rate, SR), SR, "FLOAT")
+    output = tmp_path / "results"
+    argv = ["--clean", str(tmp_path / "clean"), "--output-dir", str(output), "--workers", "1", "--metrics", "lsd",
+            "--system", f"kept={tmp_path / 'kept'}", "--system", f"narrow={tmp_path / 'narrow'}"]
+    assert main(argv) == 0
+    rows = {(r["file"], r["system"]): r for r in read_rows(output)}
+    assert float(rows[("a.wav", "kept")]["lsd"]) < 0.2 < 2.0 < float(rows[("a.wav", "narrow")]["lsd"])
+    assert rows[("b.wav", "kept")]["not_scored"] == "lsd"
+    assert "the file's rate, mono" in (output / "report.html").read_text()
+
+
+def test_nisqa_gets_the_file_at_its_own_rate_and_the_wide_band_metrics_16_khz(monkeypatch, tmp_path):
+    from diffiner.evaluation import nisqa, scoring
+
+    seen = {}
+    monkeypatch.setattr(nisqa, "scores", lambda signal, rate: seen.update(nisqa=(signal.size, rate)) or
+                        dict.fromkeys(nisqa.COLUMNS, 3.0))
+    monkeypatch.setattr(scoring.metrics, "dnsmos", lambda signal: seen.update(dnsmos=signal.size) or
+                        {"SIG": 3.0, "BAK": 3.0, "OVRL": 3.0, "P808": 3.0})
+    path = str(tmp_path / "a.wav")
+    save_audio(path, resample(speech_like(SECONDS, seed=2), SR, 44100), 44100, "FLOAT")
+    signal, _ = scoring.read_signal(path)
+    scoring.score_signal(signal, None, ["dnsmos", "nisqa"])
+    assert seen == {"nisqa": (signal.native.size, 44100), "dnsmos": signal.at_16k.size}
+    assert signal.at_16k.size == round(signal.native.size * SR / 44100)

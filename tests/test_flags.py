@@ -24,15 +24,15 @@ def test_refine_flags_take_name_default_and_help_from_the_settings_dataclasses()
 def test_refiner_settings_are_routed_from_the_flags():
     args = refine.parse_args(["--root-noisy", "n", "--root-proc", "p", "--model-path", "m", "--max-dur", "3",
                               "--batch-size", "2", "--max-batch-frames", "512", "--method", "diffiner",
-                              "--etas", "0.5", "--channels-last", "--bf16", "--clip-denoised"])
+                              "--etas", "0.5", "--channels-last", "--bf16", "--clip-denoised", "--high-band", "none"])
     args.etas_given = refine.parse_etas(args.method, args.etas)
     settings = refine.refiner_settings(args)
     assert settings == RefinerSettings.from_flat(
         method="diffiner", eta_a=0.5, clip_denoised=True, max_dur=3.0, batch_size=2, max_batch_frames=512,
-        precision="bf16", channels_last=True)
+        precision="bf16", channels_last=True, high_band="none")
     shaping, execution = settings.describe(width_bucket=32)
     assert shaping == dict(method="diffiner", eta_a=0.5, eta_b=0.9, clip_denoised=True, max_dur=3.0,
-                           segment_overlap=1.0, width_bucket=32)
+                           segment_overlap=1.0, width_bucket=32, high_band="none")
     assert execution == dict(batch_size=2, max_batch_frames=512, channels_last=True, compile=False,
                              cuda_graphs=False)
 

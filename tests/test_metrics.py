@@ -157,3 +157,62 @@ def test_near_silence_is_more_than_40_db_below_the_reference_level(clean):
     dither = np.random.default_rng(0).integers(-1, 2, clean.size) / 32768  # ±1 LSB of 16 bits
     assert metrics.near_silence(dither, reference, "the clean reference") is not None
     assert metrics.near_silence(np.zeros_like(clean), reference, "x") == metrics.SILENT_SIGNAL
+
+
+def full_band_speech(rate: int = 48000) -> np.ndarray:
+    """Speech-like audio with its own content up to 20 kHz (the band lsd_high measures)."""
+    from scipy import signal
+
+    speech = speech_like(1.5, rate, seed=3).astype(np.float64)
+    sos = signal.butter(6, (9000, 20000), btype="bandpass", fs=rate, output="sos")
+    rng = np.random.default_rng(4)
+    air = signal.sosfilt(sos, rng.standard_normal(speech.size))
+    # And white noise 14 dB down, so that almost no bin is below lsd_high's power floor, 100 dB
+    # below the loudest bin (it counts bins silent in both signals as equal).
+    return speech + 0.05 * air / np.sqrt(np.mean(air ** 2)) + 0.1 * rng.standard_normal(speech.size)
+
+
+def test_lsd_above_8_khz_measures_the_high_band_only():
+    from scipy import signal
+
+    rate = 48000
+    clean = full_band_speech(rate)
+    assert metrics.lsd_high(clean, clean, rate) == 0.0
+    # Every bin 6 dB down: log10(4) in every bin, frame and band alike, except the bins where the
+    # white floor's power (exponentially distributed) falls below lsd_high's floor, 60 dB under
+    # its mean: a fraction of about 1e-6 of the bins, each off by at most log10(4).
+    assert metrics.lsd_high(clean, 0.5 * clean, rate) == pytest.approx(math.log10(4.0), rel=1e-4)
+    # A change below 8 kHz alone leaves it near zero; the band cut away (a 16 kHz refiner's output) does not.
+    low = signal.sosfiltfilt(signal.butter(8, 6000, fs=rate, output="sos"), clean)
+    below = clean + 0.3 * low
+    narrow = signal.sosfiltfilt(signal.butter(12, 7500, fs=rate, output="sos"), clean)
+    assert metrics.lsd_high(clean, below, rate) < 0.05
+    assert metrics.lsd_high(clean, narrow, rate) > 2.0
+
+
+def test_lsd_is_undefined_without_a_band_above_8_khz_or_for_silence():
+    clean = full_band_speech(48000)
+    with pytest.raises(metrics.UnscorableFile, match="holds no band above 8 kHz"):
+        metrics.lsd_high(clean[:16000], clean[:16000], 16000)
+    with pytest.raises(metrics.MetricError, match="silent"):
+        metrics.lsd_high(clean, np.zeros_like(clean), 48000)
+    with pytest.raises(metrics.UnscorableFile, match="silent"):
+        metrics.lsd_high(np.zeros_like(clean), clean, 48000)
+
+
+def test_lsd_scores_outputs_at_the_reference_rate_and_floors_a_failed_one_at_its_ceiling():
+    from diffiner.evaluation import scoring
+    from diffiner.audio.io import resample
+
+    clean = full_band_speech(48000).astype(np.float32)
+    signal_of = lambda audio, rate: scoring.Signal(resample(audio, rate, 16000), audio, rate)  # noqa: E731
+    reference = signal_of(clean, 48000)
+    kept, _, _ = scoring.score_signal(signal_of(0.9 * clean, 48000), reference, ["lsd"])
+    # An output written at 16 kHz is brought to the reference's 48 kHz, where it has no high band.
+    at_16k, _, _ = scoring.score_signal(signal_of(resample(clean, 48000, 16000), 16000), reference, ["lsd"])
+    assert kept["lsd"] == pytest.approx(2 * math.log10(1 / 0.9), rel=1e-4) and at_16k["lsd"] > 2.0
+    values, floored = scoring._at_least_floor("lsd", {"lsd": math.nan})
+    assert values == {"lsd": metrics.LSD_CEILING} and floored == ["lsd"]
+    assert scoring._at_least_floor("lsd", {"lsd": 3.0}) == ({"lsd": 3.0}, [])
+    assert "lsd" not in scoring.resolve_metrics(None, has_clean=True)
+    assert scoring.resolve_metrics(["lsd", "pesq"], has_clean=True) == ("pesq", "lsd")

@@ -113,7 +113,7 @@ def test_random_network_has_the_published_shapes_and_distinct_outputs(weights):
     model = random_nisqa_model()
     assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS
     nisqa.load_weights(str(weights))
-    scores = nisqa.scores(speech_like(1.2))
+    scores = nisqa.scores(speech_like(1.2), SR)
     assert list(scores) == list(nisqa.COLUMNS)
     assert len(set(scores.values())) == 5
 
@@ -121,7 +121,7 @@ def test_random_network_has_the_published_shapes_and_distinct_outputs(weights):
 def test_scores_are_deterministic_and_in_the_papers_order(weights):
     nisqa.load_weights(str(weights))
     signal = with_noise(speech_like(1.2), 10.0)
-    first, second = nisqa.scores(signal), nisqa.scores(signal)
+    first, second = nisqa.scores(signal, SR), nisqa.scores(signal, SR)
     assert first == second
     # torchmetrics returns MOS, NOI, DIS, COL, LOUD; the columns are MOS, NOI, COL, DIS, LOUD.
     raw = tm_nisqa.non_intrusive_speech_quality_assessment(torch.from_numpy(signal), SR).tolist()
@@ -150,20 +150,20 @@ def test_length_limits_are_torchmetrics_own(tmp_path):
     with pytest.raises(RuntimeError, match="Maximum number"):
         score(torch.from_numpy(noise[: longest + 1]), SR)
     with pytest.raises(UnscorableFile, match="shorter"):
-        nisqa.scores(noise[: shortest - 1])
-    assert nisqa.scores(noise[:shortest])["nisqa_mos"] > 1.0
+        nisqa.scores(noise[: shortest - 1], SR)
+    assert nisqa.scores(noise[:shortest], SR)["nisqa_mos"] > 1.0
     whole = score(torch.from_numpy(noise[:longest]), SR).numpy()
-    assert list(nisqa.scores(noise[:longest]).values()) == pytest.approx(whole[[0, 1, 3, 2, 4]].tolist(), abs=1e-6)
+    assert list(nisqa.scores(noise[:longest], SR).values()) == pytest.approx(whole[[0, 1, 3, 2, 4]].tolist(), abs=1e-6)
 
     parts = np.array_split(noise, 3)  # 2 * longest + 2 samples: three parts within the limit
     expected = sum(p.size * score(torch.from_numpy(p), SR).numpy().astype(np.float64) for p in parts) / noise.size
-    assert list(nisqa.scores(noise).values()) == pytest.approx(expected[[0, 1, 3, 2, 4]].tolist(), abs=1e-6)
+    assert list(nisqa.scores(noise, SR).values()) == pytest.approx(expected[[0, 1, 3, 2, 4]].tolist(), abs=1e-6)
 
 
 def test_silence_is_the_outputs_failure(weights):
     nisqa.load_weights(str(weights))
     with pytest.raises(MetricError) as raised:
-        nisqa.scores(np.zeros(SR, np.float32))
+        nisqa.scores(np.zeros(SR, np.float32), SR)
     assert not isinstance(raised.value, UnscorableFile)
 
 
@@ -275,7 +275,7 @@ def test_download_is_checked_before_it_enters_the_cache(server, weights, monkeyp
     monkeypatch.setattr(nisqa, "WEIGHTS_URL", f"{url}/nisqa.tar")
     assert nisqa.find_weights(None, download=True) == str(cache)
     assert cache.read_bytes() == weights.read_bytes() and os.listdir(cache.parent) == ["nisqa.tar"]
-    assert nisqa.scores(speech_like(1.2))["nisqa_mos"] > 1.0
+    assert nisqa.scores(speech_like(1.2), SR)["nisqa_mos"] > 1.0
 
 
 @pytest.mark.parametrize("content", ["garbage", "html", "truncated", "wrong_shapes", "empty", "legacy-cut"])

@@ -31,7 +31,6 @@ import yaml
 
 from ..errors import EXIT_USAGE, DiffinerError, error_text
 
-MODEL_SAMPLE_RATE = 16000
 AUDIO_EXTENSIONS = (".wav", ".flac")
 # Names of files being written (atomic_output); folder listings skip them.
 TEMPORARY_PREFIX = ".tmp-"

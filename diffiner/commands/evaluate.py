@@ -47,7 +47,8 @@ FOLDER_FLAGS = (
 )
 SCORING_FLAGS = (
     Flag("metrics", None, f"comma list from {','.join(ALL_METRICS)} (default: every one the inputs allow: pesq, "
-         "estoi, sisdr need --clean; nisqa needs its weights, given or in the cache). Naming nisqa here "
+         "estoi, sisdr need --clean; nisqa needs its weights, given or in the cache; lsd, the log-spectral distance "
+         "above 8 kHz, needs --clean and is scored only when named). Naming nisqa here "
          "downloads its weights into the cache on first use; offline, nisqa is left out with one line",
          type=_metric_list, metavar="LIST"),
     Flag("nisqa_weights", None, f"NISQA's weights: a local file named nisqa.tar (the published weights, "

@@ -23,18 +23,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import yaml
 
-from .. import __version__, dist_util, spectrogram
+from .. import __version__, dist_util
 from ..audio.enhancers import ENHANCERS, check_available, enhance_folder
 from ..audio.enhancers import WRITER as ENHANCE_WRITER
 from ..audio.folders import REFINE_WRITER, RUN_RECORD, check_write_rules, read_run_record, scan_audio_files
 from ..audio.records import OutputRecord, describe_differences, file_sha256, setting_differences
-from ..audio.io import MODEL_SAMPLE_RATE, write_text_atomic
+from ..audio.io import write_text_atomic
 from ..corpus import RunSummary, plan_jobs, refine_files, shard_jobs
 from ..flags import (CONSOLE_FLAGS, DEVICE_FLAG, MODEL_GROUP, OVERWRITE_FLAG, Flag, command_parser, flags_of,
                      precision_from_args, values_of)
 from ..methods import DEFAULT_METHOD, get_method, method_names, resolve_etas
 from ..acceleration import execution_flags
-from ..pipeline import BatchSettings, MethodSettings, Refiner, RefinerSettings, SegmentSettings
+from ..pipeline import BatchSettings, MethodSettings, OutputSettings, Refiner, RefinerSettings, SegmentSettings
 from ..checkpoints import ModelSettings, resolve_model_settings
 from ..script_util import RESPACING_FLAG, carried_setting_flags
 from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, usage_errors
@@ -88,7 +88,8 @@ RUN_FLAGS = (
     DEVICE_FLAG,
     Flag("no_gpu", False, "run on the CPU (same as --device cpu)"),
     *execution_flags(),
-    Flag("keep_sample_rate", False, "write outputs at the processed file's sample rate instead of 16 kHz"),
+    Flag("keep_sample_rate", False, "write outputs at the processed file's sample rate instead of the model's"),
+    *flags_of(OutputSettings),
     OVERWRITE_FLAG.with_help("refine every file, also those already done; into a folder refined with other "
                              "settings: delete the files its record lists, then redo every file"),
     Flag("loaders", 2, "threads reading and preparing upcoming files"),
@@ -221,13 +222,11 @@ def describe_settings(args: argparse.Namespace, refiner: Refiner, model_settings
         "model_settings_from": model_settings.source,
         "data": {"root_noisy": os.path.abspath(args.root_noisy), "root_proc": os.path.abspath(args.root_proc),
                  "output_dir": os.path.abspath(args.output_dir)},
-        "stft": {"sample_rate": MODEL_SAMPLE_RATE, "n_fft": spectrogram.N_FFT, "win_length": spectrogram.WIN_LENGTH,
-                 "hop_length": spectrogram.HOP_LENGTH, "window": "hann (periodic)", "center": True,
-                 "pad_mode": "reflect", "dc_bin": "dropped"},
+        "stft": refiner.front_end.describe(),
         "refiner": {**shaping, "timestep_respacing": args.timestep_respacing},
         "seed": args.seed,
         "dtype": refiner.precision,
-        "output_sample_rate": "input" if args.keep_sample_rate else MODEL_SAMPLE_RATE,
+        "output_sample_rate": "input" if args.keep_sample_rate else refiner.sample_rate,
         "device": device,
         "processes": processes,
         # The result for a file does not depend on its batch (up to float rounding).

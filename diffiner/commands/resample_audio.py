@@ -9,7 +9,8 @@ import sys
 from typing import Optional, Sequence
 
 from ..audio.folders import FolderResult, convert_folder
-from ..audio.io import MODEL_SAMPLE_RATE, resample
+from ..audio.io import resample
+from ..spectrogram import PUBLISHED
 from ..flags import CONSOLE_FLAGS, OVERWRITE_FLAG, Flag, command_parser
 from ..errors import usage_errors
 from .common import check_number, report_folder, run_command, setup_logging, show_progress
@@ -18,7 +19,7 @@ from .common import check_number, report_folder, run_command, setup_logging, sho
 WRITER = "diffiner-resample"  # in output folders' lock files
 
 
-def resample_folder(in_root: str, out_root: str, rate: int = MODEL_SAMPLE_RATE,
+def resample_folder(in_root: str, out_root: str, rate: int = PUBLISHED.sample_rate,
                     overwrite: bool = False, progress: bool = True) -> FolderResult:
     """Write every file under `in_root` at `rate` Hz (same channels, 16-bit PCM) under `out_root`.
 
@@ -35,7 +36,7 @@ def build_parser():
         "Resample every .wav/.flac file under IN to OUT, keeping relative paths; outputs already done are skipped, "
         "another --rate into OUT is refused unless --overwrite.",
         {"settings": [
-            Flag("rate", MODEL_SAMPLE_RATE, "target sample rate in Hz"),
+            Flag("rate", PUBLISHED.sample_rate, "target sample rate in Hz"),
             OVERWRITE_FLAG,
             *CONSOLE_FLAGS,
         ]}, prog="diffiner-resample")

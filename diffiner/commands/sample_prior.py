@@ -27,6 +27,7 @@ from ..errors import usage_errors
 from ..flags import (CONSOLE_FLAGS, DEVICE_FLAG, MODEL_GROUP, OVERWRITE_FLAG, Flag, command_parser, flags_of,
                      precision_from_args, settings_of, values_of)
 from ..sampling import SamplingSettings, sample_name, sample_waves, write_samples
+from ..spectrogram import front_end_of
 from ..script_util import RESPACING_FLAG, carried_setting_flags
 from .common import (check_number, check_respacing, resolve_device, resolve_model_path, run_command, setup_logging,
                      show_progress)
@@ -113,7 +114,7 @@ def sample(args: argparse.Namespace) -> int:
                 write_samples(args.output_dir, sample_waves(
                     model, diffusion, mine, settings_of(SamplingSettings, args), device=device,
                     precision=args.precision, channels_last=args.channels_last,
-                    progress=dist_util.is_main() and show_progress(args)), record)
+                    progress=dist_util.is_main() and show_progress(args)), front_end_of(model).sample_rate, record)
                 dist_util.barrier()
             finally:
                 if dist_util.is_main():  # every process's samples, from the record's log

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
-from ..audio.io import MODEL_SAMPLE_RATE, AudioError, atomic_output, audio_info
+from ..audio.io import AudioError, atomic_output, audio_info
 from .plots import IMAGE_ROWS, SPECTROGRAM_RANGE_DB, colour_stops, write_row_images
 from .report import format_cell, summary_notes
-from .scoring import FLOORS, INTRUSIVE_METRICS, METRIC_COLUMNS
+from .metrics import SCORING_RATE
+from .scoring import FLOORS, INTRUSIVE_METRICS, METRIC_COLUMNS, SCORING_RATES
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ METRIC_DESCRIPTIONS = {
     "pesq": "wide-band PESQ (ITU-T P.862.2)",
     "estoi": "extended short-time objective intelligibility",
     "sisdr": "scale-invariant signal-to-distortion ratio, dB",
+    "lsd": "log-spectral distance above 8 kHz (log10 power; lower is better)",
     "dnsmos": "DNSMOS P.835 (speech, background, overall) and P.808",
     "nisqa": "NISQA v2.0 (MOS, noisiness, coloration, discontinuity, loudness)",
 }
@@ -177,9 +179,9 @@ def _summary_section(data: PageData, formats: Dict[str, str]) -> str:
     ]
     notes = "".join(f"<p class=\"note\">{esc(note)}</p>"
                     for note in summary_notes(data.summary, data.columns, count, floors, data.rows, data.unlisted))
-    rate = f"{MODEL_SAMPLE_RATE / 1000:g} kHz mono"
     metric_rows = [
-        [esc(name), esc(", ".join(METRIC_COLUMNS[name])), esc(METRIC_DESCRIPTIONS[name]), rate,
+        [esc(name), esc(", ".join(METRIC_COLUMNS[name])), esc(METRIC_DESCRIPTIONS[name]),
+         f"{SCORING_RATES[name] / 1000:g} kHz mono" if SCORING_RATES[name] else "the file's rate, mono",
          "yes" if name in INTRUSIVE_METRICS else "no", f"{FLOORS[name]:g}"]
         for name in data.metric_names
     ]
@@ -189,7 +191,7 @@ def _summary_section(data: PageData, formats: Dict[str, str]) -> str:
         _table(["system", *map(esc, data.columns), "floored"], body),
         notes,
         "<h3>Metrics</h3>",
-        f"<p class=\"note\">Every metric scored each file mixed to mono and resampled to {rate}; "
+        "<p class=\"note\">Every metric scored each file mixed to mono, at the rate its row names; "
         "the players below play the files as they are.</p>",
         _table(["metric", "columns", "what it is", "scored at", "needs the clean reference", "floor"],
                metric_rows, numeric_from=5),
@@ -243,7 +245,7 @@ def _file_row(
     return (
         f"<section class=\"row\" data-file=\"{index}\"{hidden}><h3><span class=\"name\">{esc(relative_path)}</span> "
         f"<span class=\"key\"></span></h3><p class=\"note\">colours from {bottom:.0f} dB to {images.top_db:.0f} dB "
-        f"(the loudest bin of this file's row), 0 to {MODEL_SAMPLE_RATE / 2000:g} kHz</p>"
+        f"(the loudest bin of this file's row), 0 to {SCORING_RATE / 2000:g} kHz</p>"
         f"<p class=\"status\" role=\"status\"></p><div class=\"sources\">{''.join(figures)}</div></section>"
     )
 

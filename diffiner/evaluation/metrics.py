@@ -1,7 +1,10 @@
-"""Speech quality metrics on 16 kHz mono float signals.
+"""Speech quality metrics on mono float signals.
 
-Every function takes 1-D numpy signals at MODEL_SAMPLE_RATE (16 kHz): resampling and channel
-mixing are the caller's job, so that a score never silently depends on a hidden conversion.
+PESQ (wide-band), ESTOI, SI-SDR and DNSMOS take 1-D numpy signals at SCORING_RATE (16 kHz): wide-band
+PESQ and DNSMOS are defined at 16 kHz, ESTOI resamples to 10 kHz inside. The log-spectral
+distance above 8 kHz (`lsd_high`) takes signals at the file's own rate, where that band lives.
+Resampling and channel mixing are the caller's job, so that a score never silently depends on a
+hidden conversion.
 The heavy back-ends (pesq, pystoi, speechmos/onnxruntime, scipy.stats) are imported inside the
 functions, so `import diffiner.evaluation.metrics` stays cheap for code that only needs one
 metric.
@@ -18,7 +21,9 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..audio.io import MODEL_SAMPLE_RATE
+# The rate of the wide-band metrics: P.862.2 and DNSMOS are defined at 16 kHz (not the model's
+# rate: a 48 kHz prior's outputs are scored at 16 kHz by these, and above 8 kHz by lsd_high).
+SCORING_RATE = 16000
 
 # A perfect estimate leaves no residual: its SI-SDR is capped here instead of +inf, which would
 # poison averages. The cap is relative to the target's energy, so the metric stays invariant to
@@ -34,6 +39,10 @@ PESQ_FLOOR = 1.0
 ESTOI_FLOOR = 0.0
 SI_SDR_FLOOR_DB = -50.0
 MOS_FLOOR = 1.0
+# The log-spectral distance is lower for better outputs: its worst value, given to an output on
+# which it is undefined, is that of a difference of 100 dB in every bin (a silent output against
+# speech at a normal level comes out near 6).
+LSD_CEILING = 10.0
 
 
 class MetricError(ValueError):
@@ -162,13 +171,13 @@ def pesq_wb(reference: np.ndarray, degraded: np.ndarray) -> float:
         failure = SILENT_SIGNAL
     else:
         try:
-            return float(pesq(MODEL_SAMPLE_RATE, reference, degraded, "wb"))
+            return float(pesq(SCORING_RATE, reference, degraded, "wb"))
         except PesqError as exc:
             failure = f"PESQ refused the output: {_pesq_message(exc)}"
     # PesqError does not say which signal it refused: if the reference cannot even be scored
     # against itself, the file is at fault (for every system), else the degraded signal is.
     try:
-        pesq(MODEL_SAMPLE_RATE, reference, reference, "wb")
+        pesq(SCORING_RATE, reference, reference, "wb")
     except PesqError as exc:
         raise UnscorableFile(f"PESQ cannot use the clean reference: {_pesq_message(exc)}") from exc
     raise MetricError(failure)
@@ -193,7 +202,7 @@ def estoi(reference: np.ndarray, degraded: np.ndarray) -> float:
     _check_reference(reference)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        score = float(stoi(reference, degraded, MODEL_SAMPLE_RATE, extended=True))
+        score = float(stoi(reference, degraded, SCORING_RATE, extended=True))
     # Silent frames are chosen on the reference alone, so too few of them is the file's problem
     # (checked first: then a silent output is not floored for a file left out for every system).
     if any(str(w.message).startswith("Not enough STFT frames") for w in caught):
@@ -214,13 +223,48 @@ def dnsmos(signal: np.ndarray) -> Dict[str, float]:
 
     signal = np.clip(_as_signal(signal, "signal"), -1.0, 1.0).astype(np.float32)
     check_signal(signal)
-    scores = speechmos_dnsmos.run(signal, sr=MODEL_SAMPLE_RATE)
+    scores = speechmos_dnsmos.run(signal, sr=SCORING_RATE)
     return {
         "SIG": float(scores["sig_mos"]),
         "BAK": float(scores["bak_mos"]),
         "OVRL": float(scores["ovrl_mos"]),
         "P808": float(scores["p808_mos"]),
     }
+
+
+# The band of lsd_high: what a 16 kHz refiner cannot produce. The analysis takes 32 ms windows,
+# hop a quarter of that, and a power floor 100 dB below the reference's loudest bin, so that a
+# bin silent in one signal gives a large but finite distance whatever the file's level.
+LSD_LOW_HZ = 8000.0
+LSD_WINDOW_S = 0.032
+LSD_FLOOR_DB = 100.0
+
+
+def lsd_high(reference: np.ndarray, degraded: np.ndarray, sample_rate: int) -> float:
+    """Log-spectral distance above 8 kHz between equal-length signals at `sample_rate`:
+    the mean over frames of the RMS over the bins from LSD_LOW_HZ to Nyquist of
+    log10(P_reference / P_degraded), with P the power spectrum (the unit of the bandwidth-
+    extension literature, e.g. NU-Wave: 1.0 is 10 dB RMS). 0 for identical signals; lower is better.
+
+    Raises UnscorableFile when the rate holds no band above 8 kHz (at most 16 kHz) or the
+    reference is silent, MetricError for a silent degraded signal.
+    """
+    from scipy import signal as sps
+
+    reference, degraded = _as_pair(reference, degraded)
+    if sample_rate <= 2 * LSD_LOW_HZ:
+        raise UnscorableFile(f"the file's rate ({sample_rate} Hz) holds no band above {LSD_LOW_HZ / 1000:g} kHz")
+    _check_reference(reference)
+    check_signal(degraded)
+    window = int(2 ** math.ceil(math.log2(LSD_WINDOW_S * sample_rate)))
+    window = min(window, reference.size)
+    spectra = [np.abs(sps.stft(x, fs=sample_rate, nperseg=window, noverlap=window - window // 4)[2]) ** 2
+               for x in (reference, degraded)]
+    freqs = np.fft.rfftfreq(window, 1.0 / sample_rate)
+    band = freqs >= LSD_LOW_HZ
+    floor = spectra[0].max() * 10.0 ** (-LSD_FLOOR_DB / 10.0)
+    ratio = np.log10(np.maximum(spectra[0][band], floor) / np.maximum(spectra[1][band], floor))
+    return float(np.mean(np.sqrt(np.mean(ratio ** 2, axis=0))))
 
 
 def confidence_interval(values: Sequence[float]) -> Tuple[float, float]:

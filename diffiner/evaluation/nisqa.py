@@ -20,7 +20,6 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from ..audio.io import MODEL_SAMPLE_RATE
 from .. import download as downloader
 from ..errors import UsageError, error_text
 from .metrics import UnscorableFile, check_signal
@@ -157,8 +156,9 @@ def _length_limits(settings: Dict, sample_rate: int) -> Tuple[int, int]:
     return (min_frames - 1) * hop, max_frames * hop - 1
 
 
-def scores(signal: np.ndarray, sample_rate: int = MODEL_SAMPLE_RATE) -> Dict[str, float]:
-    """NISQA MOS and its four dimensions for a mono signal, each about 1 to 5.
+def scores(signal: np.ndarray, sample_rate: int) -> Dict[str, float]:
+    """NISQA MOS and its four dimensions for a mono signal at `sample_rate` (any rate: torchmetrics
+    resamples to NISQA's 48 kHz), each about 1 to 5.
 
     Raises MetricError for a silent signal (nothing to rate) and UnscorableFile for one shorter
     than the network's shortest input (0.14 s). A signal longer than its longest input (52 s) is

@@ -8,7 +8,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from ..audio.io import MODEL_SAMPLE_RATE, atomic_output
+from ..audio.io import atomic_output
+from .metrics import SCORING_RATE
 from .scoring import read_signal
 
 
@@ -34,7 +35,7 @@ def _log_spectrogram(signal: np.ndarray, hop: int = 128) -> np.ndarray:
     # At least one window's worth: for a shorter signal scipy would shrink the window, and with it
     # the number of frequency bins that the images rely on.
     signal = np.pad(signal, (0, max(0, 512 - signal.size)))
-    _, _, spectrum = stft(signal, fs=MODEL_SAMPLE_RATE, nperseg=512, noverlap=512 - hop)
+    _, _, spectrum = stft(signal, fs=SCORING_RATE, nperseg=512, noverlap=512 - hop)
     return 20.0 * np.log10(np.abs(spectrum) + 1e-10)
 
 
@@ -63,7 +64,7 @@ def plot_spectrograms(path: str, files: Sequence[str], sources: Dict[str, str]) 
         # A file a folder lacks or that cannot be read (a failure the scores already count) gets
         # a panel saying why, not a figure that stops the run.
         read = {name: read_signal(os.path.join(root, relative_path)) for name, root in sources.items()}
-        spectra = {name: _log_spectrogram(signal) for name, (signal, _) in read.items() if signal is not None}
+        spectra = {name: _log_spectrogram(signal.at_16k) for name, (signal, _) in read.items() if signal is not None}
         top = max((float(s.max()) for s in spectra.values()), default=0.0)
         image = None
         for row, (name, (signal, problem)) in enumerate(read.items()):
@@ -76,7 +77,7 @@ def plot_spectrograms(path: str, files: Sequence[str], sources: Dict[str, str]) 
                 continue
             image = axis.imshow(
                 spectra[name], origin="lower", aspect="auto", cmap="magma",
-                extent=(0.0, signal.size / MODEL_SAMPLE_RATE, 0.0, MODEL_SAMPLE_RATE / 2000.0),
+                extent=(0.0, signal.at_16k.size / SCORING_RATE, 0.0, SCORING_RATE / 2000.0),
                 vmin=top - SPECTROGRAM_RANGE_DB, vmax=top,
             )
             axis.set_xlabel("time [s]" if row == len(sources) - 1 else "")
@@ -136,7 +137,7 @@ def write_row_images(audio_paths: Dict[str, str], image_paths: Dict[str, str]) -
     from PIL import Image
 
     signals = {name: read_signal(path)[0] for name, path in audio_paths.items()}
-    spectra = {name: _image_spectrogram(signal) for name, signal in signals.items() if signal is not None}
+    spectra = {name: _image_spectrogram(signal.at_16k) for name, signal in signals.items() if signal is not None}
     top = max((float(spectrum.max()) for spectrum in spectra.values()), default=0.0)
     # A file that is missing or cannot be read (its scores say why) gets one black column, so that
     # the page keeps one image per source.

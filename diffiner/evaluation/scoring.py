@@ -1,8 +1,10 @@
 """Scoring: which metrics a run computes, and every file's scores, in worker processes.
 
-Folders are paired by relative path; every signal is mixed to mono and resampled to 16 kHz
-before scoring. Intrusive metrics (PESQ, ESTOI, SI-SDR) need the clean reference; DNSMOS and
-NISQA do not.
+Folders are paired by relative path; every signal is mixed to mono. PESQ (wide-band), ESTOI,
+SI-SDR and DNSMOS score it resampled to 16 kHz (`metrics.SCORING_RATE`); NISQA scores it at the
+file's own rate (torchmetrics resamples to NISQA's 48 kHz inside), and the log-spectral distance
+above 8 kHz (lsd) at the clean reference's rate, the degraded file resampled to it. Intrusive
+metrics (PESQ, ESTOI, SI-SDR, LSD) need the clean reference; DNSMOS and NISQA do not.
 
 Every system is scored on the same files (every file found in any folder), so that no system's
 mean leaves out the files it failed on. A score that cannot be computed is handled by whose
@@ -28,26 +30,37 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..audio.io import MODEL_SAMPLE_RATE, AudioError, audio_info, load_audio, resample, to_mono
+from ..audio.io import AudioError, audio_info, load_audio, resample, to_mono
 from ..errors import UsageError
 from . import metrics, nisqa
 
 logger = logging.getLogger(__name__)
 
 
-INTRUSIVE_METRICS = ("pesq", "estoi", "sisdr")
+INTRUSIVE_METRICS = ("pesq", "estoi", "sisdr", "lsd")
 
 ALL_METRICS = INTRUSIVE_METRICS + ("dnsmos", "nisqa")
+
+# Scored only when asked for (--metrics): the band above 8 kHz exists only in files above 16 kHz,
+# and a 16 kHz corpus would have every file reported unscorable for it.
+ON_REQUEST = ("lsd",)
+
+# Metrics where lower is better: their FLOORS entry is the worst value, a ceiling.
+LOWER_IS_BETTER = ("lsd",)
 
 INTRUSIVE_FUNCTIONS = {"pesq": metrics.pesq_wb, "estoi": metrics.estoi, "sisdr": metrics.si_sdr}
 
 DNSMOS_COLUMNS = ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "dnsmos_p808")
 
-METRIC_COLUMNS = {"pesq": ("pesq",), "estoi": ("estoi",), "sisdr": ("sisdr",), "dnsmos": DNSMOS_COLUMNS,
-                  "nisqa": nisqa.COLUMNS}
+METRIC_COLUMNS = {"pesq": ("pesq",), "estoi": ("estoi",), "sisdr": ("sisdr",), "lsd": ("lsd",),
+                  "dnsmos": DNSMOS_COLUMNS, "nisqa": nisqa.COLUMNS}
 
 FLOORS = {"pesq": metrics.PESQ_FLOOR, "estoi": metrics.ESTOI_FLOOR, "sisdr": metrics.SI_SDR_FLOOR_DB,
-          "dnsmos": metrics.MOS_FLOOR, "nisqa": metrics.MOS_FLOOR}
+          "lsd": metrics.LSD_CEILING, "dnsmos": metrics.MOS_FLOOR, "nisqa": metrics.MOS_FLOOR}
+
+# The rate each metric scores at (the listening page and the README say it): None for the file's.
+SCORING_RATES = {"pesq": metrics.SCORING_RATE, "estoi": metrics.SCORING_RATE, "sisdr": metrics.SCORING_RATE,
+                 "dnsmos": metrics.SCORING_RATE, "lsd": None, "nisqa": None}
 
 # Modules each metric imports. speechmos imports onnxruntime, librosa and requests without
 # declaring any of them as dependencies, so they are checked here too; torchmetrics' NISQA
@@ -56,6 +69,7 @@ METRIC_BACKENDS = {
     "pesq": ("pesq",),
     "estoi": ("pystoi",),
     "sisdr": (),
+    "lsd": (),
     "dnsmos": ("speechmos", "onnxruntime", "librosa", "requests"),
     "nisqa": ("torchmetrics", "librosa", "requests"),
 }
@@ -91,7 +105,7 @@ def _default_metrics(has_clean: bool) -> Tuple[str, ...]:
     """Every metric the inputs allow and whose back-end is installed; skipped ones are logged."""
     chosen = []
     for metric in ALL_METRICS:
-        if metric in INTRUSIVE_METRICS and not has_clean:
+        if metric in ON_REQUEST or (metric in INTRUSIVE_METRICS and not has_clean):
             continue
         missing = _missing_backends(metric)
         if missing:
@@ -133,18 +147,28 @@ def metric_columns(metric_names: Sequence[str]) -> List[str]:
     return [column for name in metric_names for column in METRIC_COLUMNS[name]]
 
 
-def load_mono_16k(path: str) -> np.ndarray:
-    """Read a file as the mono 16 kHz float signal that every metric expects."""
+@dataclass(frozen=True)
+class Signal:
+    """One file as the metrics take it: mono, at 16 kHz and at its own rate."""
+
+    at_16k: np.ndarray
+    native: np.ndarray
+    rate: int
+
+
+def load_mono(path: str) -> Signal:
+    """Read a file as mono float, at the wide-band metrics' rate and at its own."""
     audio, sample_rate = load_audio(path)
-    return resample(to_mono(audio), sample_rate, MODEL_SAMPLE_RATE)
+    mono = to_mono(audio)
+    return Signal(resample(mono, sample_rate, metrics.SCORING_RATE), mono, sample_rate)
 
 
 # The reason a file that is not there gets, in per_file.csv's `failed` column and the logs.
 MISSING = "missing"
 
 
-def read_signal(path: str) -> Tuple[Optional[np.ndarray], str]:
-    """`load_mono_16k`, or None and why the file cannot be scored: MISSING, or the reader's words
+def read_signal(path: str) -> Tuple[Optional[Signal], str]:
+    """`load_mono`, or None and why the file cannot be scored: MISSING, or the reader's words
     (unreadable, empty, NaN or infinite samples). One file's problem never stops a run: whose
     failure it is decides what it costs (see the module's docstring)."""
     try:
@@ -154,7 +178,7 @@ def read_signal(path: str) -> Tuple[Optional[np.ndarray], str]:
     except OSError as exc:  # e.g. inside a folder without search permission
         return None, f"cannot read ({exc.strerror or exc})"
     try:
-        return load_mono_16k(path), ""
+        return load_mono(path), ""
     except AudioError as exc:
         message = str(exc)  # "<path>: <problem>": the path is said where the reason is shown
         return None, message[len(path) + 2:] if message.startswith(f"{path}: ") else message
@@ -194,23 +218,30 @@ def check_lengths(clean_root: str, system_roots: Dict[str, str], files: Sequence
 
 
 def _compute_metric(
-    name: str, signal: np.ndarray, reference: Optional[np.ndarray]
+    name: str, signal: Signal, reference: Optional[Signal]
 ) -> Dict[str, float]:
     """One metric's columns for one signal; intrusive ones get equal-length signals."""
     if name == "dnsmos":
-        scores = metrics.dnsmos(signal)
+        scores = metrics.dnsmos(signal.at_16k)
         return {f"dnsmos_{key.lower()}": value for key, value in scores.items()}
     if name == "nisqa":
-        return nisqa.scores(signal)
-    length = min(reference.size, signal.size)
-    return {name: INTRUSIVE_FUNCTIONS[name](reference[:length], signal[:length])}
+        return nisqa.scores(signal.native, signal.rate)
+    if name == "lsd":
+        degraded = resample(signal.native, signal.rate, reference.rate)
+        length = min(reference.native.size, degraded.size)
+        return {name: metrics.lsd_high(reference.native[:length], degraded[:length], reference.rate)}
+    length = min(reference.at_16k.size, signal.at_16k.size)
+    return {name: INTRUSIVE_FUNCTIONS[name](reference.at_16k[:length], signal.at_16k[:length])}
 
 
 def _at_least_floor(name: str, scores: Dict[str, float]) -> Tuple[Dict[str, float], List[str]]:
-    """The scores with every undefined (NaN) or lower one set to the metric's floor, and the
-    columns that were."""
+    """The scores with every undefined (NaN) or worse one set to the metric's floor (for a
+    metric in LOWER_IS_BETTER: its ceiling), and the columns that were."""
     floor = FLOORS[name]
-    floored = [column for column, value in scores.items() if not value >= floor]
+    if name in LOWER_IS_BETTER:
+        floored = [column for column, value in scores.items() if not value <= floor]
+    else:
+        floored = [column for column, value in scores.items() if not value >= floor]
     return {column: floor if column in floored else value for column, value in scores.items()}, floored
 
 
@@ -223,7 +254,7 @@ def _by_reason(reasons: Dict[str, str]) -> str:
 
 
 def score_signal(
-    signal: np.ndarray, reference: Optional[np.ndarray], metric_names: Sequence[str]
+    signal: Signal, reference: Optional[Signal], metric_names: Sequence[str]
 ) -> Tuple[Dict[str, float], Dict[str, str], Dict[str, str]]:
     """One signal's scores (NaN where a metric is undefined for the signal), {metric: why} for
     those, and {metric: why} for the metrics undefined for the file itself (no scores)."""
@@ -244,13 +275,13 @@ def score_signal(
 
 
 def _reference_level(
-    reference: Optional[np.ndarray], signals: Dict[str, Tuple[Optional[np.ndarray], str]], level_from: Optional[str]
+    reference: Optional[Signal], signals: Dict[str, Tuple[Optional[Signal], str]], level_from: Optional[str]
 ) -> Tuple[float, str]:
     """The level near-silence is judged by, and its name: the clean reference's; where it is
     missing, unreadable or silent, the noisy input's (`level_from`); else the nominal level."""
     noisy = signals[level_from][0] if level_from else None
     for signal, name in ((reference, "the clean reference's level"), (noisy, f"the {level_from} input's level")):
-        level = -math.inf if signal is None else metrics.level_db(signal)
+        level = -math.inf if signal is None else metrics.level_db(signal.at_16k)
         if math.isfinite(level):
             return level, name
     level = metrics.NOMINAL_SPEECH_LEVEL_DB
@@ -276,7 +307,7 @@ def score_file(task: FileTask) -> List[Dict[str, object]]:
     for system, _ in task.system_roots:
         signal, failure = signals[system]
         if signal is not None:
-            failure = metrics.near_silence(signal, level, level_name) or ""
+            failure = metrics.near_silence(signal.at_16k, level, level_name) or ""
         if failure:
             # Nothing of this output is scored: every metric gets its floor below, unless the
             # file turns out unscorable for it (then no system is scored on it).

@@ -88,9 +88,8 @@ class DynamicLossScaler:
         The vendored trainer of the original Diffiner unscaled only the first parameter's
         gradient (docs/method.md, "What we fixed"), so all other layers stepped with gradients 2**20 too big.
         """
-        inverse = 1.0 / self.scale
-        for grad in grads:
-            grad.mul_(inverse)
+        if grads:
+            torch._foreach_mul_(list(grads), 1.0 / self.scale)
 
     def update(self, finite: bool) -> None:
         self.lg_loss_scale += self.growth if finite else -1.0
@@ -179,11 +178,17 @@ class StopSignals:
                        "(send it again to stop at once without saving)", signal.Signals(signum).name)
 
 
-def global_norm(tensors: Sequence[torch.Tensor]) -> float:
-    """L2 norm of all tensors together, in float32."""
+def norm_tensor(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all tensors together, in float32, as a 0-dim tensor on their device (read by
+    nobody yet: no host synchronisation). One multi-tensor kernel for the per-tensor norms."""
     if not tensors:
-        return 0.0
-    return float(torch.norm(torch.stack([t.detach().float().norm() for t in tensors])))
+        return torch.zeros((), device=dist_util.dev())
+    return torch.norm(torch.stack(torch._foreach_norm([t.detach().float() for t in tensors])))
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> float:
+    """L2 norm of all tensors together, in float32, read on the host."""
+    return float(norm_tensor(tensors))
 
 
 def rng_state() -> Dict:
@@ -258,7 +263,11 @@ class TrainLoop:
         self.grad_clip = grad_clip
         self.max_steps = max_steps
         self.nonfinite_steps_limit = nonfinite_steps_limit
-        self._loss_finite = True  # of the last forward_backward
+        # Of the last forward_backward: a 0-dim device tensor until `optimize` reads it, then a bool.
+        self._loss_finite: object = True
+        # (timesteps, weighted loss terms) of each microbatch since the last dump, on the device:
+        # they reach the host in `dump_metrics`, not at every step.
+        self._pending_losses: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = []
         self._spoiled = False  # whether the last step counts toward nonfinite_steps_limit
         self.seed = seed
         self.precision = precision
@@ -421,13 +430,15 @@ class TrainLoop:
     def forward_backward(self, batch: Dict[str, torch.Tensor]) -> None:
         """Accumulate the gradient of the batch's mean (importance-weighted) loss."""
         self.opt.zero_grad(set_to_none=True)
-        x_start = batch["spec"].to(dist_util.dev())
-        generators = [stream_generator(self.seed, STREAM_DIFFUSION, int(p)) for p in batch["position"]]
-        # Order of draws from each example's generator: timestep, then noise.
+        x_start = batch["spec"].to(dist_util.dev(), non_blocking=True)
+        # The positions come from the data loader, on the host: reading them costs no sync.
+        generators = [stream_generator(self.seed, STREAM_DIFFUSION, p) for p in batch["position"].tolist()]
+        # Order of draws from each example's generator: timestep, then noise (the batch's noise
+        # reaches the device in one copy: seeding.randn).
         t, weights = self.schedule_sampler.sample(len(generators), dist_util.dev(), generators)
         noise = randn(x_start.shape, dist_util.dev(), generators)
         count = x_start.shape[0]
-        self._loss_finite = True
+        finite = []
         for lo in range(0, count, self.microbatch):
             hi = min(lo + self.microbatch, count)
             last = hi == count
@@ -438,15 +449,21 @@ class TrainLoop:
                     self.schedule_sampler.update_with_local_losses(t[lo:hi], losses["loss"].detach())
                 # Weighted by the microbatch's share, so microbatching does not change the step.
                 loss = (losses["loss"] * weights[lo:hi]).mean() * ((hi - lo) / count)
-                self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()))
-                self._log_losses(t[lo:hi], {k: v * weights[lo:hi] for k, v in losses.items()})
+                finite.append(torch.isfinite(loss.detach()))
+                self._pending_losses.append((t[lo:hi], {k: (v * weights[lo:hi]).detach() for k, v in losses.items()}))
                 (loss * self.scaler.scale if self.scaler else loss).backward()
+        self._loss_finite = torch.stack(finite).all()
 
     def optimize(self) -> bool:
         """Unscale, check, clip and apply the gradients; False when the step was skipped: the
         gradients, or the loss of `forward_backward`, are NaN or infinite."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        norm = global_norm(grads)
+        # The step's one read on the host, of two numbers together: whether to step at all must
+        # be decided there, since a skipped step leaves AdamW's state untouched (as PyTorch's
+        # GradScaler, which reads its inf flag at every step). The losses stay on the device.
+        loss_finite, norm = torch.stack([torch.as_tensor(self._loss_finite, dtype=torch.float64, device=dist_util.dev()),
+                                         norm_tensor(grads).double()]).tolist()
+        self._loss_finite = bool(loss_finite)
         # A non-finite loss whose gradients happen to be finite (its NaN in a term that has no
         # gradient) is no sounder a step.
         finite = math.isfinite(norm) and self._loss_finite
@@ -462,8 +479,7 @@ class TrainLoop:
                                "gradients" if self._loss_finite else "loss")
             return False
         if self.grad_clip > 0 and norm > self.grad_clip:
-            for grad in grads:
-                grad.mul_(self.grad_clip / (norm + 1e-6))
+            torch._foreach_mul_(grads, self.grad_clip / (norm + 1e-6))
         self.metrics.log_mean("grad_norm", norm)
         lr = self.current_lr()
         for group in self.opt.param_groups:
@@ -479,23 +495,37 @@ class TrainLoop:
         return self.lr * (1.0 - self.step / self.lr_anneal_steps)
 
     def _update_ema(self) -> None:
+        # Multi-tensor kernels (a few launches for all parameters, not two per parameter); the
+        # same arithmetic as target.mul_(rate).add_(source, alpha=1 - rate).
         with torch.no_grad():
             for rate, ema in zip(self.ema_rates, self.ema_params):
-                for target, source in zip(ema, self.params):
-                    target.mul_(rate).add_(source, alpha=1.0 - rate)
+                torch._foreach_mul_(ema, rate)
+                torch._foreach_add_(ema, self.params, alpha=1.0 - rate)
 
-    def _log_losses(self, t: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
-        """Mean of each loss term, overall and per quarter of the timestep range."""
-        quartiles = (4 * t.cpu().numpy() // self.diffusion.num_timesteps).tolist()
-        for key, values in losses.items():
-            values = values.detach().float().cpu().numpy()
-            self.metrics.log_mean(key, float(values.mean()), len(values))
-            for quartile, value in zip(quartiles, values.tolist()):
-                self.metrics.log_mean(f"{key}_q{quartile}", value)
+    def _log_losses(self) -> None:
+        """Mean of each loss term since the last dump, overall and per quarter of the timestep
+        range, logged microbatch by microbatch as they were computed; one transfer to the host."""
+        pending, self._pending_losses = self._pending_losses, []
+        if not pending:
+            return
+        timesteps = torch.cat([t for t, _ in pending]).cpu().numpy()
+        stacked = torch.stack([torch.cat([terms[key].float() for _, terms in pending]) for key in pending[0][1]])
+        values_of = dict(zip(pending[0][1], stacked.cpu().numpy()))
+        lo = 0
+        for t, terms in pending:
+            hi = lo + len(t)
+            quartiles = (4 * timesteps[lo:hi] // self.diffusion.num_timesteps).tolist()
+            for key in terms:
+                values = values_of[key][lo:hi]
+                self.metrics.log_mean(key, float(values.mean()), len(values))
+                for quartile, value in zip(quartiles, values.tolist()):
+                    self.metrics.log_mean(f"{key}_q{quartile}", value)
+            lo = hi
 
     def dump_metrics(self) -> None:
         start_time, start_position = self._interval_start
         now = time.time()
+        self._log_losses()
         self.metrics.log("param_norm", global_norm(self.params))
         self.metrics.log("samples_per_sec", (self.data_position - start_position) / max(now - start_time, 1e-9))
         self.metrics.dump(self.step)

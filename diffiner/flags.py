@@ -224,6 +224,9 @@ MODEL_GROUP = "model and diffusion (must match the checkpoint; default: the publ
 # The writers of a folder of outputs (refine, enhance, resample) skip outputs that exist unless told.
 OVERWRITE_FLAG = Flag("overwrite", False, "rewrite outputs that already exist")
 NO_PROGRESS_FLAG = Flag("no_progress", False, "no progress bar")
+# Every command: only warnings and errors on the terminal (and no progress bar); what the command
+# writes to its output folder is the same.
+QUIET_FLAG = Flag("quiet", False, "print only warnings and errors: no progress bar, no informational lines")
 # The commands that run the network on a device (refine, sample).
 DEVICE_FLAG = Flag("device", None, "torch device, e.g. cuda:1 (default: cuda if available, else cpu)",
                    metavar="DEVICE")

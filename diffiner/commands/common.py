@@ -18,11 +18,13 @@ from ..errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, DiffinerError, Usag
 
 
 
-def setup_logging(debug: bool = False) -> None:
+def setup_logging(debug: bool = False, quiet: bool = False) -> None:
     """INFO-level log lines on stderr, naming the module they come from; with `debug`, the
-    package's DEBUG lines too (among them the traceback of every file that failed)."""
+    package's DEBUG lines too (among them the traceback of every file that failed); with `quiet`
+    (--quiet), warnings and errors only."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("diffiner").setLevel(logging.DEBUG if debug else logging.NOTSET)
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.NOTSET
+    logging.getLogger("diffiner").setLevel(level)
 
 
 def check_number(flag: str, value: float, minimum: float, *, strict: bool = False) -> None:

@@ -35,6 +35,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -43,13 +44,15 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import dist_util
 from .acceleration import NetworkRunner, autocast_dtype
 from .audio.io import AudioError
 from .errors import DiffinerError
 from .checkpoints import (checkpoint_step, ema_filename, load_state_dict, load_weights, missing_set_files,
-                          model_filename, opt_filename, remove_interrupted_saves, save_checkpoint_set)
+                          model_filename, opt_filename, prune_checkpoint_sets, remove_interrupted_saves,
+                          save_checkpoint_set)
 from .logger import MetricsLogger
 from .schedule_sampler import LossAwareSampler, ScheduleSampler, UniformSampler
 from .seeding import STREAM_DIFFUSION, randn, stream_generator
@@ -235,6 +238,12 @@ class TrainLoop:
     :param seed: the seed of the example stream (per-example timesteps and noise).
     :param nonfinite_steps_limit: consecutive steps with a non-finite loss (or, outside fp16,
         non-finite gradients) that end the run with TrainingDiverged.
+    :param keep_last: after each save, keep only the newest this many complete checkpoint sets
+        (`checkpoints.prune_checkpoint_sets`); 0 keeps them all.
+    :param progress: show a progress bar (rank 0) with the step, the loss and samples/s of the
+        last log interval, and the time left to the stop step.
+    :param metric_tables: print each log interval's metrics as a table on stdout (they go to
+        progress.csv, progress.jsonl and TensorBoard either way).
     """
 
     def __init__(
@@ -245,7 +254,8 @@ class TrainLoop:
         initial_lg_loss_scale: float = INITIAL_LG_LOSS_SCALE, schedule_sampler: Optional[ScheduleSampler] = None,
         weight_decay: float = 0.0, lr_anneal_steps: int = 0, grad_clip: float = 0.0, max_steps: int = 0,
         seed: int = 0, metrics: Optional[MetricsLogger] = None, channels_last: bool = False,
-        nonfinite_steps_limit: int = NONFINITE_STEPS_LIMIT,
+        nonfinite_steps_limit: int = NONFINITE_STEPS_LIMIT, keep_last: int = 0, progress: bool = True,
+        metric_tables: bool = True,
     ):
         autocast_dtype(precision)  # refuses an unknown precision before any work
         self.model = model.to(dist_util.dev())
@@ -263,6 +273,11 @@ class TrainLoop:
         self.grad_clip = grad_clip
         self.max_steps = max_steps
         self.nonfinite_steps_limit = nonfinite_steps_limit
+        if keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+        self.keep_last = keep_last
+        self.progress = progress
+        self._bar: Optional[tqdm] = None  # while run_loop runs
         # Of the last forward_backward: a 0-dim device tensor until `optimize` reads it, then a bool.
         self._loss_finite: object = True
         # (timesteps, weighted loss terms) of each microbatch since the last dump, on the device:
@@ -304,7 +319,7 @@ class TrainLoop:
             # A fresh start is step 0 too: rows an earlier attempt logged in this folder (one killed
             # before its first checkpoint, then rerun with --resume_checkpoint auto) are dropped
             # rather than followed by a second row of each step.
-            metrics = MetricsLogger(log_dir, columns=columns, resume_step=self.step)
+            metrics = MetricsLogger(log_dir, columns=columns, resume_step=self.step, table=metric_tables)
         self.metrics = metrics
         self._interval_start = (time.time(), self.data_position)
 
@@ -330,8 +345,7 @@ class TrainLoop:
             return
         last_saved = self.step
         spoiled_run = 0  # consecutive spoiled steps, as all ranks agreed on them
-        with StopSignals() as signals, tqdm(total=stop, initial=self.step, desc="training", unit="step",
-                                            disable=not dist_util.is_main()) as bar:
+        with StopSignals() as signals, self._progress_bar(stop) as bar:
             while stop is None or self.step < stop:
                 batch, data_error = self._next_batch(data)
                 signum, data_errors, spoiled = self._agree_to_stop(signals.received, data_error, self._spoiled)
@@ -357,6 +371,25 @@ class TrainLoop:
                     last_saved = self.step
         if not self._finish(last_saved):
             raise self._diverged(spoiled_run, saved=False)
+
+    @contextlib.contextmanager
+    def _progress_bar(self, stop: Optional[int]) -> Iterator[tqdm]:
+        """The bar of `run_loop` (rank 0, when `progress`): steps done of `stop`, hence the time
+        left, and the loss and samples/s of the last log interval. While it shows, the package's
+        log lines and the metric tables are written above it (tqdm.write), never into its line."""
+        shown = self.progress and dist_util.is_main()
+        # The loggers whose terminal handlers print the package's lines: the package's own, and
+        # the root logger's (setup_logging's). Only those are redirected, or lines would print twice.
+        consoles = [lg for lg in (logging.getLogger("diffiner"), logging.getLogger()) if any(
+            isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) for h in lg.handlers)]
+        with tqdm(total=stop, initial=self.step, desc="training", unit="step", disable=not shown,
+                  dynamic_ncols=True) as bar, \
+                (logging_redirect_tqdm(consoles) if shown and consoles else contextlib.nullcontext()):
+            self._bar = bar
+            try:
+                yield bar
+            finally:
+                self._bar = None
 
     def _finish(self, last_saved: int) -> bool:
         """Log and save the steps done since the last dump and the last save (`last_saved`);
@@ -528,8 +561,11 @@ class TrainLoop:
         self._log_losses()
         self.metrics.log("param_norm", global_norm(self.params))
         self.metrics.log("samples_per_sec", (self.data_position - start_position) / max(now - start_time, 1e-9))
-        self.metrics.dump(self.step)
+        values = self.metrics.dump(self.step)
         self._interval_start = (now, self.data_position)
+        if self._bar is not None and "loss" in values:
+            self._bar.set_postfix(loss=f"{values['loss']:.4g}", samples_per_s=f"{values['samples_per_sec']:.3g}",
+                                  refresh=False)
 
     # ----- checkpoints -----
     def _copy_params(self) -> List[torch.Tensor]:
@@ -565,6 +601,11 @@ class TrainLoop:
                 self.log_dir, self.step, {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 {rate: self._ema_state_dict(ema) for rate, ema in zip(self.ema_rates, self.ema_params)}, state)
             logger.info("saved the checkpoint set of step %d in %s", self.step, self.log_dir)
+            if self.keep_last:
+                removed = prune_checkpoint_sets(self.log_dir, self.keep_last, self.step, self.ema_rates)
+                if removed:
+                    logger.info("--keep_last %d: removed the checkpoint set(s) of step(s) %s", self.keep_last,
+                                ", ".join(map(str, removed)))
         else:
             self.last_checkpoint = os.path.join(self.log_dir, model_filename(self.step))
         return True

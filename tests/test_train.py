@@ -91,8 +91,8 @@ def test_three_steps_write_checkpoints_logs_and_settings(corpus, tmp_path):
 @pytest.mark.parametrize("ema_rates, extra", [
     (["0.9999"], []),
     (["0.99", "0.9999"], ["--num_workers", "2", "--schedule_sampler", "loss-second-moment", "--microbatch", "1",
-                          "--lr_anneal_steps", "10", "--grad_clip", "0.5"]),
-], ids=["defaults", "workers-lossaware-microbatch-anneal-clip"])
+                          "--lr_anneal_steps", "10", "--grad_clip", "0.5", "--keep_last", "1"]),
+], ids=["defaults", "workers-lossaware-microbatch-anneal-clip-keep1"])
 @pytest.mark.slow
 def test_resume_is_exact(corpus, tmp_path, ema_rates, extra):
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
@@ -112,6 +112,11 @@ def test_resume_is_exact(corpus, tmp_path, ema_rates, extra):
         assert torch.equal(value, opt_b["schedule_sampler"][key])
     # The resumed run appended to the same progress files.
     assert [int(r["step"]) for r in read_progress(split)] == [1, 2, 3, 4]
+    # --keep_last 1: the resumed run's save of step 4 removed the set of step 2 it resumed from.
+    kept = sorted(name for name in os.listdir(split) if name.endswith(".pt"))
+    steps = [2, 4] if "--keep_last" not in extra else [4]
+    assert kept == sorted(f"{kind}{step:06d}.pt" for step in steps for kind in ["model", "opt"] +
+                          [f"ema_{rate}_" for rate in ema_rates])
 
 
 def error_lines(text):
@@ -720,3 +725,51 @@ def test_ema_unscale_and_clipping_use_multi_tensor_kernels_with_the_loops_arithm
     scaler.unscale_(gradients)
     assert all(torch.equal(a, b) for a, b in zip(gradients, expected))
 
+
+# ----- the training display (issue 16, item 5) -----
+@pytest.mark.parametrize("holder", ["diffiner", ""], ids=["package-logger", "root-logger"])
+def test_the_bar_shows_the_loss_and_tables_and_log_lines_stay_whole_lines(tmp_path, capsys, holder):
+    """Bar, metric tables and log lines all on one stream (as on a terminal): the bar's line
+    shows the loss and samples/s; every table line and log line is a whole line, never printed
+    into the bar's. The terminal's log handler may be the package logger's or the root logger's
+    (setup_logging's)."""
+    handler = logging.StreamHandler(sys.stderr)  # a console handler, as setup_logging's
+    handler.setLevel(logging.INFO)
+    package = logging.getLogger("diffiner")
+    level = package.level
+    logging.getLogger(holder).addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        loop = make_loop(tmp_path, max_steps=4, log_interval=2, save_interval=2, progress=True)
+        loop.metrics = MetricsLogger(None, enabled=True, stdout=sys.stderr, tensorboard=False)
+        loop.run_loop(dict(small_batch(step), position=torch.tensor([2 * step, 2 * step + 1]))
+                      for step in itertools.count())
+    finally:
+        logging.getLogger(holder).removeHandler(handler)
+        package.setLevel(level)
+    pieces = [piece.strip() for piece in re.split(r"[\r\n]", capsys.readouterr().err) if piece.strip()]
+    table = [p for p in pieces if "|" in p and "training" not in p]
+    assert sum(p.startswith("| loss ") for p in table) == 2, pieces
+    assert all(re.fullmatch(r"\| \S+ +\| \S+ +\|", p) for p in table), table
+    rules = [p for p in pieces if "----" in p]
+    assert len(rules) == 4 and all(set(p) == {"-"} for p in rules), rules
+    saved = [p for p in pieces if "saved the checkpoint set" in p]
+    assert saved == [f"saved the checkpoint set of step {n} in {tmp_path}" for n in (2, 4)], pieces
+    bars = [p for p in pieces if p.startswith("training:")]
+    assert bars and re.search(r"4/4 \[.*loss=\d.*samples_per_s=\d", bars[-1]), bars[-1]
+
+
+@pytest.mark.slow
+def test_quiet_prints_only_problems_and_no_progress_keeps_the_tables(corpus, tmp_path, capsys):
+    """--quiet: no bar, no table, no INFO line, the progress files as usual; --no-progress: the
+    tables without the bar."""
+    quiet = str(tmp_path / "quiet")
+    assert main(["--root", corpus, "--log_dir", quiet, "--max_steps", "2", *TRAIN_FLAGS, "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "training:" not in err and "INFO" not in err, (out, err)
+    assert [int(r["step"]) for r in read_progress(quiet)] == [1, 2]
+
+    plain = str(tmp_path / "plain")
+    assert main(["--root", corpus, "--log_dir", plain, "--max_steps", "1", *TRAIN_FLAGS, "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"^\| loss +\| \S+ +\|$", out, re.M) and "training:" not in err, (out, err)

@@ -38,7 +38,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -279,7 +279,7 @@ class TrainLoop:
         self.progress = progress
         self._bar: Optional[tqdm] = None  # while run_loop runs
         # Of the last forward_backward: a 0-dim device tensor until `optimize` reads it, then a bool.
-        self._loss_finite: object = True
+        self._loss_finite: Union[bool, torch.Tensor] = True
         # (timesteps, weighted loss terms) of each microbatch since the last dump, on the device:
         # they reach the host in `dump_metrics`, not at every step.
         self._pending_losses: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = []

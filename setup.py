@@ -19,7 +19,8 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "train": ["mpi4py"],
+        # TensorBoard: the training metrics' event files (logger.TensorBoardWriter).
+        "train": ["mpi4py", "tensorboard"],
         # speechmos imports librosa and requests without declaring them; torchmetrics (>= 1.6 has
         # NISQA) needs both too. torchmetrics 1.6 needs Python >= 3.9 and torch >= 2.0, so on the
         # torch 1.11 image's Python 3.8 the marker leaves it out and evaluation skips NISQA.

@@ -17,7 +17,8 @@ kills the process: **a model file present implies that its whole set, from the s
 present**. A kill leaves at most temporary files (removed by `remove_interrupted_saves`) and
 optimizer or EMA files of a step without its model file (ignored, and replaced when that step is
 saved again). A write that fails (a full disk) raises OutputError naming the file and the space
-left, and leaves the earlier sets as they were.
+left, and leaves the earlier sets as they were. `prune_checkpoint_sets` (--keep_last) removes
+older sets under the same rule: model file first.
 """
 
 import contextlib
@@ -336,6 +337,38 @@ def save_checkpoint_set(folder: str, step: int, model_state: Dict[str, torch.Ten
     return os.path.join(folder, model_filename(step))
 
 
+def prune_checkpoint_sets(folder: str, keep: int, step: int, rates: Optional[List[float]] = None) -> List[int]:
+    """Keep the newest `keep` (>= 1) complete sets of the steps up to `step` (the run's current
+    one, just saved) and remove the older ones; returns the steps removed.
+
+    A set is removed model file first, the folder synced before its other files go, so that the
+    rule of `save_checkpoint_set` holds at every instant: a kill leaves that set's other files
+    without their model file (ignored, and removed by the next pruning), never a model file
+    without its set. The newest complete set, which a resume takes, is always kept. Sets of later
+    steps are left alone: they belong to the run this one was resumed from, at an older set, and
+    are replaced as training reaches their steps. Incomplete sets (written by older versions of
+    this code) are not counted and not removed.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    complete = [s for s in saved_steps(folder) if s <= step and not missing_set_files(folder, s, rates)]
+    removed = complete[:-keep]
+    for old in removed:
+        names = _set_files_of_step(folder, old)
+        os.remove(os.path.join(folder, names[0]))  # the model file: the set is no longer resumable
+        _fsync_folder(folder)
+        for name in names[1:]:
+            os.remove(os.path.join(folder, name))
+    models = set(saved_steps(folder))
+    leftovers = [name for name in os.listdir(folder) if SET_FILE.fullmatch(name) and not name.startswith("model")
+                 and _set_step(name) <= step and _set_step(name) not in models]
+    for name in leftovers:  # of a pruning or a save killed earlier
+        os.remove(os.path.join(folder, name))
+    if removed or leftovers:
+        _fsync_folder(folder)
+    return removed
+
+
 def _write_state(tmp: str, path: str, state: Dict[str, Any]) -> None:
     """torch.save `state` into `tmp`, flushed to disk; OutputError naming `path` (the file it
     becomes) and the free space when that fails."""
@@ -351,13 +384,15 @@ def _write_state(tmp: str, path: str, state: Dict[str, Any]) -> None:
                           f"{free_space_hint(os.path.dirname(os.path.abspath(path)))})") from exc
 
 
+def _set_step(name: str) -> int:
+    """The step of a checkpoint-set file name (one that SET_FILE matches)."""
+    match = SET_FILE.fullmatch(name)
+    return int(match.group(1) or match.group(2))
+
+
 def _set_files_of_step(folder: str, step: int) -> List[str]:
     """The files of `step`'s set in `folder`, the model file first."""
-    names = []
-    for name in os.listdir(folder):
-        match = SET_FILE.fullmatch(name)
-        if match and int(match.group(1) or match.group(2)) == step:
-            names.append(name)
+    names = [name for name in os.listdir(folder) if SET_FILE.fullmatch(name) and _set_step(name) == step]
     return sorted(names, key=lambda name: not name.startswith("model"))
 
 

@@ -1,7 +1,8 @@
 """Training metrics: accumulated over a log interval, then written in several formats at once.
 
 Values are collected with `log` (keep the latest) or `log_mean` (average over the interval)
-and written by `dump`: a table on stdout, `progress.csv` and `progress.jsonl` in the log
+and written by `dump`: a table on stdout (unless `table=False`; written with tqdm.write, so that
+it appears above a progress bar instead of inside its line), `progress.csv` and `progress.jsonl` in the log
 folder, and TensorBoard events when the tensorboard package is installed. Means are taken
 over all ranks of a distributed job; only rank 0 writes anything.
 
@@ -25,6 +26,8 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence, TextIO, Tuple, Union
 
+from tqdm.auto import tqdm
+
 from . import dist_util
 from .audio.io import atomic_output, open_regular
 
@@ -42,10 +45,12 @@ class MetricsLogger:
     :param enabled: whether this process writes; default: only rank 0.
     :param resume_step: the step training continues from (0 for a fresh start): rows of later
         steps are dropped. None: every row is kept.
+    :param table: print each dump as a table on `stdout` (default sys.stdout).
     """
 
     def __init__(self, log_dir: Optional[str], columns: Sequence[str] = (), enabled: Optional[bool] = None,
-                 stdout: Optional[TextIO] = None, tensorboard: bool = True, resume_step: Optional[int] = None):
+                 stdout: Optional[TextIO] = None, tensorboard: bool = True, resume_step: Optional[int] = None,
+                 table: bool = True):
         self.enabled = dist_util.is_main() if enabled is None else enabled
         self._latest: Dict[str, Number] = {}
         self._sums: Dict[str, float] = {}
@@ -53,7 +58,8 @@ class MetricsLogger:
         self._writers: List = []
         if not self.enabled:
             return
-        self._writers.append(TableWriter(stdout or sys.stdout))
+        if table:
+            self._writers.append(TableWriter(stdout or sys.stdout))
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
             self._writers.append(CSVWriter(os.path.join(log_dir, "progress.csv"), columns, resume_step))
@@ -106,7 +112,8 @@ def _format(value: Number) -> str:
 
 
 class TableWriter:
-    """A boxed key/value table, as guided-diffusion prints it."""
+    """A boxed key/value table, as guided-diffusion prints it; whole lines above any progress bar
+    that shows on the same terminal (tqdm.write clears the bar, writes, and draws it again)."""
 
     def __init__(self, stream: TextIO):
         self.stream = stream
@@ -119,7 +126,7 @@ class TableWriter:
         value_width = max(len(v) for _, v in cells)
         rule = "-" * (key_width + value_width + 7)
         lines = [rule] + [f"| {k:<{key_width}} | {v:<{value_width}} |" for k, v in cells] + [rule]
-        self.stream.write("\n".join(lines) + "\n")
+        tqdm.write("\n".join(lines), file=self.stream)
         self.stream.flush()
 
     def close(self) -> None:

@@ -42,8 +42,12 @@ def sample_name(index: int) -> str:
 
 def sample_spectrograms(network, diffusion, indices: Sequence[int], shape: Sequence[int], *, seed: int,
                         use_ddim: bool, device: torch.device) -> torch.Tensor:
-    """Spectrograms (len(indices), *shape) of the samples numbered `indices`, drawn by `network`."""
-    generators = [stream_generator(seed, STREAM_SAMPLING, i) for i in indices]
+    """Spectrograms (len(indices), *shape) of the samples numbered `indices`, drawn by `network`.
+
+    Each sample's generator lives on `device`, as the refiner's segment generators do: its noise,
+    drawn at every step, is made there instead of on the CPU and copied.
+    """
+    generators = [stream_generator(seed, STREAM_SAMPLING, i, device) for i in indices]
     loop = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
     return loop(network, (len(indices), *shape), device=device, generator=generators)
 

@@ -54,7 +54,8 @@ class ScheduleSampler(ABC):
         else:
             indices = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
         weights = 1.0 / (len(probs) * probs[indices])
-        return indices.long().to(device), weights.float().to(device)
+        # Drawn on the host: copies that do not wait for the device (the source is staged at once).
+        return indices.long().to(device, non_blocking=True), weights.float().to(device, non_blocking=True)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """What must be saved to continue sampling exactly after a restart."""

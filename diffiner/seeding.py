@@ -68,22 +68,36 @@ def stream_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, stream, index]))
 
 
-def stream_generator(seed: int, stream: int, index: int) -> torch.Generator:
-    """A CPU torch generator that depends only on (seed, stream, index).
+def stream_generator(seed: int, stream: int, index: int, device: Union[str, torch.device] = "cpu") -> torch.Generator:
+    """A torch generator on `device` that depends only on (seed, stream, index).
 
-    Training draws example `index`'s timestep and noise from STREAM_DIFFUSION; sampling draws
-    sample `index`'s noise from STREAM_SAMPLING, so a sample does not depend on its batch.
+    Training draws example `index`'s timestep and noise from STREAM_DIFFUSION (on the CPU: the
+    example stream of a seed is the same on every machine); sampling draws sample `index`'s noise
+    from STREAM_SAMPLING on the device that runs the network, so a sample does not depend on its
+    batch.
     """
     state = np.random.SeedSequence([seed, stream, index]).generate_state(1, np.uint64)[0]
-    return torch_generator(int(state) >> 1)
+    return torch_generator(int(state) >> 1, device)
 
 
 def randn(shape: Sequence[int], device: Union[str, torch.device], generator: Generators) -> torch.Tensor:
     """Gaussian noise of `shape` on `device`; with a list of generators, item k of the batch is
-    drawn from generator k alone (on the generator's own device)."""
+    drawn from generator k alone.
+
+    Generators on `device` draw there. CPU generators for another device (training's per-example
+    stream) fill one host buffer, pinned when the device is CUDA, which reaches the device in a
+    single non-blocking copy rather than one blocking copy per item; the values are those of
+    drawing each item on its own.
+    """
+    device = torch.device(device)
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        if all(g.device.type == "cpu" for g in generator):
+            host = torch.empty(tuple(shape), pin_memory=device.type == "cuda")
+            for item, g in zip(host, generator):
+                torch.randn(tuple(shape[1:]), generator=g, out=item)
+            return host.to(device, non_blocking=True)
         return torch.stack([
             torch.randn(tuple(shape[1:]), generator=g, device=g.device).to(device) for g in generator
         ])

@@ -35,21 +35,24 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import dist_util
 from .acceleration import NetworkRunner, autocast_dtype
 from .audio.io import AudioError
 from .errors import DiffinerError
 from .checkpoints import (checkpoint_step, ema_filename, load_state_dict, load_weights, missing_set_files,
-                          model_filename, opt_filename, remove_interrupted_saves, save_checkpoint_set)
+                          model_filename, opt_filename, prune_checkpoint_sets, remove_interrupted_saves,
+                          save_checkpoint_set)
 from .logger import MetricsLogger
 from .schedule_sampler import LossAwareSampler, ScheduleSampler, UniformSampler
 from .seeding import STREAM_DIFFUSION, randn, stream_generator
@@ -88,9 +91,8 @@ class DynamicLossScaler:
         The vendored trainer of the original Diffiner unscaled only the first parameter's
         gradient (docs/method.md, "What we fixed"), so all other layers stepped with gradients 2**20 too big.
         """
-        inverse = 1.0 / self.scale
-        for grad in grads:
-            grad.mul_(inverse)
+        if grads:
+            torch._foreach_mul_(list(grads), 1.0 / self.scale)
 
     def update(self, finite: bool) -> None:
         self.lg_loss_scale += self.growth if finite else -1.0
@@ -179,11 +181,17 @@ class StopSignals:
                        "(send it again to stop at once without saving)", signal.Signals(signum).name)
 
 
-def global_norm(tensors: Sequence[torch.Tensor]) -> float:
-    """L2 norm of all tensors together, in float32."""
+def norm_tensor(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all tensors together, in float32, as a 0-dim tensor on their device (read by
+    nobody yet: no host synchronisation). One multi-tensor kernel for the per-tensor norms."""
     if not tensors:
-        return 0.0
-    return float(torch.norm(torch.stack([t.detach().float().norm() for t in tensors])))
+        return torch.zeros((), device=dist_util.dev())
+    return torch.norm(torch.stack(torch._foreach_norm([t.detach().float() for t in tensors])))
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> float:
+    """L2 norm of all tensors together, in float32, read on the host."""
+    return float(norm_tensor(tensors))
 
 
 def rng_state() -> Dict:
@@ -230,6 +238,12 @@ class TrainLoop:
     :param seed: the seed of the example stream (per-example timesteps and noise).
     :param nonfinite_steps_limit: consecutive steps with a non-finite loss (or, outside fp16,
         non-finite gradients) that end the run with TrainingDiverged.
+    :param keep_last: after each save, keep only the newest this many complete checkpoint sets
+        (`checkpoints.prune_checkpoint_sets`); 0 keeps them all.
+    :param progress: show a progress bar (rank 0) with the step, the loss and samples/s of the
+        last log interval, and the time left to the stop step.
+    :param metric_tables: print each log interval's metrics as a table on stdout (they go to
+        progress.csv, progress.jsonl and TensorBoard either way).
     """
 
     def __init__(
@@ -240,7 +254,8 @@ class TrainLoop:
         initial_lg_loss_scale: float = INITIAL_LG_LOSS_SCALE, schedule_sampler: Optional[ScheduleSampler] = None,
         weight_decay: float = 0.0, lr_anneal_steps: int = 0, grad_clip: float = 0.0, max_steps: int = 0,
         seed: int = 0, metrics: Optional[MetricsLogger] = None, channels_last: bool = False,
-        nonfinite_steps_limit: int = NONFINITE_STEPS_LIMIT,
+        nonfinite_steps_limit: int = NONFINITE_STEPS_LIMIT, keep_last: int = 0, progress: bool = True,
+        metric_tables: bool = True,
     ):
         autocast_dtype(precision)  # refuses an unknown precision before any work
         self.model = model.to(dist_util.dev())
@@ -258,7 +273,16 @@ class TrainLoop:
         self.grad_clip = grad_clip
         self.max_steps = max_steps
         self.nonfinite_steps_limit = nonfinite_steps_limit
-        self._loss_finite = True  # of the last forward_backward
+        if keep_last < 0:
+            raise ValueError(f"keep_last must be >= 0, got {keep_last}")
+        self.keep_last = keep_last
+        self.progress = progress
+        self._bar: Optional[tqdm] = None  # while run_loop runs
+        # Of the last forward_backward: a 0-dim device tensor until `optimize` reads it, then a bool.
+        self._loss_finite: Union[bool, torch.Tensor] = True
+        # (timesteps, weighted loss terms) of each microbatch since the last dump, on the device:
+        # they reach the host in `dump_metrics`, not at every step.
+        self._pending_losses: List[Tuple[torch.Tensor, Dict[str, torch.Tensor]]] = []
         self._spoiled = False  # whether the last step counts toward nonfinite_steps_limit
         self.seed = seed
         self.precision = precision
@@ -295,7 +319,7 @@ class TrainLoop:
             # A fresh start is step 0 too: rows an earlier attempt logged in this folder (one killed
             # before its first checkpoint, then rerun with --resume_checkpoint auto) are dropped
             # rather than followed by a second row of each step.
-            metrics = MetricsLogger(log_dir, columns=columns, resume_step=self.step)
+            metrics = MetricsLogger(log_dir, columns=columns, resume_step=self.step, table=metric_tables)
         self.metrics = metrics
         self._interval_start = (time.time(), self.data_position)
 
@@ -321,8 +345,7 @@ class TrainLoop:
             return
         last_saved = self.step
         spoiled_run = 0  # consecutive spoiled steps, as all ranks agreed on them
-        with StopSignals() as signals, tqdm(total=stop, initial=self.step, desc="training", unit="step",
-                                            disable=not dist_util.is_main()) as bar:
+        with StopSignals() as signals, self._progress_bar(stop) as bar:
             while stop is None or self.step < stop:
                 batch, data_error = self._next_batch(data)
                 signum, data_errors, spoiled = self._agree_to_stop(signals.received, data_error, self._spoiled)
@@ -348,6 +371,25 @@ class TrainLoop:
                     last_saved = self.step
         if not self._finish(last_saved):
             raise self._diverged(spoiled_run, saved=False)
+
+    @contextlib.contextmanager
+    def _progress_bar(self, stop: Optional[int]) -> Iterator[tqdm]:
+        """The bar of `run_loop` (rank 0, when `progress`): steps done of `stop`, hence the time
+        left, and the loss and samples/s of the last log interval. While it shows, the package's
+        log lines and the metric tables are written above it (tqdm.write), never into its line."""
+        shown = self.progress and dist_util.is_main()
+        # The loggers whose terminal handlers print the package's lines: the package's own, and
+        # the root logger's (setup_logging's). Only those are redirected, or lines would print twice.
+        consoles = [lg for lg in (logging.getLogger("diffiner"), logging.getLogger()) if any(
+            isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr) for h in lg.handlers)]
+        with tqdm(total=stop, initial=self.step, desc="training", unit="step", disable=not shown,
+                  dynamic_ncols=True) as bar, \
+                (logging_redirect_tqdm(consoles) if shown and consoles else contextlib.nullcontext()):
+            self._bar = bar
+            try:
+                yield bar
+            finally:
+                self._bar = None
 
     def _finish(self, last_saved: int) -> bool:
         """Log and save the steps done since the last dump and the last save (`last_saved`);
@@ -421,13 +463,15 @@ class TrainLoop:
     def forward_backward(self, batch: Dict[str, torch.Tensor]) -> None:
         """Accumulate the gradient of the batch's mean (importance-weighted) loss."""
         self.opt.zero_grad(set_to_none=True)
-        x_start = batch["spec"].to(dist_util.dev())
-        generators = [stream_generator(self.seed, STREAM_DIFFUSION, int(p)) for p in batch["position"]]
-        # Order of draws from each example's generator: timestep, then noise.
+        x_start = batch["spec"].to(dist_util.dev(), non_blocking=True)
+        # The positions come from the data loader, on the host: reading them costs no sync.
+        generators = [stream_generator(self.seed, STREAM_DIFFUSION, p) for p in batch["position"].tolist()]
+        # Order of draws from each example's generator: timestep, then noise (the batch's noise
+        # reaches the device in one copy: seeding.randn).
         t, weights = self.schedule_sampler.sample(len(generators), dist_util.dev(), generators)
         noise = randn(x_start.shape, dist_util.dev(), generators)
         count = x_start.shape[0]
-        self._loss_finite = True
+        finite = []
         for lo in range(0, count, self.microbatch):
             hi = min(lo + self.microbatch, count)
             last = hi == count
@@ -438,15 +482,21 @@ class TrainLoop:
                     self.schedule_sampler.update_with_local_losses(t[lo:hi], losses["loss"].detach())
                 # Weighted by the microbatch's share, so microbatching does not change the step.
                 loss = (losses["loss"] * weights[lo:hi]).mean() * ((hi - lo) / count)
-                self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()))
-                self._log_losses(t[lo:hi], {k: v * weights[lo:hi] for k, v in losses.items()})
+                finite.append(torch.isfinite(loss.detach()))
+                self._pending_losses.append((t[lo:hi], {k: (v * weights[lo:hi]).detach() for k, v in losses.items()}))
                 (loss * self.scaler.scale if self.scaler else loss).backward()
+        self._loss_finite = torch.stack(finite).all()
 
     def optimize(self) -> bool:
         """Unscale, check, clip and apply the gradients; False when the step was skipped: the
         gradients, or the loss of `forward_backward`, are NaN or infinite."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        norm = global_norm(grads)
+        # The step's one read on the host, of two numbers together: whether to step at all must
+        # be decided there, since a skipped step leaves AdamW's state untouched (as PyTorch's
+        # GradScaler, which reads its inf flag at every step). The losses stay on the device.
+        loss_finite, norm = torch.stack([torch.as_tensor(self._loss_finite, dtype=torch.float64, device=dist_util.dev()),
+                                         norm_tensor(grads).double()]).tolist()
+        self._loss_finite = bool(loss_finite)
         # A non-finite loss whose gradients happen to be finite (its NaN in a term that has no
         # gradient) is no sounder a step.
         finite = math.isfinite(norm) and self._loss_finite
@@ -462,8 +512,7 @@ class TrainLoop:
                                "gradients" if self._loss_finite else "loss")
             return False
         if self.grad_clip > 0 and norm > self.grad_clip:
-            for grad in grads:
-                grad.mul_(self.grad_clip / (norm + 1e-6))
+            torch._foreach_mul_(grads, self.grad_clip / (norm + 1e-6))
         self.metrics.log_mean("grad_norm", norm)
         lr = self.current_lr()
         for group in self.opt.param_groups:
@@ -479,27 +528,44 @@ class TrainLoop:
         return self.lr * (1.0 - self.step / self.lr_anneal_steps)
 
     def _update_ema(self) -> None:
+        # Multi-tensor kernels (a few launches for all parameters, not two per parameter); the
+        # same arithmetic as target.mul_(rate).add_(source, alpha=1 - rate).
         with torch.no_grad():
             for rate, ema in zip(self.ema_rates, self.ema_params):
-                for target, source in zip(ema, self.params):
-                    target.mul_(rate).add_(source, alpha=1.0 - rate)
+                torch._foreach_mul_(ema, rate)
+                torch._foreach_add_(ema, self.params, alpha=1.0 - rate)
 
-    def _log_losses(self, t: torch.Tensor, losses: Dict[str, torch.Tensor]) -> None:
-        """Mean of each loss term, overall and per quarter of the timestep range."""
-        quartiles = (4 * t.cpu().numpy() // self.diffusion.num_timesteps).tolist()
-        for key, values in losses.items():
-            values = values.detach().float().cpu().numpy()
-            self.metrics.log_mean(key, float(values.mean()), len(values))
-            for quartile, value in zip(quartiles, values.tolist()):
-                self.metrics.log_mean(f"{key}_q{quartile}", value)
+    def _log_losses(self) -> None:
+        """Mean of each loss term since the last dump, overall and per quarter of the timestep
+        range, logged microbatch by microbatch as they were computed; one transfer to the host."""
+        pending, self._pending_losses = self._pending_losses, []
+        if not pending:
+            return
+        timesteps = torch.cat([t for t, _ in pending]).cpu().numpy()
+        stacked = torch.stack([torch.cat([terms[key].float() for _, terms in pending]) for key in pending[0][1]])
+        values_of = dict(zip(pending[0][1], stacked.cpu().numpy()))
+        lo = 0
+        for t, terms in pending:
+            hi = lo + len(t)
+            quartiles = (4 * timesteps[lo:hi] // self.diffusion.num_timesteps).tolist()
+            for key in terms:
+                values = values_of[key][lo:hi]
+                self.metrics.log_mean(key, float(values.mean()), len(values))
+                for quartile, value in zip(quartiles, values.tolist()):
+                    self.metrics.log_mean(f"{key}_q{quartile}", value)
+            lo = hi
 
     def dump_metrics(self) -> None:
         start_time, start_position = self._interval_start
         now = time.time()
+        self._log_losses()
         self.metrics.log("param_norm", global_norm(self.params))
         self.metrics.log("samples_per_sec", (self.data_position - start_position) / max(now - start_time, 1e-9))
-        self.metrics.dump(self.step)
+        values = self.metrics.dump(self.step)
         self._interval_start = (now, self.data_position)
+        if self._bar is not None and "loss" in values:
+            self._bar.set_postfix(loss=f"{values['loss']:.4g}", samples_per_s=f"{values['samples_per_sec']:.3g}",
+                                  refresh=False)
 
     # ----- checkpoints -----
     def _copy_params(self) -> List[torch.Tensor]:
@@ -535,6 +601,11 @@ class TrainLoop:
                 self.log_dir, self.step, {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 {rate: self._ema_state_dict(ema) for rate, ema in zip(self.ema_rates, self.ema_params)}, state)
             logger.info("saved the checkpoint set of step %d in %s", self.step, self.log_dir)
+            if self.keep_last:
+                removed = prune_checkpoint_sets(self.log_dir, self.keep_last, self.step, self.ema_rates)
+                if removed:
+                    logger.info("--keep_last %d: removed the checkpoint set(s) of step(s) %s", self.keep_last,
+                                ", ".join(map(str, removed)))
         else:
             self.last_checkpoint = os.path.join(self.log_dir, model_filename(self.step))
         return True

@@ -73,6 +73,8 @@ class TrainingSettings:
                                              "step")
     grad_clip: float = setting(0.0, "clip the global gradient norm to this value (0: off)")
     max_steps: int = setting(0, "stop when this many steps are done, resumed ones included (0: no limit)")
+    keep_last: int = setting(0, "after each save, keep only the newest N complete checkpoint sets (never the "
+                                "one a resume needs); 0: keep all")
     num_workers: int = setting(2, "data-loading worker processes per training process")
     seed: int = setting(0, "seed of the model initialisation and of the example stream (>= 0)")
 
@@ -83,6 +85,8 @@ class TrainingSettings:
             raise ValueError("--seed must be >= 0")
         if self.log_interval < 1 or self.save_interval < 1:
             raise ValueError("--log_interval and --save_interval must be at least 1")
+        if self.keep_last < 0:
+            raise ValueError("--keep_last must be >= 0 (0 keeps every checkpoint set)")
         parse_ema_rates(self.ema_rate)
 
 
@@ -232,6 +236,8 @@ def prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> Tuple[Train
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps, grad_clip=args.grad_clip,
         max_steps=args.max_steps, seed=args.seed, log_dir=log_dir, channels_last=args.channels_last,
+        keep_last=args.keep_last, progress=not (getattr(args, "no_progress", False) or getattr(args, "quiet", False)),
+        metric_tables=not getattr(args, "quiet", False),
     )
     if info.rank == 0:
         write_settings(log_dir, args, info.world_size)

@@ -500,3 +500,106 @@ def test_kill_9_at_random_moments_of_saves_then_resume_is_exact(tmp_path):
             delays.append(rng.uniform(0.0, window * (kills - 18)))
     print(f"{kills} kills, {mid_save} left a save half done, newest complete set: step {newest}")
     assert mid_save >= 2
+
+
+def test_the_batch_noise_arrives_in_one_non_blocking_copy_and_resume_stays_exact(tmp_path, monkeypatch):
+    """Each step's noise is drawn from the examples' CPU generators into one host buffer and
+    copied to the device once, non-blocking (issue 20, item 6); the values are those of each
+    example's own stream, so a run stopped after 2 steps and resumed is bitwise the
+    uninterrupted one after 4."""
+    from diffiner import train_util
+    copies = []  # (shape, non_blocking) of each Tensor.to made while the noise is drawn
+    drawing = []
+    to, randn = torch.Tensor.to, train_util.randn
+
+    def recording_to(tensor, *args, **kwargs):
+        if drawing:
+            copies.append((tuple(tensor.shape), kwargs.get("non_blocking", False)))
+        return to(tensor, *args, **kwargs)
+
+    def recording_randn(*args, **kwargs):
+        drawing.append(True)
+        try:
+            return randn(*args, **kwargs)
+        finally:
+            drawing.pop()
+
+    reference = Reference(str(tmp_path / "reference"))
+    expected = [reference[2], reference[4]]
+    folder = str(tmp_path / "run")
+    first = make_loop(folder)
+    train(first, 2)
+    first.save()
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    monkeypatch.setattr(train_util, "randn", recording_randn)
+    resumed = make_loop(folder, resume=os.path.join(folder, "model000002.pt"))
+    assert digest(resumed) == expected[0]
+    train(resumed, 2)
+    assert digest(resumed) == expected[1]
+    assert copies == [((2, 2, 16, 16), True)] * 2  # one per step, the whole batch at once
+
+
+# ----- --keep_last (issue 16, item 5) -----
+def set_files(folder):
+    return sorted(name for name in os.listdir(folder) if name.endswith(".pt"))
+
+
+def files_of(steps):
+    return sorted(name for step in steps for name in (f"model{step:06d}.pt", f"opt{step:06d}.pt")
+                  + tuple(f"ema_{rate}_{step:06d}.pt" for rate in RATES.split(",")))
+
+
+def test_keep_last_keeps_the_newest_sets_across_a_stopped_pruning_and_a_resume(tmp_path, monkeypatch):
+    """--keep_last 2 with a save every step: after each save only the newest two complete sets
+    are left. A pruning stopped between removing a set's model file and its other files (as by a
+    kill) leaves a folder whose every model file has its set; the run resumed from the newest set
+    continues bitwise as the uninterrupted one and removes the leftovers."""
+    from diffiner import checkpoints
+    reference = Reference(str(tmp_path / "reference"))
+    folder = str(tmp_path / "run")
+    loop = make_loop(folder, keep_last=2, max_steps=3)
+    loop.run_loop(data_from(loop))
+    assert set_files(folder) == files_of([2, 3])
+
+    remove = os.remove
+    removed = []
+
+    def stopped_after_the_model_file(path):
+        if removed:
+            raise KeyboardInterrupt("stopped mid-pruning")
+        removed.append(path)
+        remove(path)
+
+    loop = make_loop(folder, resume=os.path.join(folder, "model000003.pt"), keep_last=2, max_steps=4)
+    monkeypatch.setattr(checkpoints.os, "remove", stopped_after_the_model_file)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run_loop(data_from(loop))
+    monkeypatch.undo()
+    assert removed == [os.path.join(folder, "model000002.pt")]
+    assert model_steps(folder) == [3, 4] and newest_complete_step(folder) == 4
+    assert_every_model_file_has_its_set(folder)
+
+    resumed = make_loop(folder, resume=os.path.join(folder, "model000004.pt"), keep_last=2, max_steps=6)
+    assert digest(resumed) == reference[4]
+    resumed.run_loop(data_from(resumed))
+    assert digest(resumed) == reference[6]
+    assert set_files(folder) == files_of([5, 6])  # step 2's leftovers are gone too
+
+
+def test_keep_last_never_removes_the_newest_set_and_leaves_a_later_branch_alone(tmp_path):
+    """Resumed from an older set of a folder holding later ones (the run it branched from; another
+    seed here, so that the branch's sets differ), with --keep_last 1: the sets of later steps are
+    not pruned (only replaced when the run saves those steps), and the set just saved, the one a
+    resume needs, is kept."""
+    folder = str(tmp_path / "run")
+    first = make_loop(folder, max_steps=4)
+    first.run_loop(data_from(first))
+    later = {name: open(os.path.join(folder, name), "rb").read() for name in files_of([4])}
+    branch = make_loop(folder, resume=os.path.join(folder, "model000002.pt"), keep_last=1, max_steps=3, seed=1)
+    branch.run_loop(data_from(branch))
+    assert set_files(folder) == files_of([3, 4])
+    assert all(open(os.path.join(folder, name), "rb").read() == data for name, data in later.items())
+    branch = make_loop(folder, resume=os.path.join(folder, "model000003.pt"), keep_last=1, max_steps=4, seed=1)
+    branch.run_loop(data_from(branch))
+    assert set_files(folder) == files_of([4])
+    assert open(os.path.join(folder, "model000004.pt"), "rb").read() != later["model000004.pt"]

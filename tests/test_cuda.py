@@ -217,6 +217,62 @@ def test_training_steps_in_reduced_precision_stay_finite(precision):
     assert torch.isfinite(losses["loss"]).all()
 
 
+def test_a_training_step_synchronises_with_the_host_once():
+    """Issue 20, item 6, on the GPU: after a warm-up step, a step makes one synchronising call
+    (the read of whether to step: the loss's finiteness and the gradient norm); the batch's noise
+    comes from a pinned host buffer in one non-blocking copy, the losses stay on the GPU."""
+    model, diffusion = tiny_model_and_diffusion()
+    model.train()
+    with tempfile.TemporaryDirectory() as log_dir:
+        loop = TrainLoop(model=model, diffusion=diffusion, batch_size=4, lr=1e-4, log_dir=log_dir,
+                         metrics=MetricsLogger(log_dir, columns=["step"], enabled=False), ema_rate="0.99,0.999",
+                         grad_clip=1.0)
+        spec = torch.randn(4, 2, 256, 64, generator=torch.Generator().manual_seed(0)).pin_memory()
+        loop.run_step({"spec": spec, "position": torch.arange(4)})  # warm-up: tables and optimizer state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                loop.run_step({"spec": spec, "position": torch.arange(4, 8)})
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, syncs
+        assert len(loop._pending_losses) == 2  # both steps' losses, still on the GPU
+        assert loop._pending_losses[0][1]["loss"].device.type == "cuda"
+
+
+def test_batch_noise_from_cpu_generators_is_the_cpu_stream_in_one_pinned_copy(monkeypatch):
+    """The per-example CPU generators of training fill one pinned buffer, copied once: the values
+    are bitwise the CPU draws (so a run resumes exactly on another machine)."""
+    from diffiner import seeding
+    pinned = []
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: pinned.append(k.get("pin_memory")) or empty(*a, **k))
+    shape = (3, 2, 256, 64)
+    noise = seeding.randn(shape, "cuda", [seeding.stream_generator(0, seeding.STREAM_DIFFUSION, i) for i in range(3)])
+    expected = torch.stack([torch.randn(shape[1:], generator=seeding.stream_generator(0, seeding.STREAM_DIFFUSION, i))
+                            for i in range(3)])
+    assert pinned == [True] and noise.device.type == "cuda"
+    assert torch.equal(noise.cpu(), expected)
+
+
+def test_sampling_draws_on_the_gpu():
+    """diffiner-sample's generators live on the GPU, as the refiner's do."""
+    from diffiner import sampling
+    seen = []
+
+    class Recorder:
+        def p_sample_loop(self, network, shape, device, generator):
+            seen.extend(g.device.type for g in generator)
+            return torch.zeros(shape, device=device)
+
+    sampling.sample_spectrograms(None, Recorder(), [0, 1], (2, 8, 8), seed=0, use_ddim=False,
+                                 device=torch.device("cuda"))
+    assert seen == ["cuda", "cuda"]
+
+
 @pytest.mark.slow  # starts a two-process torchrun job
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs at least 2 GPUs for a 2-process NCCL job")
 def test_two_process_nccl_training(tmp_path):

@@ -285,7 +285,7 @@ def test_a_baseline_run_refuses_a_root_proc_holding_files_the_baseline_did_not_m
     code = main(["--root-noisy", str(tmp_path / "noisy"), "--baseline", "noisereduce", "--root-proc", proc,
                  "--model-path", tiny_checkpoint, "--no-gpu", "--no-progress", *tiny_cli_flags()])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "a.wav" in err and "noisereduce" in err, err
+    assert code == 2 and len(err.splitlines()) == 1 and "a.wav" in err and "no diffiner-enhance run" in err, err
     assert files() == before  # nothing refined, nothing recorded
 
 

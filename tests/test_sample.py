@@ -45,3 +45,23 @@ def test_wrong_model_settings_are_a_clear_error(tmp_path, tiny_checkpoint, capsy
     assert "do not fit the model settings" in capsys.readouterr().err
     assert main(["--model_path", str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt: no such checkpoint file" in capsys.readouterr().err
+
+
+def test_sample_generators_live_on_the_sampling_device(monkeypatch):
+    """Each sample's noise is drawn on the device that runs the network, as the refiner's is
+    (issue 20, item 6); the device here is only named, the recorded generators are CPU ones."""
+    import torch
+    from diffiner import sampling
+    asked = []
+    real = sampling.stream_generator
+    monkeypatch.setattr(sampling, "stream_generator",
+                        lambda seed, stream, index, device="cpu": asked.append(str(device)) or real(seed, stream, index))
+
+    class Recorder:
+        def p_sample_loop(self, network, shape, device, generator):
+            assert len(generator) == shape[0]
+            return torch.zeros(shape)
+
+    sampling.sample_spectrograms(None, Recorder(), [3, 4], (2, 8, 8), seed=0, use_ddim=False,
+                                 device=torch.device("cuda:1"))
+    assert asked == ["cuda:1", "cuda:1"]

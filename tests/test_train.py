@@ -1,3 +1,4 @@
+import contextlib
 import csv
 import io
 import itertools
@@ -7,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from diffiner.checkpoints import load_state_dict
 from diffiner.pipeline import Refiner
 from diffiner.commands.train import main
 from diffiner.speech_datasets import ExcerptDataset, build_index
+from diffiner.seeding import STREAM_DIFFUSION, randn, stream_generator
 from diffiner.train_util import DynamicLossScaler, TrainLoop, global_norm
 
 from conftest import speech_like, tiny_cli_flags, tiny_model_and_diffusion, write_wav
@@ -88,8 +91,8 @@ def test_three_steps_write_checkpoints_logs_and_settings(corpus, tmp_path):
 @pytest.mark.parametrize("ema_rates, extra", [
     (["0.9999"], []),
     (["0.99", "0.9999"], ["--num_workers", "2", "--schedule_sampler", "loss-second-moment", "--microbatch", "1",
-                          "--lr_anneal_steps", "10", "--grad_clip", "0.5"]),
-], ids=["defaults", "workers-lossaware-microbatch-anneal-clip"])
+                          "--lr_anneal_steps", "10", "--grad_clip", "0.5", "--keep_last", "1"]),
+], ids=["defaults", "workers-lossaware-microbatch-anneal-clip-keep1"])
 @pytest.mark.slow
 def test_resume_is_exact(corpus, tmp_path, ema_rates, extra):
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
@@ -109,6 +112,11 @@ def test_resume_is_exact(corpus, tmp_path, ema_rates, extra):
         assert torch.equal(value, opt_b["schedule_sampler"][key])
     # The resumed run appended to the same progress files.
     assert [int(r["step"]) for r in read_progress(split)] == [1, 2, 3, 4]
+    # --keep_last 1: the resumed run's save of step 4 removed the set of step 2 it resumed from.
+    kept = sorted(name for name in os.listdir(split) if name.endswith(".pt"))
+    steps = [2, 4] if "--keep_last" not in extra else [4]
+    assert kept == sorted(f"{kind}{step:06d}.pt" for step in steps for kind in ["model", "opt"] +
+                          [f"ema_{rate}_" for rate in ema_rates])
 
 
 def error_lines(text):
@@ -628,3 +636,140 @@ def test_ranks_agree_to_stop_a_run_that_diverged_on_one_rank(tmp_path):
     outcomes = sorted(re.findall(r"rank (\d) (diverged|finished) at step (\d+)", result.stdout))
     assert outcomes == [("0", "diverged", "5"), ("1", "diverged", "5")], result.stderr[-3000:]
     assert os.path.exists(str(tmp_path / "log" / "model000005.pt"))
+
+
+# ----- the device-side work of a step (issue 20, item 6) -----
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def counting_host_reads(monkeypatch, ignore=()):
+    """Count the reads of tensor values on the host made by diffiner's code (a synchronisation
+    with the device on CUDA); torch's own reads of its CPU-side counters are not ours to count,
+    nor are the tensors in `ignore` (the data loader's host-side positions)."""
+    reads = []
+    ignored = [id(t) for t in ignore]
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(tensor, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("diffiner") and id(tensor) not in ignored:
+                reads.append(f"{_name} in {caller}")
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    yield reads
+    monkeypatch.undo()
+
+
+@pytest.mark.parametrize("settings", [{}, {"microbatch": 1, "grad_clip": 1e-3, "ema_rate": "0.99,0.999"}],
+                         ids=["defaults", "microbatch-clip-two-emas"])
+def test_a_step_reads_the_host_once_and_the_losses_only_when_logged(tmp_path, monkeypatch, settings):
+    """A step's one host read is the decision to step (the loss's finiteness and the gradient
+    norm, in one transfer), whatever the microbatching; the losses reach the host at the dump."""
+    loop = make_loop(tmp_path, **settings)
+    loop.metrics = MetricsLogger(None, enabled=True, stdout=io.StringIO(), tensorboard=False)
+    batches = [dict(small_batch(step), position=torch.tensor([2 * step, 2 * step + 1])) for step in range(3)]
+    for batch in batches:
+        with counting_host_reads(monkeypatch, ignore=[batch["position"]]) as reads:
+            assert loop.run_step(batch)
+        assert len(reads) == 1, reads
+    monkeypatch.setattr(loop.metrics, "dump", lambda step: None)  # keeps the interval's sums to look at
+    with counting_host_reads(monkeypatch) as reads:
+        loop.dump_metrics()
+    assert reads, "the losses of the interval are read at the dump"
+    # Every microbatch's losses arrived: 3 steps x 2 examples, each counted once overall and once
+    # in its timestep quarter.
+    assert loop.metrics._counts["loss"] == 6
+    assert sum(n for k, n in loop.metrics._counts.items() if k.startswith("loss_q")) == 6
+
+
+def test_ema_unscale_and_clipping_use_multi_tensor_kernels_with_the_loops_arithmetic(tmp_path, monkeypatch):
+    """torch._foreach_* for the EMA update, the fp16 unscale and the clipping: no per-parameter
+    Tensor.mul_/add_ from Python, and bitwise the values of the per-parameter loop."""
+    loop = make_loop(tmp_path, ema_rate="0.9,0.999", grad_clip=1e-3)
+    generator = torch.Generator().manual_seed(3)
+    for ema in loop.ema_params:  # EMAs that differ from the weights, as after some steps
+        for tensor in ema:
+            tensor.add_(torch.randn(tensor.shape, generator=generator))
+    expected = [[t.clone() for t in ema] for ema in loop.ema_params]
+    loop.forward_backward(small_batch())
+    unclipped = [p.grad.clone() for p in loop.params]
+    per_parameter = []
+    for name in ("mul_", "add_"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(tensor, *args, _original=original, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("diffiner"):  # not AdamW's own
+                per_parameter.append(tensor.shape)
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    assert loop.optimize()
+    loop._update_ema()
+    monkeypatch.undo()
+    assert per_parameter == []
+
+    norm = global_norm(unclipped)
+    assert norm > 1e-3  # so the gradients were clipped
+    for grad, before in zip((p.grad for p in loop.params), unclipped):
+        assert torch.equal(grad, before.mul(1e-3 / (norm + 1e-6)))
+    for rate, ema, reference in zip(loop.ema_rates, loop.ema_params, expected):
+        for target, source, got in zip(reference, loop.params, ema):
+            assert torch.equal(target.mul_(rate).add_(source.detach(), alpha=1.0 - rate), got)
+
+    scaler = DynamicLossScaler(lg_loss_scale=3.0)
+    gradients = [torch.randn(5, generator=generator), torch.randn(2, 3, generator=generator)]
+    expected = [g.mul(1.0 / 8.0) for g in gradients]
+    scaler.unscale_(gradients)
+    assert all(torch.equal(a, b) for a, b in zip(gradients, expected))
+
+
+# ----- the training display (issue 16, item 5) -----
+@pytest.mark.parametrize("holder", ["diffiner", ""], ids=["package-logger", "root-logger"])
+def test_the_bar_shows_the_loss_and_tables_and_log_lines_stay_whole_lines(tmp_path, capsys, holder):
+    """Bar, metric tables and log lines all on one stream (as on a terminal): the bar's line
+    shows the loss and samples/s; every table line and log line is a whole line, never printed
+    into the bar's. The terminal's log handler may be the package logger's or the root logger's
+    (setup_logging's)."""
+    handler = logging.StreamHandler(sys.stderr)  # a console handler, as setup_logging's
+    handler.setLevel(logging.INFO)
+    package = logging.getLogger("diffiner")
+    level = package.level
+    logging.getLogger(holder).addHandler(handler)
+    package.setLevel(logging.INFO)
+    try:
+        loop = make_loop(tmp_path, max_steps=4, log_interval=2, save_interval=2, progress=True)
+        loop.metrics = MetricsLogger(None, enabled=True, stdout=sys.stderr, tensorboard=False)
+        loop.run_loop(dict(small_batch(step), position=torch.tensor([2 * step, 2 * step + 1]))
+                      for step in itertools.count())
+    finally:
+        logging.getLogger(holder).removeHandler(handler)
+        package.setLevel(level)
+    pieces = [piece.strip() for piece in re.split(r"[\r\n]", capsys.readouterr().err) if piece.strip()]
+    table = [p for p in pieces if "|" in p and "training" not in p]
+    assert sum(p.startswith("| loss ") for p in table) == 2, pieces
+    assert all(re.fullmatch(r"\| \S+ +\| \S+ +\|", p) for p in table), table
+    rules = [p for p in pieces if "----" in p]
+    assert len(rules) == 4 and all(set(p) == {"-"} for p in rules), rules
+    saved = [p for p in pieces if "saved the checkpoint set" in p]
+    assert saved == [f"saved the checkpoint set of step {n} in {tmp_path}" for n in (2, 4)], pieces
+    bars = [p for p in pieces if p.startswith("training:")]
+    assert bars and re.search(r"4/4 \[.*loss=\d.*samples_per_s=\d", bars[-1]), bars[-1]
+
+
+@pytest.mark.slow
+def test_quiet_prints_only_problems_and_no_progress_keeps_the_tables(corpus, tmp_path, capsys):
+    """--quiet: no bar, no table, no INFO line, the progress files as usual; --no-progress: the
+    tables without the bar."""
+    quiet = str(tmp_path / "quiet")
+    assert main(["--root", corpus, "--log_dir", quiet, "--max_steps", "2", *TRAIN_FLAGS, "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "training:" not in err and "INFO" not in err, (out, err)
+    assert [int(r["step"]) for r in read_progress(quiet)] == [1, 2]
+
+    plain = str(tmp_path / "plain")
+    assert main(["--root", corpus, "--log_dir", plain, "--max_steps", "1", *TRAIN_FLAGS, "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"^\| loss +\| \S+ +\|$", out, re.M) and "training:" not in err, (out, err)

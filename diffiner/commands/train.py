@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 from .. import dist_util
 from ..acceleration import execution_flags
-from ..flags import command_parser, flags_of, precision_from_args, settings_of
+from ..flags import NO_PROGRESS_FLAG, QUIET_FLAG, command_parser, flags_of, precision_from_args, settings_of
 from ..train_util import TrainingInterrupted, resume_hint
 from ..errors import EXIT_OK
 from ..training import MODEL_FLAGS, TrainingSettings, train
@@ -28,6 +28,11 @@ from .common import run_command, setup_logging
 def create_argparser() -> argparse.ArgumentParser:
     return command_parser("Train a Diffiner diffusion model on clean speech.", {
         "training": flags_of(TrainingSettings), "precision": execution_flags("channels_last"),
+        "display": (NO_PROGRESS_FLAG.with_help("no progress bar (the metric tables still print every --log_interval "
+                                               "steps)"),
+                    QUIET_FLAG.with_help("warnings and errors only: no progress bar, no metric tables, no "
+                                         "informational lines (progress.csv, progress.jsonl and TensorBoard are "
+                                         "still written)")),
         "model and diffusion (default: when resuming, the run's model_config.yml; else the published model)":
             MODEL_FLAGS}, prog="diffiner-train")
 
@@ -67,7 +72,7 @@ def interruption_message(stop: TrainingInterrupted) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.debug)
+    setup_logging(args.debug, args.quiet)
     return run_command(lambda: run(args), args.debug)
 
 

@@ -31,7 +31,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-DEFAULT_TESTS="tests/test_unet.py tests/test_diffusion.py tests/test_spectrogram.py tests/test_refiner.py tests/test_pipeline.py tests/test_run_refiner.py tests/test_acceleration.py tests/test_speech_datasets.py tests/test_train.py tests/test_dist.py tests/test_schedule_sampler.py tests/test_sample.py tests/test_oom.py tests/test_failures.py tests/test_no_sync.py tests/test_end_of_file.py tests/test_checkpoint_sets.py tests/test_train_signals.py tests/test_layout.py tests/test_methods.py tests/test_model_settings.py tests/test_flags.py tests/test_run_locks.py"
+DEFAULT_TESTS="tests/test_unet.py tests/test_diffusion.py tests/test_spectrogram.py tests/test_refiner.py tests/test_pipeline.py tests/test_run_refiner.py tests/test_acceleration.py tests/test_speech_datasets.py tests/test_train.py tests/test_dist.py tests/test_schedule_sampler.py tests/test_sample.py tests/test_oom.py tests/test_failures.py tests/test_no_sync.py tests/test_end_of_file.py tests/test_checkpoint_sets.py tests/test_train_signals.py tests/test_layout.py tests/test_methods.py tests/test_model_settings.py tests/test_flags.py tests/test_run_locks.py tests/test_streaming.py tests/test_crossover.py tests/test_pretrained.py tests/test_output_records.py"
 VENV="${COMPAT_VENV:-.venv-py38}"
 WHEELHOUSE="${COMPAT_WHEELHOUSE-${XDG_CACHE_HOME:-$HOME/.cache}/diffiner-compat/wheels}"
 

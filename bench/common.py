@@ -33,7 +33,7 @@ def machine_description() -> str:
         device = (f"GPU: {props.name}, {props.total_memory / 2 ** 30:.0f} GiB, {torch.cuda.device_count()} visible, "
                   f"CUDA {torch.version.cuda}")
     else:
-        device = f"CPU: {_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        device = f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     return (f"{device}; Python {platform.python_version()}, torch {torch.__version__}, "
             f"numpy {np.__version__}")
 
@@ -102,7 +102,8 @@ def cuda_problem(listed: Sequence[str]) -> Optional[str]:
             f"{torch.__version__} (CUDA {cuda}; torch.cuda.get_arch_list(): {arches}) cannot use them: {problem}")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name as Linux reports it, else platform's guess."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

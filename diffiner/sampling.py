@@ -8,13 +8,13 @@ does not click at its end.
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .acceleration import NetworkRunner
+from .acceleration import AUTO, ExecutionSettings, NetworkRunner
 from .audio.io import MODEL_SAMPLE_RATE, save_audio
 from .flags import setting
 from .pipeline import padded_width
@@ -48,18 +48,20 @@ def sample_spectrograms(network, diffusion, indices: Sequence[int], shape: Seque
 
 
 def sample_waves(model: torch.nn.Module, diffusion, indices: Sequence[int], settings: SamplingSettings, *,
-                 device: torch.device, precision: str = "fp32", channels_last: bool = False,
+                 device: torch.device, precision: str = AUTO, channels_last: Optional[bool] = None,
                  progress: bool = False) -> Iterator[tuple]:
     """(index, 16 kHz waveform) of each sample numbered in `indices`, `settings.batch_size` at a
     time."""
-    network = NetworkRunner(model.to(device).eval(), precision, channels_last)
+    execution = ExecutionSettings(precision, channels_last).resolved(device)
+    network = NetworkRunner(model.to(device).eval(), execution.precision, execution.channels_last)
     samples = int(round(settings.seconds * MODEL_SAMPLE_RATE))
     shape = (model.in_channels, NUM_BINS, padded_width(samples, model.downsample_factor, samples))
     size = settings.batch_size
     batches = [list(indices[lo:lo + size]) for lo in range(0, len(indices), size)]
     for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
-        spec = sample_spectrograms(network, diffusion, batch, shape, seed=settings.seed, use_ddim=settings.use_ddim,
-                                   device=device)
+        with network.session():
+            spec = sample_spectrograms(network, diffusion, batch, shape, seed=settings.seed,
+                                       use_ddim=settings.use_ddim, device=device)
         waves = spec_to_wave(spec.float().cpu(), samples)  # every frame, then trim: no end click
         yield from zip(batch, (wave.numpy() for wave in waves))
 

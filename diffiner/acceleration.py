@@ -27,9 +27,10 @@ PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # `default_execution` when the network is built.
 AUTO = "auto"
 # CPU features that run bfloat16 matrix products natively (x86 /proc/cpuinfo flag names): with one
-# of them, bf16 autocast plus channels-last ran the published-size forward 7x or more faster than
-# float32 (BENCHMARKS.md, "CPU peak"), and the demo model's refined audio stayed within the
-# tolerance of tests/test_cpu_defaults.py.
+# of them, bf16 autocast plus channels-last ran the published-size forward 2x (AVX512-BF16, a
+# contended run) to 7x (AMX) faster than float32 (BENCHMARKS.md, "CPU: the published-size forward
+# against the CPU's peak"), and the demo model's refined audio stays within the tolerance of
+# tests/test_cpu_defaults.py.
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 # How torch words a failed CUDA allocation: the caching allocator's message (the only form in
 # torch < 1.13, as a plain RuntimeError; later as torch.cuda.OutOfMemoryError) and the CUDA runtime's

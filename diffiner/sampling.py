@@ -51,7 +51,8 @@ def sample_waves(model: torch.nn.Module, diffusion, indices: Sequence[int], sett
                  device: torch.device, precision: str = AUTO, channels_last: Optional[bool] = None,
                  progress: bool = False) -> Iterator[tuple]:
     """(index, 16 kHz waveform) of each sample numbered in `indices`, `settings.batch_size` at a
-    time."""
+    time. Precision "auto" and channels_last None take the device's defaults, as refining does
+    (`acceleration.default_execution`); autocast is entered once per batch's reverse process."""
     execution = ExecutionSettings(precision, channels_last).resolved(device)
     network = NetworkRunner(model.to(device).eval(), execution.precision, execution.channels_last)
     samples = int(round(settings.seconds * MODEL_SAMPLE_RATE))

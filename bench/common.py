@@ -12,6 +12,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from diffiner.acceleration import NATIVE_BF16_FLAGS, cpu_flags
+
 BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
 
 
@@ -33,7 +35,10 @@ def machine_description() -> str:
         device = (f"GPU: {props.name}, {props.total_memory / 2 ** 30:.0f} GiB, {torch.cuda.device_count()} visible, "
                   f"CUDA {torch.version.cuda}")
     else:
-        device = f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+        flags = sorted(cpu_flags() & NATIVE_BF16_FLAGS)
+        device = (f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, "
+                  f"native bf16: {' '.join(flags) if flags else 'none'} (AMX: "
+                  f"{'yes' if any(f.startswith('amx') for f in cpu_flags()) else 'no'})")
     return (f"{device}; Python {platform.python_version()}, torch {torch.__version__}, "
             f"numpy {np.__version__}")
 

@@ -8,20 +8,30 @@ alphas, the refiner update and the noise map always stay in float32.
 """
 
 import contextlib
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from typing import FrozenSet, Iterator, Optional, Tuple
 
 import torch
 
-from .flags import PRECISION_FLAGS, Flag, flags_of, setting
+from .flags import PRECISION_FLAGS, Flag, flags_of, setting, str2bool
 from .spectrogram import front_end_of
 from .unet import QKVAttention
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The precision (and, with channels_last None, the memory format) chosen per device by
+# `default_execution` when the network is built.
+AUTO = "auto"
+# CPU features that run bfloat16 matrix products natively (x86 /proc/cpuinfo flag names): with one
+# of them, bf16 autocast plus channels-last ran the published-size forward 2x (AVX512-BF16, a
+# contended run) to 7x (AMX) faster than float32 (BENCHMARKS.md, "CPU: the published-size forward
+# against the CPU's peak"), and the demo model's refined audio stays within the tolerance of
+# tests/test_cpu_defaults.py.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 # How torch words a failed CUDA allocation: the caching allocator's message (the only form in
 # torch < 1.13, as a plain RuntimeError; later as torch.cuda.OutOfMemoryError) and the CUDA runtime's
 # own error, raised when memory runs out outside the allocator (cuDNN or cuBLAS workspaces).
@@ -41,20 +51,73 @@ class ExecutionSettings:
     torch.compile(mode="reduce-overhead"), so it implies `compile`.
     """
 
-    # Precision changes the audio; the others change it by float rounding at most.
-    precision: str = "fp32"
-    channels_last: bool = setting(False, "run the network in channels-last memory format", affects_output=False)
+    # Precision changes the audio; the others change it by float rounding at most. "auto" and
+    # None are chosen per device when the network is built (`resolved`).
+    precision: str = AUTO
+    channels_last: Optional[bool] = setting(None, "run the network in channels-last memory format (default: "
+                                                  "chosen per device for refining and sampling, off for training)",
+                                            affects_output=False, type=str2bool)
     compile: bool = setting(False, "torch.compile the network (widths bucketed to 128 frames)",
                             affects_output=False)
     cuda_graphs: bool = setting(False, "capture each step's network call as a CUDA graph (torch.compile mode "
                                        "reduce-overhead)", affects_output=False)
 
     def __post_init__(self):
-        autocast_dtype(self.precision)  # refuses an unknown precision when the settings are made
+        if self.precision != AUTO:
+            autocast_dtype(self.precision)  # refuses an unknown precision when the settings are made
 
     @property
     def compiled(self) -> bool:
         return self.compile or self.cuda_graphs
+
+    def resolved(self, device: torch.device) -> "ExecutionSettings":
+        """These settings as they run on `device`: "auto" precision takes the device's defaults
+        (`default_execution`) for the precision and, unless given, the memory format. A precision
+        given explicitly keeps the default layout unless channels_last is given too, so that
+        `--precision fp32` runs exactly as float32 always has."""
+        if self.precision != AUTO:
+            return dataclasses.replace(self, channels_last=bool(self.channels_last))
+        precision, channels_last = default_execution(device)
+        return dataclasses.replace(self, precision=precision,
+                                   channels_last=channels_last if self.channels_last is None else self.channels_last)
+
+
+def cpu_flags() -> FrozenSet[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them; empty where there is no such file
+    (then `native_bf16_cpu` asks torch)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bfloat16 matrix products natively (AVX512-BF16 or AMX-BF16),
+    from /proc/cpuinfo, else from torch's own CPU checks where this torch has them."""
+    flags = cpu_flags()
+    if flags:
+        return bool(flags & NATIVE_BF16_FLAGS)
+    checks = [getattr(getattr(torch, "cpu", None), name, None)
+              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def default_execution(device: torch.device) -> Tuple[str, bool]:
+    """(precision, channels_last) that refining and sampling use on `device` unless told.
+
+    A CPU with native bf16: bf16 autocast and channels-last (the fastest setting measured whose
+    output stays within the tolerance of tests/test_cpu_defaults.py). Any other CPU: float32 in
+    channels-last, which ran 11% faster than the default layout (BENCHMARKS.md, 2026-11-25
+    17:08). CUDA and the rest: float32 in the default layout, until a GPU run has measured
+    which setting is faster and faithful (BENCHMARKS.md, "GPU acceptance").
+    """
+    if torch.device(device).type == "cpu":
+        return ("bf16", True) if native_bf16_cpu() else ("fp32", True)
+    return "fp32", False
 
 
 def execution_flags(*names: str) -> Tuple[Flag, ...]:
@@ -114,15 +177,59 @@ class NetworkRunner(torch.nn.Module):
         with autocast(x.device.type, self.dtype):
             return self.model(x, timesteps).float().contiguous()
 
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Hold autocast open around many network calls with unchanged weights (a reverse process).
+
+        Autocast keeps the reduced-precision copies of the weights only while it is entered:
+        entered and left around every call, it converts every weight again at every step (about
+        one cast per layer per step). Inside this context the copies made by the first call are
+        reused by the later ones. Autocast is switched off again until the next call, so the
+        arithmetic between the calls stays float32 as it is without the session. The weights must
+        not change inside (no training step).
+        """
+        if self.dtype is None:
+            yield
+            return
+        device_type = next(self.model.parameters()).device.type
+        # Nested autocast contexts keep the cache until the outermost one is left.
+        with autocast(device_type, self.dtype), torch.autocast(device_type, enabled=False):
+            yield
+
 
 def build_runner(model: torch.nn.Module, settings: ExecutionSettings = ExecutionSettings()):
-    """The callable the sampler uses for the network, with the requested accelerations."""
+    """The callable the sampler uses for the network, with the requested accelerations
+    (`settings` resolved for the model's device). On CUDA it also turns on cuDNN's search for
+    the fastest convolution algorithm of each shape: a reverse process calls the network with
+    the same shapes hundreds of times."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    settings = settings.resolved(device)
     runner = NetworkRunner(model, settings.precision, settings.channels_last)
     if settings.compiled:
         if not hasattr(torch, "compile"):
             raise ValueError(f"--compile needs torch >= 2.0 (this is {torch.__version__})")
         return torch.compile(runner, mode="reduce-overhead" if settings.cuda_graphs else None)
     return runner
+
+
+def network_session(network) -> "contextlib.AbstractContextManager":
+    """The `NetworkRunner.session` of `network` (a runner, or torch.compile's wrapper of one),
+    or a context that does nothing for any other callable."""
+    runner = getattr(network, "_orig_mod", network)
+    return runner.session() if isinstance(runner, NetworkRunner) else contextlib.nullcontext()
+
+
+def backend_settings(device: torch.device) -> dict:
+    """The library switches that decide which kernels run, for config.yml: torch's CPU threads;
+    on CUDA also cuDNN's algorithm search and where TF32 may replace float32 arithmetic."""
+    settings = {"threads": torch.get_num_threads()}
+    if torch.device(device).type == "cuda":
+        settings.update(cudnn_benchmark=torch.backends.cudnn.benchmark,
+                        tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                        tf32_cudnn=torch.backends.cudnn.allow_tf32)
+    return settings
 
 
 # Several CUDA kernels that the network runs (cuDNN convolutions among them) index with 32-bit

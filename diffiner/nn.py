@@ -2,7 +2,7 @@
 
 import inspect
 import math
-from typing import Iterable
+from typing import Dict, Iterable, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,10 +13,38 @@ HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (stable under fp16/bf16)."""
+    """GroupNorm with float32 statistics whatever the input dtype (stable under fp16/bf16).
+
+    A bf16/fp16 input is normalised in its own dtype where torch has the mixed kernel (input in
+    the reduced dtype, float32 weights; its mean and variance accumulate in float32): the same
+    statistics as converting to float32 first, without the two conversions of the activations
+    (`mixed_group_norm`). Autocast is off around it because CUDA's autocast would convert the
+    input to float32 again (group_norm is on its float32 list). Float32 runs as it always has.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and mixed_group_norm(x.device.type, x.dtype):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x.float()).type(x.dtype)
+
+
+_MIXED_GROUP_NORM: Dict[Tuple[str, torch.dtype], bool] = {}
+
+
+def mixed_group_norm(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this torch normalises a `dtype` input with float32 weights on `device_type`
+    (torch >= 2.0 on the CPU and CUDA; older versions refuse mixed dtypes); tried once."""
+    key = (device_type, dtype)
+    if key not in _MIXED_GROUP_NORM:
+        try:
+            x = torch.ones(1, 2, 2, dtype=dtype, device=device_type)
+            one = torch.ones(2, device=device_type)
+            with torch.autocast(device_type, enabled=False):
+                _MIXED_GROUP_NORM[key] = F.group_norm(x, 1, one, one).dtype == dtype
+        except (RuntimeError, TypeError):
+            _MIXED_GROUP_NORM[key] = False
+    return _MIXED_GROUP_NORM[key]
 
 
 def normalization(channels: int) -> nn.Module:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .acceleration import (ExecutionSettings, build_runner, estimate_max_batch_frames, is_device_error,
-                           is_out_of_memory, release_cached_memory)
+                           is_out_of_memory, network_session, release_cached_memory)
 from .audio import crossover
 from .audio.folders import check_output_file
 from .audio.io import fit_length, resample, resample_stream, resampled_length, save_audio
@@ -361,9 +361,11 @@ class Refiner:
             raise TypeError("give settings as a RefinerSettings or as keywords, not both")
         self.front_end = front_end_of(model)
         self.sample_rate = self.front_end.sample_rate
-        self.settings = settings or RefinerSettings.from_flat(**flat_settings)
-        self.etas = self.settings.method.etas
+        settings = settings or RefinerSettings.from_flat(**flat_settings)
+        self.etas = settings.method.etas
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        # "auto" precision and layout become the device's (config.yml records what runs).
+        self.settings = dataclasses.replace(settings, execution=settings.execution.resolved(self.device))
         self.model = model.to(self.device).eval()
         self.network = build_runner(self.model, self.settings.execution)
         self.diffusion = diffusion
@@ -622,10 +624,11 @@ class Refiner:
         sigma = torch.stack([seg.noise_map for seg in batch]).to(self.device)
         generators = [torch_generator(seg.seed, self.device) for seg in batch]
         method = self.settings.method
-        spec = refine(
-            self.network, self.diffusion, noisy, sigma, method=method.method, clip_denoised=method.clip_denoised,
-            generator=generators, progress=progress, **self.etas,
-        )
+        with network_session(self.network):  # autocast entered once for the whole reverse process
+            spec = refine(
+                self.network, self.diffusion, noisy, sigma, method=method.method, clip_denoised=method.clip_denoised,
+                generator=generators, progress=progress, **self.etas,
+            )
         spec = spec.float().cpu()
         return [spec_to_wave(spec[k], seg.samples, self.front_end) for k, seg in enumerate(batch)]
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .acceleration import NetworkRunner
+from .acceleration import AUTO, ExecutionSettings, NetworkRunner
 from .audio.io import save_audio
 from .audio.records import OutputRecord
 from .flags import setting
@@ -53,11 +53,14 @@ def sample_spectrograms(network, diffusion, indices: Sequence[int], shape: Seque
 
 
 def sample_waves(model: torch.nn.Module, diffusion, indices: Sequence[int], settings: SamplingSettings, *,
-                 device: torch.device, precision: str = "fp32", channels_last: bool = False,
+                 device: torch.device, precision: str = AUTO, channels_last: Optional[bool] = None,
                  progress: bool = False) -> Iterator[tuple]:
     """(index, waveform at the model's rate) of each sample numbered in `indices`,
-    `settings.batch_size` at a time."""
-    network = NetworkRunner(model.to(device).eval(), precision, channels_last)
+    `settings.batch_size` at a time. Precision "auto" and channels_last None take the device's
+    defaults, as refining does (`acceleration.default_execution`); autocast is entered once per
+    batch's reverse process."""
+    execution = ExecutionSettings(precision, channels_last).resolved(device)
+    network = NetworkRunner(model.to(device).eval(), execution.precision, execution.channels_last)
     front_end = front_end_of(model)
     samples = int(round(settings.seconds * front_end.sample_rate))
     shape = (model.in_channels, front_end.num_bins,
@@ -65,8 +68,9 @@ def sample_waves(model: torch.nn.Module, diffusion, indices: Sequence[int], sett
     size = settings.batch_size
     batches = [list(indices[lo:lo + size]) for lo in range(0, len(indices), size)]
     for batch in tqdm(batches, desc="sampling", unit="batch", disable=not progress):
-        spec = sample_spectrograms(network, diffusion, batch, shape, seed=settings.seed, use_ddim=settings.use_ddim,
-                                   device=device)
+        with network.session():
+            spec = sample_spectrograms(network, diffusion, batch, shape, seed=settings.seed,
+                                       use_ddim=settings.use_ddim, device=device)
         waves = spec_to_wave(spec.float().cpu(), samples, front_end)  # every frame, then trim: no end click
         yield from zip(batch, (wave.numpy() for wave in waves))
 

@@ -207,13 +207,18 @@ class QKVAttention(nn.Module):
             q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
         else:
             q, k, v = (t.reshape(bs * self.n_heads, ch, length) for t in qkv.chunk(3, dim=1))
-        if self.use_sdpa:
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            ).transpose(1, 2)
-        else:
-            out = attention_softmax(q, k, v)
-        return out.reshape(bs, -1, length)
+        if not self.use_sdpa:
+            return attention_softmax(q, k, v).reshape(bs, -1, length)
+        if q.dtype == torch.float32:
+            # Transposed views, whose last dimension is strided: SDPA takes its math kernel, the
+            # one every float32 output so far was computed with (fused kernels sum in another order).
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return out.transpose(1, 2).reshape(bs, -1, length)
+        # Reduced precision: contiguous (batch, heads, positions, channels), the layout the fused
+        # (flash / memory-efficient) kernels take; strided or 3-D inputs fall back to the math kernel.
+        q, k, v = (t.reshape(bs, self.n_heads, ch, length).transpose(2, 3).contiguous() for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (bs, heads, length, ch)
+        return out.transpose(2, 3).reshape(bs, -1, length)
 
 
 def set_sdpa(model: nn.Module, enabled: bool) -> None:

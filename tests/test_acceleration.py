@@ -188,3 +188,96 @@ def test_auto_budget_with_cuda_graphs_runs_every_width_without_running_out_of_me
         assert all(torch.isfinite(w).all() for w in waves)
     assert refiner.fitting_batch == {}, "a batch ran out of memory and was split"
     del ballast
+
+
+def cast_counter():
+    """A dispatch mode counting the dtype conversions (aten._to_copy) that run inside it."""
+    dispatch = pytest.importorskip("torch.utils._python_dispatch")
+    if not hasattr(dispatch, "TorchDispatchMode"):
+        pytest.skip(f"torch {torch.__version__} has no TorchDispatchMode (torch >= 1.13)")
+
+    class CastCounter(dispatch.TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten._to_copy:
+                self.casts += 1
+            return func(*args, **(kwargs or {}))
+
+    return CastCounter()
+
+
+def test_a_bf16_reverse_process_converts_only_the_networks_inputs_and_output():
+    """Issue 20 item 3: autocast is entered once per reverse process, so the weights are
+    converted to bf16 once, not at every step, and GroupNorm normalises bf16 activations without
+    converting them to float32 and back. What a call still converts is what crosses its
+    boundary: the timesteps and their embedding, the input spectrogram and the output. Before,
+    every layer's weights and every GroupNorm's input and output were converted at every step
+    (more than 100 conversions per call on this tiny model)."""
+    if not supports("bf16"):
+        pytest.skip("this torch cannot autocast to bf16 on the CPU")
+    model, diffusion = tiny_model_and_diffusion(timestep_respacing="ddim4")
+    refiner = Refiner(model, diffusion, precision="bf16", channels_last=True)
+    prepared = refiner.prepare(np.sin(np.arange(8000) / 7.0).astype(np.float32) * 0.1,
+                               np.sin(np.arange(8000) / 7.0).astype(np.float32) * 0.05, 16000)
+    calls = []
+    predict = refiner.diffusion.predict_start
+    refiner.diffusion.predict_start = lambda *args, **kwargs: calls.append(None) or predict(*args, **kwargs)
+    counter = cast_counter()
+    with torch.no_grad():
+        refiner.run_batch(prepared.segments)  # the first call converts the weights
+        first = len(calls)
+        with counter:
+            refiner.run_batch(prepared.segments)
+    steps = len(calls) - first
+    assert steps == first == 4
+    boundary = 4  # timesteps to float, their embedding to bf16, the input to bf16, the output to float32
+    # The reverse process's own float32 arithmetic converts nothing; the first step's weights do.
+    weights = sum(1 for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)))
+    assert counter.casts <= steps * boundary + 2 * weights + 1, counter.casts  # + the method's one mask
+
+
+def test_sdpa_gets_contiguous_4d_tensors_in_reduced_precision_and_float32_keeps_its_kernel(monkeypatch):
+    """Fused SDPA kernels need contiguous (batch, heads, positions, channels) inputs; float32
+    keeps the transposed 3-D views of before, whose math kernel gave every float32 output so far."""
+    from diffiner.unet import QKVAttention
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v: seen.append((q.dim(), q.is_contiguous(), k.is_contiguous(), v.is_contiguous()))
+                        or sdpa(q, k, v))
+    attention = QKVAttention(n_heads=2)
+    if not attention.use_sdpa:
+        pytest.skip("this torch has no scaled_dot_product_attention")
+    qkv = torch.randn(3, 2 * 3 * 16, 40, generator=torch.Generator().manual_seed(0))
+    reduced = attention(qkv.bfloat16())
+    reference = attention(qkv)
+    assert seen == [(4, True, True, True), (3, False, False, False)]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        *(t.reshape(3, 2, 16, 40).transpose(2, 3) for t in qkv.reshape(6, 48, 40).split(16, dim=1)))
+    torch.testing.assert_close(reference, expected.transpose(2, 3).reshape(3, 32, 40), rtol=0, atol=0)
+    # bf16 against float32: 8 significant bits, a softmax-weighted mean of unit-scale values.
+    torch.testing.assert_close(reduced.float(), reference, rtol=0, atol=8 * torch.finfo(torch.bfloat16).eps)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_group_norm_of_bf16_activations_matches_normalising_them_in_float32(layout):
+    from diffiner.nn import GroupNorm32
+
+    norm = GroupNorm32(8, 32)
+    with torch.no_grad():
+        norm.weight.normal_(generator=torch.Generator().manual_seed(1))
+        norm.bias.normal_(generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, 32, 16, 8, generator=torch.Generator().manual_seed(0)).bfloat16()
+    x = x.contiguous(memory_format=layout)
+    with torch.no_grad():
+        out = norm(x)
+        in_float32 = torch.nn.functional.group_norm(x.float(), 8, norm.weight, norm.bias, norm.eps)
+        # Float32 runs exactly as GroupNorm itself.
+        torch.testing.assert_close(norm(x.float()), in_float32, rtol=0, atol=0)
+    assert out.dtype == torch.bfloat16
+    # Both round one float32 result to bf16: at most one bf16 step apart (plus float32 summation
+    # order, far below it).
+    step = torch.finfo(torch.bfloat16).eps * in_float32.abs()
+    assert ((out.float() - in_float32).abs() <= step + 1e-6).all()

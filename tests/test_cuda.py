@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffiner.acceleration import ExecutionSettings, build_runner, max_frames_by_elements
+from diffiner.acceleration import ExecutionSettings, backend_settings, build_runner, max_frames_by_elements
 from diffiner.logger import MetricsLogger
 from diffiner.pipeline import Refiner, padded_width
 from diffiner.refiner import refine
@@ -37,13 +37,15 @@ from conftest import requires_cuda, speech_like, tiny_model_and_diffusion, with_
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
+# Explicit precisions: "auto" would pick bf16 for the CPU reference on a host CPU with native bf16.
+FP32 = ExecutionSettings("fp32")
 CONFIGS = {
-    "fp32": (ExecutionSettings(), 5e-3),
+    "fp32": (FP32, 5e-3),
     "bf16": (ExecutionSettings(precision="bf16"), 3e-2),
     "fp16": (ExecutionSettings(precision="fp16"), 5e-3),
-    "fp32+channels-last": (ExecutionSettings(channels_last=True), 5e-3),
-    "fp32+compile": (ExecutionSettings(compile=True), 5e-3),
-    "fp32+cuda-graphs": (ExecutionSettings(cuda_graphs=True), 5e-3),
+    "fp32+channels-last": (ExecutionSettings("fp32", channels_last=True), 5e-3),
+    "fp32+compile": (ExecutionSettings("fp32", compile=True), 5e-3),
+    "fp32+cuda-graphs": (ExecutionSettings("fp32", cuda_graphs=True), 5e-3),
 }
 # The frame widths of VoiceBank-like files (1.5-10 s: 96-640 frames) and shorter.
 AUTO_WIDTHS = [32, 64, 128, 320]
@@ -72,8 +74,8 @@ def test_refine_on_cuda_matches_the_cpu_within_the_stated_tolerance(config):
     if settings.compiled and not hasattr(torch, "compile"):
         pytest.skip(f"--compile needs torch >= 2.0 (this is {torch.__version__})")
     model, diffusion = tiny_model_and_diffusion(timestep_respacing="ddim4")
-    noisy, sigma = observations(Refiner(model, diffusion))
-    reference = refine(build_runner(model, ExecutionSettings()), diffusion, noisy, sigma, eta_c=0.3,
+    noisy, sigma = observations(Refiner(model, diffusion, precision="fp32"))
+    reference = refine(build_runner(model, FP32), diffusion, noisy, sigma, eta_c=0.3,
                        generator=cpu_generators(2))
     cuda_model, _ = tiny_model_and_diffusion(timestep_respacing="ddim4")
     network = build_runner(cuda_model.cuda(), settings)
@@ -83,6 +85,19 @@ def test_refine_on_cuda_matches_the_cpu_within_the_stated_tolerance(config):
     assert error <= tolerance, f"{config}: {error:.2e} > {tolerance:.0e}"
     if settings.precision != "fp32":
         assert error > 0  # the reduced precision was really used
+
+
+def test_cuda_runs_search_convolution_algorithms_and_record_the_tf32_switches():
+    """Each shape repeats hundreds of times in a reverse process: cuDNN's search pays. The TF32
+    switches decide float32's arithmetic, so config.yml records them with it."""
+    torch.backends.cudnn.benchmark = False
+    model, diffusion = tiny_model_and_diffusion(timestep_respacing="ddim2")
+    refiner = Refiner(model, diffusion, device="cuda")
+    assert torch.backends.cudnn.benchmark and refiner.precision == "fp32"  # auto on CUDA: fp32 until measured
+    recorded = backend_settings(refiner.device)
+    assert recorded["cudnn_benchmark"] is True
+    assert recorded["tf32_matmul"] == torch.backends.cuda.matmul.allow_tf32
+    assert recorded["tf32_cudnn"] == torch.backends.cudnn.allow_tf32
 
 
 def test_batch_invariance_on_cuda():
@@ -105,7 +120,7 @@ def test_the_reverse_process_never_synchronises_with_the_host(precision):
     makes none at all; Diffiner+ makes exactly one, after the loop (its count of clamped steps),
     whatever the number of steps."""
     model, diffusion = tiny_model_and_diffusion()
-    noisy, sigma = observations(Refiner(model, diffusion))
+    noisy, sigma = observations(Refiner(model, diffusion, precision="fp32"))
     noisy, sigma = noisy.cuda(), sigma.cuda()
     network = build_runner(model.cuda(), ExecutionSettings(precision=precision))
     for steps in (2, 4):

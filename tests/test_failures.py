@@ -9,10 +9,8 @@ form torch raises them.
 import json
 import os
 import subprocess
-import time
 
 import pytest
-import soundfile as sf
 
 from diffiner.commands.refine import main
 from diffiner.pipeline import padded_width

@@ -37,16 +37,17 @@ def test_refiner_settings_are_routed_from_the_flags():
                              cuda_graphs=False)
 
 
-@pytest.mark.parametrize("parse", [
-    lambda extra: refine.parse_args(["--root-noisy", "n", "--root-proc", "p", "--model-path", "m", *extra]),
-    lambda extra: sample_prior.parse_args(["--model-path", "m", *extra]),
-    lambda extra: train.parse_args(["--root", "r", *tiny_cli_flags(None), *extra]),
+@pytest.mark.parametrize("parse, default", [
+    (lambda extra: refine.parse_args(["--root-noisy", "n", "--root-proc", "p", "--model-path", "m", *extra]), "auto"),
+    (lambda extra: sample_prior.parse_args(["--model-path", "m", *extra]), "auto"),
+    (lambda extra: train.parse_args(["--root", "r", *tiny_cli_flags(None), *extra]), "fp32"),
 ], ids=["refine", "sample", "train"])
-def test_precision_is_one_flag_with_the_originals_switches_as_aliases(parse, capsys):
+def test_precision_is_one_flag_with_the_originals_switches_as_aliases(parse, default, capsys):
     def precision(*extra):
         return parse(list(extra)).precision
 
-    assert precision() == "fp32"
+    assert precision() == default  # auto: chosen per device (test_cpu_defaults.py); training is explicit
+    assert precision("--precision", "fp32") == "fp32"
     assert precision("--precision", "bf16") == precision("--bf16") == "bf16"
     assert precision("--precision", "fp16") == precision("--use-fp16") == precision("--use_fp16", "true") == "fp16"
     assert precision("--precision", "fp16", "--use-fp16") == "fp16"  # the same request twice

@@ -49,8 +49,10 @@ class OutOfMemoryAbove(torch.nn.Module):
 
 
 def make_refiner(**settings):
+    """A float32 refiner: the retried batches are compared with float32's bound (under bf16, the
+    default on CPUs with native bf16, another batch size rounds at bf16's 8 bits)."""
     model, diffusion = tiny_model_and_diffusion(timestep_respacing="ddim2")
-    return Refiner(model, diffusion, **settings)
+    return Refiner(model, diffusion, **{"precision": "fp32", **settings})
 
 
 def pair(seconds, seed):

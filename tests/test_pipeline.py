@@ -43,7 +43,9 @@ def test_segment_seed_depends_only_on_identity():
 
 
 def test_batch_invariance_alone_versus_in_a_batch_of_three():
-    refiner = make_refiner(eta_c=0.3, batch_size=3)
+    # Float32's bound: under bf16 (the default on CPUs with native bf16) another batch size
+    # changes the network's rounding at bf16's 8 bits.
+    refiner = make_refiner(eta_c=0.3, batch_size=3, precision="fp32")
     prepared = [refiner.prepare(*pair(1.0, seed), 16000, key=f"f{seed}.wav") for seed in range(3)]
     segments = [p.segments[0] for p in prepared]
     assert len({s.width for s in segments}) == 1

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from diffiner import __version__
+from diffiner.acceleration import default_execution
 from diffiner.audio.folders import LOCK_FILE, REFINE_WRITER
 from diffiner.audio.records import record_name
 from diffiner.commands.refine import main, parse_etas
@@ -72,7 +73,11 @@ def test_end_to_end_on_a_messy_corpus(corpus, tiny_checkpoint, capsys):
     assert not os.path.exists(os.path.join(out_dir, "only_noisy.wav"))
     config = yaml.safe_load(open(os.path.join(out_dir, "config.yml")))
     assert config["refiner"]["eta_b"] == 0.6 and config["seed"] == 0 and config["device"] == "cpu"
-    assert config["stft"]["n_fft"] == 512 and config["dtype"] == "fp32"
+    # What ran: the CPU's default precision and layout (test_cpu_defaults.py), and the thread count.
+    precision, channels_last = default_execution(torch.device("cpu"))
+    assert config["stft"]["n_fft"] == 512 and config["dtype"] == precision
+    assert config["acceleration"]["channels_last"] is channels_last
+    assert config["acceleration"]["threads"] == torch.get_num_threads()
     first = sf.read(os.path.join(out_dir, "short.wav"))[0]
 
     # A rerun pairs the same files (the output folder inside root-proc is not input) and skips them all.

@@ -22,7 +22,6 @@ from diffiner.checkpoints import load_state_dict
 from diffiner.pipeline import Refiner
 from diffiner.commands.train import main
 from diffiner.speech_datasets import ExcerptDataset, build_index
-from diffiner.seeding import STREAM_DIFFUSION, randn, stream_generator
 from diffiner.train_util import DynamicLossScaler, TrainLoop, global_norm
 
 from conftest import speech_like, tiny_cli_flags, tiny_model_and_diffusion, write_wav

@@ -33,7 +33,7 @@ from ..corpus import RunSummary, plan_jobs, refine_files, shard_jobs
 from ..flags import (CONSOLE_FLAGS, DEVICE_FLAG, MODEL_GROUP, OVERWRITE_FLAG, Flag, command_parser, flags_of,
                      precision_from_args, values_of)
 from ..methods import DEFAULT_METHOD, get_method, method_names, resolve_etas
-from ..acceleration import execution_flags
+from ..acceleration import backend_settings, execution_flags
 from ..pipeline import BatchSettings, MethodSettings, OutputSettings, Refiner, RefinerSettings, SegmentSettings
 from ..checkpoints import ModelSettings, resolve_model_settings
 from ..script_util import RESPACING_FLAG, carried_setting_flags
@@ -230,7 +230,7 @@ def describe_settings(args: argparse.Namespace, refiner: Refiner, model_settings
         "device": device,
         "processes": processes,
         # The result for a file does not depend on its batch (up to float rounding).
-        "acceleration": dict(execution, max_batch_frames=refiner.max_batch_frames),
+        "acceleration": dict(execution, max_batch_frames=refiner.max_batch_frames, **backend_settings(refiner.device)),
     }
 
 

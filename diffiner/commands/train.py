@@ -40,7 +40,10 @@ def create_argparser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = create_argparser()
     args = parser.parse_args(argv)
-    args.precision = precision_from_args(args, parser)
+    args.precision = precision_from_args(args, parser, default="fp32")
+    if args.precision == "auto":
+        parser.error("training takes an explicit --precision (fp32, bf16 or fp16), not auto")
+    args.channels_last = bool(args.channels_last)  # training runs in the default layout unless told
     try:
         settings_of(TrainingSettings, args)  # checks the values
     except ValueError as exc:

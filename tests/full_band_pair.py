@@ -44,7 +44,7 @@ REFERENCE_RUNS = {"16k": [], "48k": ["--keep-sample-rate"]}
 
 def refine_args(noisy: str, proc: str, model: str, out: str, extra):
     return ["--root-noisy", noisy, "--root-proc", proc, "--model-path", model, "--output-dir", out, "--no-gpu",
-            "--no-progress", "--timestep-respacing", "ddim10", *extra]
+            "--no-progress", "--timestep-respacing", "ddim10", "--precision", "fp32", *extra]
 
 
 if __name__ == "__main__":

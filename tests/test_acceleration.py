@@ -89,7 +89,7 @@ def test_compile_switch_buckets_widths_and_matches_eager():
     model, diffusion = tiny_model_and_diffusion(timestep_respacing="ddim2")
     refiner = Refiner(model, diffusion, compile=True)
     assert refiner.width_bucket == 128 and refiner.padded_width(16000) == 128
-    runner = build_runner(model, ExecutionSettings(compile=True))
+    runner = build_runner(model, ExecutionSettings(precision="fp32", compile=True))
     _, x, t = network_io()
     with torch.no_grad():
         eager = NetworkRunner(model)(x, t)

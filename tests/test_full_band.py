@@ -166,7 +166,7 @@ def test_the_folder_command_streams_the_crossover_that_refine_file_applies_whole
     noisy_dir, proc_dir = full_band_pair(str(tmp_path), seconds=2.0)
     out = str(tmp_path / "out")
     assert main(refine_args(noisy_dir, proc_dir, DEMO_MODEL, out, ["--keep-sample-rate", "--max-dur", "0.8", "--segment-overlap", "0.2"])) == 0
-    refiner = Refiner.from_checkpoint(DEMO_MODEL, device="cpu", timestep_respacing="ddim10", max_dur=0.8,
+    refiner = Refiner.from_checkpoint(DEMO_MODEL, device="cpu", timestep_respacing="ddim10", precision="fp32", max_dur=0.8,
                                       segment_overlap=0.2)
     whole = str(tmp_path / "whole.wav")
     refiner.refine_file(os.path.join(noisy_dir, "pair.wav"), os.path.join(proc_dir, "pair.wav"), whole)

@@ -12,7 +12,6 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from diffiner.acceleration import NATIVE_BF16_FLAGS, cpu_flags
 
 BENCHMARKS_MD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
 
@@ -30,6 +29,10 @@ def voicebank_like_durations(num_files: int = 824, seed: int = 0) -> np.ndarray:
 
 def machine_description() -> str:
     """CPU or GPU model, core count and library versions, for the record."""
+    # Imported here, not above: gpu_acceptance.sh's GPU check imports this module with a torch
+    # that may be unable to import the package (a stand-in in the tests, a broken CUDA build).
+    from diffiner.acceleration import NATIVE_BF16_FLAGS, cpu_flags
+
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         device = (f"GPU: {props.name}, {props.total_memory / 2 ** 30:.0f} GiB, {torch.cuda.device_count()} visible, "

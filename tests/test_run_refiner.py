@@ -195,6 +195,12 @@ def test_baseline_makes_the_processed_files_and_refines_them(tmp_path, tiny_chec
 # ----- config.yml describes the files beside it -----
 
 @pytest.mark.slow
+def other_precision() -> str:
+    """A precision that the CPU does not run by default (bf16 is the default on a CPU with native
+    bf16, fp32 elsewhere), so that naming it changes the folder's settings."""
+    return "fp32" if default_execution(torch.device("cpu"))[0] == "bf16" else "bf16"
+
+
 def test_a_rerun_with_other_settings_is_refused_and_overwrite_redoes_every_file(tmp_path, tiny_checkpoint, capsys):
     root = str(tmp_path)
     for k in range(3):
@@ -212,7 +218,7 @@ def test_a_rerun_with_other_settings_is_refused_and_overwrite_redoes_every_file(
     torch.save(tiny_model_and_diffusion(seed=1)[0].state_dict(), other_model)
     for extra, named in [(["--seed", "1"], "seed"), (["--timestep-respacing", "ddim3"], "timestep_respacing"),
                          (["--simple-diffiner"], "method"), (["--etas", "0.5"], "eta_a"),
-                         (["--keep-sample-rate"], "output_sample_rate"), (["--bf16"], "dtype"),
+                         (["--keep-sample-rate"], "output_sample_rate"), (["--precision", other_precision()], "dtype"),
                          (["--model-path", other_model], "model_sha256")]:
         code = main(["--root-noisy", os.path.join(root, "noisy"), "--root-proc", os.path.join(root, "proc"),
                      "--model-path", tiny_checkpoint, "--no-gpu", "--no-progress", *tiny_cli_flags(),

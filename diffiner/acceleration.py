@@ -106,17 +106,32 @@ def native_bf16_cpu() -> bool:
     return any(check() for check in checks if check is not None)
 
 
+# The oldest torch measured to run bfloat16 convolutions fast on a CPU with native bf16: 2.13 (the
+# tiny test network, batch 2 x 64 frames: bf16 in channels-last 0.068 s per forward against
+# float32's 0.197 s). torch 1.11 ran the same forward 44 times slower in bf16 than in float32
+# (10.6 s against 0.24 s) on the same AVX512-BF16 CPU, so older releases keep float32.
+FAST_CPU_BF16_TORCH = (2, 13)
+
+
+def torch_release(version: str = torch.__version__) -> Tuple[int, int]:
+    """(major, minor) of a torch version string such as "2.13.0+cpu"."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def default_execution(device: torch.device) -> Tuple[str, bool]:
     """(precision, channels_last) that refining and sampling use on `device` unless told.
 
-    A CPU with native bf16: bf16 autocast and channels-last (the fastest setting measured whose
+    A CPU with native bf16, under a torch that runs bf16 convolutions fast there
+    (FAST_CPU_BF16_TORCH): bf16 autocast and channels-last (the fastest setting measured whose
     output stays within the tolerance of tests/test_cpu_defaults.py). Any other CPU: float32 in
     channels-last, which ran 11% faster than the default layout (BENCHMARKS.md, 2026-11-25
     17:08). CUDA and the rest: float32 in the default layout, until a GPU run has measured
     which setting is faster and faithful (BENCHMARKS.md, "GPU acceptance").
     """
     if torch.device(device).type == "cpu":
-        return ("bf16", True) if native_bf16_cpu() else ("fp32", True)
+        fast_bf16 = native_bf16_cpu() and torch_release() >= FAST_CPU_BF16_TORCH
+        return ("bf16", True) if fast_bf16 else ("fp32", True)
     return "fp32", False
 
 

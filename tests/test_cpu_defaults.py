@@ -24,9 +24,11 @@ DEMO_CLEAN = os.path.join(ROOT, "demo", "audio", "clean")
 @pytest.fixture
 def cpu_with(monkeypatch):
     """Make the CPU report the given /proc/cpuinfo flags (an empty set: no such file, so that
-    torch's own checks answer, here both False unless patched)."""
+    torch's own checks answer, here both False unless patched), under a torch release that runs
+    bf16 fast on such a CPU (whatever release runs the tests)."""
 
     def set_flags(*flags, torch_says=False):
+        monkeypatch.setattr(acceleration, "torch_release", lambda: acceleration.FAST_CPU_BF16_TORCH)
         monkeypatch.setattr(acceleration, "cpu_flags", lambda: frozenset(flags))
         for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
             monkeypatch.setattr(torch.cpu, name, lambda: torch_says, raising=False)
@@ -40,6 +42,16 @@ def test_a_cpu_with_native_bf16_defaults_to_bf16_in_channels_last(cpu_with, flag
     assert default_execution(CPU) == ("bf16", True)
     resolved = ExecutionSettings().resolved(CPU)
     assert (resolved.precision, resolved.channels_last) == ("bf16", True)
+
+
+def test_a_torch_older_than_the_fast_cpu_bf16_release_keeps_float32(cpu_with, monkeypatch):
+    release = acceleration.torch_release
+    assert release("1.11.0+cu102") == (1, 11) and release("2.13.0+cpu") == (2, 13) and release("2.1.0a0") == (2, 1)
+    cpu_with("avx512f", "avx512_bf16")
+    monkeypatch.setattr(acceleration, "torch_release", lambda: (1, 11))
+    assert default_execution(CPU) == ("fp32", True)
+    monkeypatch.setattr(acceleration, "torch_release", lambda: acceleration.FAST_CPU_BF16_TORCH)
+    assert default_execution(CPU) == ("bf16", True)
 
 
 def test_a_cpu_without_native_bf16_defaults_to_float32(cpu_with):

@@ -242,6 +242,8 @@ def test_sdpa_gets_contiguous_4d_tensors_in_reduced_precision_and_float32_keeps_
     keeps the transposed 3-D views of before, whose math kernel gave every float32 output so far."""
     from diffiner.unet import QKVAttention
 
+    if not hasattr(torch.nn.functional, "scaled_dot_product_attention"):
+        pytest.skip(f"torch {torch.__version__} has no scaled_dot_product_attention (it came in 2.0)")
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
